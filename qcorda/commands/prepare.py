@@ -1,0 +1,61 @@
+"""``qcorda prepare MODEL --method ... --rank ... --out DIR``"""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_init_arguments, init_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="HF model directory, hub id, or gemma-3-270m (the bundled real model)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--covariance", default=None, help="reuse a covariance file saved by --save-covariance")
+    p.add_argument("--save-covariance", default=None, help="also save the calibration covariances here (safetensors)")
+    add_init_arguments(p)
+
+
+def run(args) -> int:
+    import warnings
+
+    from ..config import CALIBRATED, ConfigError
+    from ..io import check_out_dir
+    from ..prepare import collect_covariances, load_model, prepare, report_of, save_prepared
+    from ..table import print_table
+    from ..targets import check_rank, find_targets
+
+    cfg = init_config(args)
+    check_out_dir(args.out, args.overwrite)
+    if cfg.method not in CALIBRATED and (args.calib_data or args.covariance):
+        warnings.warn(f"--method {cfg.method} uses no calibration data; --calib-data/--covariance are ignored", stacklevel=1)
+    model, tok = load_model(args.model, args.trust_remote_code)
+    targets = find_targets(model, cfg.target_modules)
+    check_rank(model, targets, cfg.rank)
+    calib = None
+    if cfg.method in CALIBRATED:
+        if args.covariance:
+            calib = args.covariance
+        else:
+            if cfg.calib.data is None:
+                raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
+            calib = collect_covariances(model, tok, targets, cfg, args.model)
+            if args.save_covariance:
+                calib.save(args.save_covariance)
+    peft_model = prepare(model, cfg, calib=calib, tokenizer=tok)
+    report = report_of(peft_model)
+    out = save_prepared(peft_model, args.out, tok, overwrite=args.overwrite)
+    kinds: dict[str, list] = {}
+    for layer in report.layers:
+        kinds.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer)
+    rows = []
+    for kind, layers in kinds.items():
+        damping = [l.damping for l in layers if l.damping is not None]
+        rows.append([
+            kind, len(layers), sum(l.err for l in layers) / sum(l.qlora_err for l in layers),
+            max(damping) if damping else None, sum(l.seconds for l in layers),
+        ])
+    rows.append(["total", len(report.layers), report.err / report.qlora_err, None, report.seconds])
+    print_table(["layers", "n", "err / plain NF4", "max damping λ", "seconds"], rows,
+                title=f"prepared {cfg.method} r={cfg.rank} alpha={cfg.lora_alpha:g} -> {out}")
+    return 0

@@ -1,0 +1,158 @@
+"""Input covariances C = XᵀX / n of the target layers on calibration text.
+
+Forward pre-hooks read each target's input ``(batch, seq, in_features)``, drop the
+padding positions with the attention mask, and accumulate XᵀX in fp32 (or fp64).
+Layers that read the same tensor (q/k/v, gate/up) share one accumulator, found on
+the first batch by tensor identity. Results are saved as safetensors with a manifest
+(model, targets, samples, tokens, data hash) so they can be reused across ranks
+and methods, and never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .config import ConfigError
+from .decompose import DecompositionError
+
+FORMAT = "qcorda.covariance/1"
+
+
+@dataclass(frozen=True)
+class Covariances:
+    """Per-group covariance matrices and the map from target layer to group."""
+
+    matrices: dict[str, torch.Tensor]
+    """group name (its first member) → C ``(in_features, in_features)`` = XᵀX / n_tokens."""
+    members: dict[str, str]
+    """target name → group name."""
+    n_tokens: int
+    """Non-padding tokens accumulated."""
+    manifest: dict = field(default_factory=dict)
+    """model, targets, n_samples, max_length, data_hash, dtype: what this was built from."""
+
+    def of(self, target: str) -> torch.Tensor:
+        return self.matrices[self.members[target]]
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"format": FORMAT, "members": self.members, "n_tokens": self.n_tokens, "manifest": self.manifest}
+        tensors = {f"cov.{g}": m.contiguous().cpu() for g, m in self.matrices.items()}
+        save_file(tensors, str(path), metadata={"qcorda": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path, expect: dict | None = None, flag: str = "--covariance") -> "Covariances":
+        """Load from safetensors; ``expect`` keys must equal the manifest's (else a clear error)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{flag} {path}: no such file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("qcorda", "{}"))
+                mats = {k[len("cov."):]: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise ConfigError(f"{flag} {path}: not a readable safetensors covariance file ({e}); delete it and recompute") from e
+        if meta.get("format") != FORMAT:
+            raise ConfigError(f"{flag} {path}: not a qcorda covariance file; delete it and recompute")
+        manifest = meta["manifest"]
+        for key, want in (expect or {}).items():
+            if manifest.get(key) != want:
+                raise ConfigError(
+                    f"{flag} {path} was built for a different {key} ({_short(manifest.get(key))} vs {_short(want)}); "
+                    "delete it or pass the matching model, targets and calibration data"
+                )
+        return cls(mats, meta["members"], int(meta["n_tokens"]), manifest)
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) < 80 else s[:77] + "..."
+
+
+def collect(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    targets: list[str],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    total: int | None = None,
+    manifest: dict | None = None,
+) -> Covariances:
+    """Run ``batches`` (``input_ids``, ``attention_mask``) through ``model`` and return C per target group.
+
+    The lm_head is skipped (the decoder alone runs): only the targets' inputs are needed,
+    and full-vocabulary logits would cost far more memory than the whole accumulation.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or next(model.parameters()).device)
+    sums: dict[str, torch.Tensor] = {}
+    group_of: dict[str, str] = {}
+    state: dict = {"mask": None, "last_x": None, "last_group": None, "first": True}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0]
+            if state["first"]:
+                if x is state["last_x"]:
+                    group_of[name] = state["last_group"]
+                    return
+                group_of[name] = name
+                state["last_x"], state["last_group"] = x, name
+            elif group_of[name] != name:
+                return
+            mask = state["mask"]
+            if x.dim() != 3 or x.shape[:2] != mask.shape:
+                raise ConfigError(
+                    f"layer {name}: input of shape {tuple(x.shape)} is not (batch, seq, features) "
+                    f"matching the attention mask {tuple(mask.shape)}; leave it out of --target-modules"
+                )
+            X = x[mask].to(device=device, dtype=dtype)
+            if not torch.isfinite(X).all():
+                raise DecompositionError(
+                    f"layer {name}: the model produces NaN/Inf activations on the calibration data; "
+                    "check the model's dtype (load it in float32) and the calibration text"
+                )
+            acc = sums.get(name)
+            if acc is None:
+                acc = sums[name] = torch.zeros(X.shape[1], X.shape[1], dtype=dtype, device=device)
+            acc.addmm_(X.T, X)
+
+        return hook
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    handles = [model.get_submodule(t).register_forward_pre_hook(hook_for(t)) for t in targets]
+    n_tokens = 0
+    n_samples = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, total=total, desc="covariance", unit="batch", disable=not progress):
+                ids = batch["input_ids"].to(next(model.parameters()).device)
+                mask = batch["attention_mask"].to(ids.device)
+                state["mask"] = mask.bool()
+                decoder(input_ids=ids, attention_mask=mask)
+                state["first"], state["last_x"] = False, None
+                n_tokens += int(mask.sum())
+                n_samples += ids.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if n_tokens == 0:
+        raise ConfigError("the calibration data tokenizes to nothing (every position is padding); check --calib-data and --calib-fields")
+    missing = [t for t in targets if t not in group_of]
+    if missing:
+        raise ConfigError(f"layers {', '.join(missing[:3])} never ran on the calibration data; leave them out of --target-modules")
+    matrices = {g: (s / n_tokens).float() for g, s in sums.items()}
+    return Covariances(matrices, dict(group_of), n_tokens, dict(manifest or {}, n_samples=n_samples, n_tokens=n_tokens))

@@ -1,0 +1,104 @@
+"""Atomic output directories and safe tensor files.
+
+Every command writes into a temporary directory beside the target and renames it
+into place only when complete, so a failure (disk full, Ctrl-C, a bug) never leaves
+a partial artifact under the target name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
+    """Refuse an existing output directory unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{flag} {out} already exists; choose another path or pass --overwrite to replace it"
+        )
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{flag} {out} exists and is not a directory; remove it or choose another path")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; move it to ``out`` on success.
+
+    On any exception the temporary directory is removed and ``out`` is untouched.
+    """
+    out = check_out_dir(out, overwrite, flag)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any mkdir
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _dedupe_tied(state_dict: dict) -> dict:
+    """Drop later keys that alias an earlier tensor (tied embeddings); safetensors refuses aliases
+    and ``from_pretrained`` re-ties them from the config."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for k, v in state_dict.items():
+        key = (v.device.type, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = v
+    return out
+
+
+def write_checkpoint(
+    directory: str | os.PathLike,
+    state_dict: dict,
+    config=None,
+    generation_config=None,
+    max_shard_size: int | str = "5GB",
+) -> list[str]:
+    """Write ``state_dict`` as (sharded) safetensors, HF layout, into an existing directory.
+
+    Returns the shard file names. Shards above ``max_shard_size`` get a
+    ``model.safetensors.index.json`` as ``save_pretrained`` writes it.
+    """
+    import json
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in _dedupe_tied(state_dict).items()}
+    split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state_dict[k] for k in keys}, str(directory / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if config is not None:
+        config.save_pretrained(directory)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    return list(split.filename_to_tensors)

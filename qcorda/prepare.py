@@ -1,0 +1,425 @@
+"""``qcorda prepare``: split each target weight, quantize the residual, attach the adapter.
+
+For every target layer W ``(out_features, in_features)``:
+
+1. the split W = W_res + s·B·A is computed in fp32 from the original weights
+   (:mod:`qcorda.decompose`), with the layer's input covariance for CorDA;
+2. W_res is quantized once by bitsandbytes (NF4, double quantization, blocksize 64)
+   and the layer becomes a ``Linear4bit`` holding exactly those bits;
+3. PEFT wraps the model with LoRA (r, alpha, the same targets) and B, A are copied in.
+
+The result is a ``PeftModel`` ready to train in memory. :func:`save_prepared` writes
+an HF directory with the 4-bit residual (``from_pretrained`` loads it into ``Linear4bit``),
+``adapter_init/`` (a PEFT adapter), the tokenizer and ``qcorda.json``;
+:func:`load_prepared` reads it back bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import weakref
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import CALIBRATED, ConfigError, InitConfig
+from .covariance import Covariances
+from .decompose import DampedCovariance, DecompositionError, Split, damp, decompose, low_rank_term, residual
+from .quantize import NF4Weight, bnb_config, dequantize_nf4, linear4bit, nf4_roundtrip, quantize_nf4
+from .targets import check_rank, find_targets, weight_of
+
+FORMAT = "qcorda.prepared/1"
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One target after preparation (what the report and the summary table show)."""
+
+    name: str
+    shape: tuple[int, int]
+    """``(out_features, in_features)``."""
+    err: float
+    """‖W − (deq(Q(W_res)) + s·B·A)‖²_F: the error the initialized 4-bit layer carries."""
+    qlora_err: float
+    """‖W − deq(Q(W))‖²_F: plain NF4's error on the same layer."""
+    damping: float | None
+    """Final ridge λ of the layer's covariance (data-driven methods)."""
+    seconds: float
+
+    @property
+    def rel_err(self) -> float:
+        return self.err / self.qlora_err if self.qlora_err > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """What ``prepare`` did; saved as ``qcorda.json``."""
+
+    config: InitConfig
+    model: str
+    targets: tuple[str, ...]
+    layers: tuple[LayerResult, ...]
+    calibration: dict | None
+    compute_dtype: str
+    seconds: float
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def err(self) -> float:
+        return sum(l.err for l in self.layers)
+
+    @property
+    def qlora_err(self) -> float:
+        return sum(l.qlora_err for l in self.layers)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["format"] = FORMAT
+        d["config"] = _config_json(self.config)
+        d["totals"] = {"err": self.err, "qlora_err": self.qlora_err, "rel_err": self.err / self.qlora_err if self.qlora_err else None}
+        return d
+
+
+def _config_json(cfg: InitConfig) -> dict:
+    d = asdict(cfg)
+    d["target_modules"] = list(cfg.target_modules)
+    d["calib"]["fields"] = list(cfg.calib.fields)
+    d["lora_alpha"] = cfg.lora_alpha
+    d["iters"] = cfg.n_iters
+    return d
+
+
+# The report of a model prepared in this process, found again by save_prepared.
+_REPORTS: "weakref.WeakKeyDictionary[torch.nn.Module, PrepareReport]" = weakref.WeakKeyDictionary()
+
+
+def report_of(model: torch.nn.Module) -> PrepareReport | None:
+    """The :class:`PrepareReport` of a model returned by :func:`prepare` (None otherwise)."""
+    return _REPORTS.get(model)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed independent of the order layers are processed in (resume-safe)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def split_layer(weight: torch.Tensor, cfg: InitConfig, name: str, cov: torch.Tensor | None) -> Split:
+    """The fp32 split of one layer's weight ``(out_features, in_features)`` by ``cfg.method``."""
+    damped: DampedCovariance | None = None
+    if cfg.method in CALIBRATED:
+        if cov is None:
+            raise ConfigError(f"method {cfg.method} needs calibration data for layer {name}; pass --calib-data")
+        damped = damp(cov.to(weight.device), cfg.ridge, cfg.max_damping_steps, name)
+    try:
+        return decompose(
+            cfg.method,
+            weight,
+            cfg.rank,
+            cfg.scaling,
+            cov=damped,
+            iters=cfg.n_iters,
+            roundtrip=nf4_roundtrip,
+            seed=layer_seed(cfg.seed, name),
+            solver=cfg.svd,
+            oversample=cfg.svd_oversample,
+            power_iters=cfg.svd_power_iters,
+        )
+    except DecompositionError as e:
+        raise DecompositionError(f"{name}: {e}") if not str(e).startswith(name) else e
+
+
+def prepare_layer(weight: torch.Tensor, cfg: InitConfig, name: str, cov: torch.Tensor | None) -> tuple[Split, NF4Weight, LayerResult]:
+    """Split, quantize W_res = W − s·B·A, and measure the error against plain NF4."""
+    t0 = time.perf_counter()
+    W = weight.float()
+    split = split_layer(W, cfg, name, cov)
+    q = quantize_nf4(residual(W, split, cfg.scaling))
+    err = (W - dequantize_nf4(q) - low_rank_term(split, cfg.scaling)).pow(2).sum().item()
+    qlora_err = (W - nf4_roundtrip(W)).pow(2).sum().item()
+    result = LayerResult(name, tuple(W.shape), err, qlora_err, split.damping, time.perf_counter() - t0)
+    return split, q, result
+
+
+# --------------------------------------------------------------------------- model
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "MODEL"):
+    """The original model in fp32 (an exact upcast of bf16/fp16 checkpoints) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    local = Path(path)
+    if (local.is_absolute() or path.startswith(".") or local.exists()) and not (local / "config.json").exists():
+        raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise ConfigError(f"{flag} {name_or_path}: not a causal language model ({e})") from e
+    except OSError as e:
+        raise ConfigError(f"{flag} {name_or_path}: could not be loaded ({e}); give an HF model directory or a hub id") from e
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def calibration_texts(cfg: InitConfig, tokenizer) -> list[str]:
+    from .data import load_examples
+
+    if cfg.calib.data is None:
+        raise ConfigError(f"method {cfg.method} needs calibration data; pass --calib-data (e.g. --calib-data gsm8k-train)")
+    examples = load_examples(cfg.calib.data, cfg.calib.fields, cfg.calib.template, cfg.calib.samples, tokenizer, cfg.calib.split)
+    return [e.text for e in examples]
+
+
+def covariance_manifest(model_id: str, model: torch.nn.Module, targets: list[str], cfg: InitConfig, texts: list[str]) -> dict:
+    """What a covariance depends on: checked when a cached one is reused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\x00")
+    arch = model.config.to_dict()
+    fingerprint = hashlib.sha256(
+        json.dumps({k: arch.get(k) for k in sorted(arch) if not k.startswith("_") and k != "quantization_config"}, default=str, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    return {
+        "model": fingerprint,
+        "targets": list(targets),
+        "data_hash": h.hexdigest(),
+        "n_samples": len(texts),
+        "max_length": cfg.calib.max_length,
+        "dtype": cfg.cov_dtype,
+    }
+
+
+def collect_covariances(model, tokenizer, targets: list[str], cfg: InitConfig, model_id: str = "", progress: bool = True) -> Covariances:
+    """C = XᵀX/n for every target group on ``cfg.calib``."""
+    from . import covariance
+    from .data import token_batches
+
+    texts = calibration_texts(cfg, tokenizer)
+    manifest = covariance_manifest(model_id, model, targets, cfg, texts)
+    batches = token_batches(tokenizer, texts, cfg.calib.max_length, cfg.calib.batch_size)
+    n_batches = -(-len(texts) // cfg.calib.batch_size)
+    dtype = getattr(torch, cfg.cov_dtype)
+    return covariance.collect(model, batches, targets, dtype, progress=progress, total=n_batches, manifest=manifest)
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def mark_quantized(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """Give the model the attributes ``from_pretrained`` gives a bnb 4-bit model, so that
+    transformers, PEFT and the Trainer treat the in-memory model like the loaded one."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    qcfg = bnb_config(compute_dtype, skip_modules=["lm_head"])
+    model.config.quantization_config = qcfg
+    model.hf_quantizer = AutoHfQuantizer.from_config(qcfg, pre_quantized=True)
+    model.is_loaded_in_4bit = True
+    model.quantization_method = qcfg.quant_method
+
+
+def lora_config(cfg: InitConfig, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,  # qcorda sets A and B itself; PEFT must not re-init on load
+    )
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("qcorda", "torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def prepare(
+    model_or_path,
+    config: InitConfig,
+    calib: Covariances | str | Path | None = None,
+    tokenizer=None,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+):
+    """Split, quantize and wrap: returns a ``PeftModel`` over the NF4 residual, ready to train.
+
+    ``model_or_path``: an HF causal LM (it is modified in place and must hold the
+    original weights), a local directory, a hub id, or ``gemma-3-270m``.
+    ``calib``: precomputed :class:`Covariances` or a path to a saved covariance file;
+    default: computed from ``config.calib``. The report is available via :func:`report_of`.
+    """
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    if isinstance(model_or_path, (str, Path)):
+        model_id = str(model_or_path)
+        model, tok = load_model(model_id, trust_remote_code)
+        tokenizer = tokenizer or tok
+    else:
+        model, model_id = model_or_path, getattr(model_or_path.config, "_name_or_path", "") or type(model_or_path).__name__
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        raise ConfigError("the model is already quantized; pass the original (16/32-bit) model to prepare")
+    targets = find_targets(model, config.target_modules)
+    check_rank(model, targets, config.rank)
+    device = resolve_device(config.device)
+    compute_dtype = resolve_compute_dtype(config.compute_dtype)
+
+    covs: Covariances | None = None
+    if config.method in CALIBRATED:
+        if isinstance(calib, Covariances):
+            covs = calib
+        elif calib is not None:
+            covs = Covariances.load(calib, expect={"targets": list(targets)})
+        else:
+            if tokenizer is None:
+                raise ConfigError("calibration needs a tokenizer; pass tokenizer= or a model path")
+            covs = collect_covariances(model, tokenizer, targets, config, model_id, progress)
+        unknown = [t for t in targets if t not in covs.members]
+        if unknown:
+            raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")
+    elif calib is not None:
+        import warnings
+
+        warnings.warn(f"method {config.method} uses no calibration data; the given calibration is ignored", stacklevel=2)
+
+    splits: dict[str, Split] = {}
+    results: list[LayerResult] = []
+    bar = tqdm(targets, desc=f"prepare {config.method} r={config.rank}", unit="layer", disable=not progress)
+    for name in bar:
+        module = model.get_submodule(name)
+        W = weight_of(module).detach().to(device=device, dtype=torch.float32)
+        cov = covs.of(name) if covs is not None else None
+        split, q, result = prepare_layer(W, config, name, cov)
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        _set_module(model, name, linear4bit(q, bias, compute_dtype))
+        splits[name] = split
+        results.append(result)
+        bar.set_postfix(err=f"{result.rel_err:.3f}")
+
+    target_set = set(targets)
+    for mname, mod in model.named_modules():
+        if mname in target_set:
+            continue
+        for p in mod.parameters(recurse=False):
+            p.data = p.data.to(compute_dtype)
+        for bname, b in mod.named_buffers(recurse=False):
+            if b.is_floating_point():
+                setattr(mod, bname, b.to(compute_dtype))
+    model.to(device)
+    mark_quantized(model, compute_dtype)
+    model.config.use_cache = False
+
+    peft_model = get_peft_model(model, lora_config(config, targets))
+    with torch.no_grad():
+        for name, split in splits.items():
+            layer = peft_model.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(split.A)
+            layer.lora_B["default"].weight.copy_(split.B)
+
+    calibration = None
+    if covs is not None:
+        calibration = dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=config.calib.data)
+    report = PrepareReport(
+        config=config,
+        model=model_id,
+        targets=tuple(targets),
+        layers=tuple(results),
+        calibration=calibration,
+        compute_dtype=str(compute_dtype).removeprefix("torch."),
+        seconds=time.perf_counter() - t_start,
+        versions=_versions(),
+    )
+    _REPORTS[peft_model] = report
+    return peft_model
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def base_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The 4-bit base's state dict without the LoRA layers, under the original module names."""
+    base = peft_model.get_base_model()
+    return {
+        k.replace(".base_layer.", "."): v
+        for k, v in base.state_dict().items()
+        if ".lora_" not in k and "lora_magnitude" not in k
+    }
+
+
+def save_prepared(peft_model, out: str | Path, tokenizer=None, overwrite: bool = False, report: PrepareReport | None = None) -> Path:
+    """Write the prepared directory atomically (see the module docstring for its layout)."""
+    from .io import atomic_dir, write_checkpoint
+
+    report = report or report_of(peft_model)
+    if report is None:
+        raise ValueError("save_prepared needs a model returned by qcorda.prepare (or report=)")
+    with atomic_dir(out, overwrite) as tmp:
+        base = peft_model.get_base_model()
+        write_checkpoint(tmp, base_state_dict(peft_model), base.config, getattr(base, "generation_config", None))
+        peft_model.save_pretrained(tmp / "adapter_init")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "qcorda.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
+    return Path(out)
+
+
+def read_manifest(prepared: str | Path, flag: str = "PREPARED") -> dict:
+    path = Path(prepared) / "qcorda.json"
+    if not path.exists():
+        raise ConfigError(f"{flag} {prepared}: not a qcorda prepared directory (no qcorda.json); run qcorda prepare first")
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT:
+        raise ConfigError(f"{flag} {prepared}: qcorda.json has format {data.get('format')!r}, expected {FORMAT}")
+    return data
+
+
+def load_prepared(prepared: str | Path, adapter: str | Path | None = None, is_trainable: bool = True, device: str | None = None):
+    """The prepared 4-bit model with ``adapter`` (default ``adapter_init``) attached, as a ``PeftModel``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    manifest = read_manifest(prepared)
+    dtype = getattr(torch, manifest["compute_dtype"])
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(str(prepared), dtype=dtype, device_map={"": str(dev)} if dev.type == "cuda" else None)
+    model.config.use_cache = False
+    adapter = Path(adapter) if adapter is not None else Path(prepared) / "adapter_init"
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)

@@ -1,0 +1,103 @@
+"""NF4 with double quantization, exactly as bitsandbytes' ``Linear4bit`` stores it.
+
+qcorda never re-implements the quantizer: the residual is handed to
+``bitsandbytes.functional.quantize_4bit`` with the settings of
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+bnb_4bit_use_double_quant=True)`` (blocksize 64), so the adapter is initialized
+against the very weights that training will see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCKSIZE = 64
+QUANT_TYPE = "nf4"
+DOUBLE_QUANT = True
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """A packed NF4 weight and its bitsandbytes ``QuantState``."""
+
+    packed: torch.Tensor
+    """uint8, ``(out_features * in_features // 2, 1)``."""
+    quant_state: object
+    """``bitsandbytes.functional.QuantState`` (absmax, nested stats, shape, dtype)."""
+
+
+def quantize_nf4(weight: torch.Tensor) -> NF4Weight:
+    """Quantize ``weight`` ``(out_features, in_features)`` to NF4 with double quantization.
+
+    The tensor is quantized in its own dtype (fp32 for qcorda's residuals); the
+    dequantized result is returned in that dtype too.
+    """
+    import bitsandbytes.functional as bnbF
+
+    packed, state = bnbF.quantize_4bit(
+        weight.contiguous(),
+        blocksize=BLOCKSIZE,
+        compress_statistics=DOUBLE_QUANT,
+        quant_type=QUANT_TYPE,
+        quant_storage=torch.uint8,
+    )
+    return NF4Weight(packed, state)
+
+
+def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
+    """The weight that ``Linear4bit`` computes with, in the dtype it was quantized from."""
+    import bitsandbytes.functional as bnbF
+
+    return bnbF.dequantize_4bit(q.packed, q.quant_state)
+
+
+def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    """deq(Q(weight)): what a Linear4bit holding ``weight`` multiplies by."""
+    return dequantize_nf4(quantize_nf4(weight))
+
+
+def linear4bit(q: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """A ``bitsandbytes.nn.Linear4bit`` holding the already-quantized ``q`` (no re-quantization)."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = q.quant_state.shape
+    layer = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=DOUBLE_QUANT,
+        quant_type=QUANT_TYPE,
+        quant_storage=torch.uint8,
+        device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        data=q.packed,
+        quant_state=q.quant_state,
+        bnb_quantized=True,
+        requires_grad=False,
+        blocksize=BLOCKSIZE,
+        compress_statistics=DOUBLE_QUANT,
+        quant_type=QUANT_TYPE,
+        quant_storage=torch.uint8,
+        module=layer,
+    )
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+    return layer
+
+
+def bnb_config(compute_dtype: torch.dtype, skip_modules: list[str] | None = None):
+    """The ``BitsAndBytesConfig`` that describes qcorda's residual (saved in config.json)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=QUANT_TYPE,
+        bnb_4bit_use_double_quant=DOUBLE_QUANT,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=skip_modules,
+    )

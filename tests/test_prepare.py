@@ -1,0 +1,122 @@
+"""qcorda prepare on tiny random models: the invariants of the issue, for every method."""
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from qcorda.config import CalibConfig, ConfigError, InitConfig
+from qcorda.prepare import load_prepared, prepare, report_of, save_prepared
+from qcorda.quantize import nf4_roundtrip
+from qcorda.targets import weight_of
+
+METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal"]
+CALIB = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=12, max_length=48, batch_size=4)
+
+
+def _cfg(method, **kw):
+    return InitConfig(method=method, rank=kw.pop("rank", 4), calib=CALIB, iters=kw.pop("iters", 2 if method in ("loftq", "qpissa", "qcorda-cal") else None), **kw)
+
+
+def _dequantized(lora_layer):
+    import bitsandbytes.functional as F
+
+    w = lora_layer.base_layer.weight
+    return F.dequantize_4bit(w.data, w.quant_state)
+
+
+def _inputs(tok):
+    return tok(["Natalia sold clips to 48 of her friends in April.", "How many clips?"], return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_init_equals_quantized_residual_plus_adapter(method, tok):
+    original = tiny.model("llama")
+    weights = {n: weight_of(m).detach().clone() for n, m in original.named_modules() if isinstance(m, torch.nn.Linear)}
+    cfg = _cfg(method, alpha=8.0)  # s = 2: alpha != r must work
+    model = prepare(original, cfg, tokenizer=tok, progress=False)
+    rep = report_of(model)
+    assert len(rep.targets) == 14 and "lm_head" not in rep.targets
+    for name in rep.targets:
+        layer = model.base_model.model.get_submodule(name)
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        s = layer.scaling["default"]
+        assert s == pytest.approx(2.0)
+        W = weights[name]
+        Wq = _dequantized(layer)
+        # the 4-bit layer at init computes deq(Q(W_res)) + s·B·A ...
+        x = torch.randn(3, W.shape[1])
+        torch.testing.assert_close(layer(x), x @ (Wq + s * B @ A).T, atol=1e-5, rtol=1e-5)
+        # ... where W_res = W − s·B·A in fp32, quantized by bitsandbytes
+        torch.testing.assert_close(Wq, nf4_roundtrip(W - s * B @ A), atol=0, rtol=0)
+    layer_errs = {l.name: l for l in rep.layers}
+    assert all(l.err > 0 and l.qlora_err > 0 for l in layer_errs.values())
+    if method == "qlora":
+        assert all(l.err == pytest.approx(l.qlora_err) for l in layer_errs.values())
+
+
+@pytest.mark.parametrize("method", ["qpissa", "qcorda-ipm"])
+def test_perturbing_B_changes_output(method, tok):
+    model = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)
+    x = _inputs(tok)
+    y0 = model(**x).logits
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].self_attn.v_proj.lora_B["default"].weight.add_(0.1)
+    assert (model(**x).logits - y0).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip_is_exact(method, tok, tmp_path):
+    model = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)
+    x = _inputs(tok)
+    y = model(**x).logits
+    out = save_prepared(model, tmp_path / "prep", tok)
+    assert {"adapter_init", "config.json", "model.safetensors", "qcorda.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    meta = json.loads((out / "qcorda.json").read_text())
+    assert meta["config"]["method"] == method and len(meta["layers"]) == 14
+    loaded = load_prepared(out)
+    assert type(loaded.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    assert torch.equal(loaded(**x).logits, y)
+    trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma", "qwen2"])
+def test_other_architectures(arch, tok, tmp_path):
+    original = tiny.model(arch)
+    x = _inputs(tok)
+    model = prepare(original, _cfg("qcorda-cal", alpha=2.0), tokenizer=tok, progress=False)
+    y = model(**x).logits
+    assert torch.isfinite(y).all()
+    out = save_prepared(model, tmp_path / "p", tok)
+    assert torch.equal(load_prepared(out)(**x).logits, y)
+
+
+def test_gpt2_conv1d_weight_is_transposed():
+    original = tiny.model("gpt2")
+    W = original.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: (in, out)
+    model = prepare(original, _cfg("qpissa"), progress=False)
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    s = layer.scaling["default"]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    Wq = _dequantized(layer)
+    assert Wq.shape == W.T.shape
+    assert ((Wq + s * B @ A) - W.T).norm() < (nf4_roundtrip(W.T) - W.T).norm()
+
+
+def test_target_patterns_and_rank_errors(tok):
+    m = prepare(tiny.model("llama"), _cfg("qpissa", target_modules=("q_proj", "re:.*\\.down_proj")), progress=False)
+    assert len(report_of(m).targets) == 4
+    with pytest.raises(ConfigError, match="--target-modules.*nope"):
+        prepare(tiny.model("llama"), _cfg("qpissa", target_modules=("nope",)), progress=False)
+    with pytest.raises(ConfigError, match=r"--rank 65 exceeds .*layers\.0\.self_attn\.q_proj"):
+        prepare(tiny.model("llama"), _cfg("qpissa", rank=65), progress=False)
+
+
+def test_methods_are_deterministic(tok):
+    x = _inputs(tok)
+    for method in ("qlora", "qcorda-cal"):
+        a = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)(**x).logits
+        b = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)(**x).logits
+        assert torch.equal(a, b)
