@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class OutputExistsError(FileExistsError):
@@ -84,16 +84,35 @@ def write_checkpoint(
     Returns the shard file names. Shards above ``max_shard_size`` get a
     ``model.safetensors.index.json`` as ``save_pretrained`` writes it.
     """
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in _dedupe_tied(state_dict).items()}
+    return write_shards(directory, state_dict, lambda keys: {k: state_dict[k] for k in keys}, config, generation_config, max_shard_size)
+
+
+def write_shards(
+    directory: str | os.PathLike,
+    specs: dict,
+    fetch: Callable[[list[str]], dict],
+    config=None,
+    generation_config=None,
+    max_shard_size: int | str = "5GB",
+) -> list[str]:
+    """Write a checkpoint whose tensors are fetched one shard at a time.
+
+    ``specs``: key → a tensor with the final shape and dtype (``meta`` tensors are fine),
+    in the order ``save_pretrained`` would list them; ``fetch(keys)`` returns the real
+    CPU tensors of one shard. Peak memory is one shard, whatever the model size.
+    """
     import json
 
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in _dedupe_tied(state_dict).items()}
-    split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(specs, max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
-        save_file({k: state_dict[k] for k in keys}, str(directory / filename), metadata={"format": "pt"})
+        tensors = fetch(list(keys))
+        save_file({k: tensors[k].contiguous() for k in keys}, str(directory / filename), metadata={"format": "pt"})
+        del tensors
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -102,3 +121,42 @@ def write_checkpoint(
     if generation_config is not None:
         generation_config.save_pretrained(directory)
     return list(split.filename_to_tensors)
+
+
+def save_tensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
+    """``safetensors.save_file`` to a temporary name in the same directory, fsync, then rename:
+    a reader (or a resumed run) sees either the whole file or none."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary name beside ``path`` and rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_inside(path: str | os.PathLike, root: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` resolved, refused unless it lies under ``root`` (no ``..`` or symlink escapes)."""
+    p, r = Path(path).resolve(), Path(root).resolve()
+    if p != r and r not in p.parents:
+        raise OutputExistsError(f"{flag}: refusing to write {path} outside {root}")
+    return p

@@ -174,7 +174,8 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "
     if (local.is_absolute() or path.startswith(".") or local.exists()) and not (local / "config.json").exists():
         raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        # use_safetensors: never unpickle a *.bin checkpoint (arbitrary code on load)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
     except ValueError as e:
         raise ConfigError(f"{flag} {name_or_path}: not a causal language model ({e})") from e
     except OSError as e:
@@ -192,6 +193,11 @@ def calibration_texts(cfg: InitConfig, tokenizer) -> list[str]:
     return [e.text for e in examples]
 
 
+#: Config keys that do not change the activations (the dtype a checkpoint was saved in is
+#: upcast to fp32 for calibration; the cache flag and quantization do not touch C).
+_NOT_FINGERPRINTED = frozenset({"quantization_config", "dtype", "torch_dtype", "use_cache"})
+
+
 def covariance_manifest(model_id: str, model: torch.nn.Module, targets: list[str], cfg: InitConfig, texts: list[str]) -> dict:
     """What a covariance depends on: checked when a cached one is reused."""
     import hashlib
@@ -202,7 +208,7 @@ def covariance_manifest(model_id: str, model: torch.nn.Module, targets: list[str
         h.update(b"\x00")
     arch = model.config.to_dict()
     fingerprint = hashlib.sha256(
-        json.dumps({k: arch.get(k) for k in sorted(arch) if not k.startswith("_") and k != "quantization_config"}, default=str, sort_keys=True).encode()
+        json.dumps({k: arch.get(k) for k in sorted(arch) if not k.startswith("_") and k not in _NOT_FINGERPRINTED}, default=str, sort_keys=True).encode()
     ).hexdigest()[:16]
     return {
         "model": fingerprint,
@@ -221,7 +227,8 @@ def collect_covariances(model, tokenizer, targets: list[str], cfg: InitConfig, m
 
     texts = calibration_texts(cfg, tokenizer)
     manifest = covariance_manifest(model_id, model, targets, cfg, texts)
-    batches = token_batches(tokenizer, texts, cfg.calib.max_length, cfg.calib.batch_size)
+    # all-padding batches carry no activations; collect() reports data that is padding throughout
+    batches = (b for b in token_batches(tokenizer, texts, cfg.calib.max_length, cfg.calib.batch_size) if b["attention_mask"].any())
     n_batches = -(-len(texts) // cfg.calib.batch_size)
     dtype = getattr(torch, cfg.cov_dtype)
     return covariance.collect(model, batches, targets, dtype, progress=progress, total=n_batches, manifest=manifest)
@@ -395,10 +402,21 @@ def save_prepared(peft_model, out: str | Path, tokenizer=None, overwrite: bool =
         base = peft_model.get_base_model()
         write_checkpoint(tmp, base_state_dict(peft_model), base.config, getattr(base, "generation_config", None))
         peft_model.save_pretrained(tmp / "adapter_init")
+        stable_adapter_config(tmp / "adapter_init")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "qcorda.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
     return Path(out)
+
+
+def stable_adapter_config(adapter_dir: str | Path) -> None:
+    """Sort ``target_modules`` in a saved ``adapter_config.json``: PEFT keeps them in a set,
+    whose order changes with Python's string hashing, so the file would differ between runs."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    data = json.loads(path.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))  # PEFT's own layout
 
 
 def read_manifest(prepared: str | Path, flag: str = "PREPARED") -> dict:

@@ -20,15 +20,40 @@ def run(args) -> int:
     import warnings
 
     from ..config import CALIBRATED, ConfigError
-    from ..io import check_out_dir
-    from ..prepare import collect_covariances, load_model, prepare, report_of, save_prepared
-    from ..table import print_table
-    from ..targets import check_rank, find_targets
+    from ..decompose import DecompositionError
+    from ..io import OutputExistsError, check_out_dir
+    from ..stream import STREAMED, stream_prepare
 
     cfg = init_config(args)
-    check_out_dir(args.out, args.overwrite)
+    try:
+        check_out_dir(args.out, args.overwrite)
+    except OutputExistsError as e:
+        raise ConfigError(str(e)) from e
     if cfg.method not in CALIBRATED and (args.calib_data or args.covariance):
         warnings.warn(f"--method {cfg.method} uses no calibration data; --calib-data/--covariance are ignored", stacklevel=1)
+    if cfg.method in CALIBRATED and not (args.calib_data or args.covariance):
+        raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
+    try:
+        if cfg.method in STREAMED:
+            report = stream_prepare(
+                args.model, cfg, args.out, args.overwrite,
+                covariance=args.covariance if cfg.method in CALIBRATED else None,
+                save_covariance=args.save_covariance, trust_remote_code=args.trust_remote_code,
+            )
+        else:
+            report = _in_memory(args, cfg)
+    except DecompositionError as e:  # bad weights/activations: a user-facing problem of the input
+        raise ConfigError(str(e)) from e
+    _summary(report, cfg, args.out)
+    return 0
+
+
+def _in_memory(args, cfg):
+    """Methods the streamed writer does not store (see ``qcorda.stream.STREAMED``)."""
+    from ..config import CALIBRATED
+    from ..prepare import collect_covariances, load_model, prepare, report_of, save_prepared
+    from ..targets import check_rank, find_targets
+
     model, tok = load_model(args.model, args.trust_remote_code)
     targets = find_targets(model, cfg.target_modules)
     check_rank(model, targets, cfg.rank)
@@ -37,14 +62,17 @@ def run(args) -> int:
         if args.covariance:
             calib = args.covariance
         else:
-            if cfg.calib.data is None:
-                raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
             calib = collect_covariances(model, tok, targets, cfg, args.model)
             if args.save_covariance:
                 calib.save(args.save_covariance)
     peft_model = prepare(model, cfg, calib=calib, tokenizer=tok)
-    report = report_of(peft_model)
-    out = save_prepared(peft_model, args.out, tok, overwrite=args.overwrite)
+    save_prepared(peft_model, args.out, tok, overwrite=args.overwrite)
+    return report_of(peft_model)
+
+
+def _summary(report, cfg, out) -> None:
+    from ..table import print_table
+
     kinds: dict[str, list] = {}
     for layer in report.layers:
         kinds.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer)
@@ -58,4 +86,3 @@ def run(args) -> int:
     rows.append(["total", len(report.layers), report.err / report.qlora_err, None, report.seconds])
     print_table(["layers", "n", "err / plain NF4", "max damping λ", "seconds"], rows,
                 title=f"prepared {cfg.method} r={cfg.rank} alpha={cfg.lora_alpha:g} -> {out}")
-    return 0

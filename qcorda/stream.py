@@ -1,0 +1,531 @@
+"""Layer-streamed, resumable ``qcorda prepare``: the original model never has to fit in memory.
+
+The original weights are read tensor by tensor from the model's safetensors shards
+(``safe_open``); each target ``(out_features, in_features)`` is split and quantized in
+fp32 on the compute device by :func:`qcorda.prepare.prepare_layer` (the same code as
+the in-memory :func:`qcorda.prepare.prepare`), and written at once to a work directory
+beside the target::
+
+    .OUT.partial/
+        manifest.json            what the run depends on (model files, config, calibration)
+        covariance.safetensors   the calibration covariances (calibrated methods)
+        layers/00012.safetensors one finished target: its Linear4bit tensors, lora_A, lora_B
+
+A rerun with the same arguments continues from the finished layers (each layer file
+is renamed into place only when complete). At the end the HF directory (4-bit
+residual with ``quantization_config``, ``adapter_init/``, tokenizer, ``qcorda.json``)
+is assembled one shard at a time into a temporary directory and renamed to ``OUT``.
+Every layer uses a seed derived from its name, so a resumed run writes the same bytes
+as an uninterrupted one. Wall-clock timings go to ``timings.json``, the one file that
+differs between runs.
+
+Peak memory ≈ one fp32 copy of the largest target and its decomposition workspace, its
+covariance, and one output shard. Calibration (the ``qcorda-*`` methods) still runs the
+whole model once in fp32 to collect the covariances, unless ``--covariance`` is given
+or a previous attempt already saved them in the work directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .config import CALIBRATED, ConfigError, InitConfig
+from .covariance import Covariances
+
+PARTIAL_FORMAT = "qcorda.partial/1"
+#: Methods whose output is an NF4 residual plus a plain LoRA A/B (what this writer knows how
+#: to store); other methods go through the in-memory ``prepare`` + ``save_prepared``.
+STREAMED: frozenset[str] = frozenset({"qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal"})
+#: Test hook: seconds to sleep after each finished layer (makes kill-and-resume tests reliable).
+DELAY_ENV = "QCORDA_TEST_LAYER_DELAY"
+
+
+def partial_dir(out: str | Path) -> Path:
+    """The work directory of ``out``: ``.OUT.partial`` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+# --------------------------------------------------------------------------- source
+
+
+class Checkpoint:
+    """The tensors of an HF model directory's safetensors shards, read one at a time."""
+
+    def __init__(self, path: Path, flag: str = "MODEL"):
+        from safetensors import safe_open
+
+        self.path, self.flag = path, flag
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+            hint = f" (it has {', '.join(pickles[:2])}: pickle files, which qcorda never loads)" if pickles else ""
+            raise ConfigError(
+                f"{flag} {path}: no *.safetensors weights{hint}; convert the checkpoint to safetensors "
+                "(model.save_pretrained(dir, safe_serialization=True)) and pass that directory"
+            )
+        self.key_file: dict[str, Path] = {}
+        self.headers: dict[str, str] = {}
+        self._open: dict[Path, object] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+                keys = list(h.keys())
+                for k in keys:
+                    h.get_slice(k).get_shape()
+            except Exception as e:
+                raise ConfigError(
+                    f"{flag} {path}: {f.name} is not a valid safetensors file ({type(e).__name__}: {e}); "
+                    "the download or copy is corrupted: fetch or save the model again"
+                ) from e
+            size = f.stat().st_size
+            if size < 8:
+                raise ConfigError(f"{flag} {path}: {f.name} is truncated; fetch or save the model again")
+            self._open[f] = h
+            for k in keys:
+                self.key_file[k] = f
+            self.headers[f.name] = f"{size}:{_header_digest(f)}"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_file
+
+    def spec(self, key: str) -> tuple[tuple[int, ...], str]:
+        s = self._open[self.key_file[key]].get_slice(key)
+        return tuple(s.get_shape()), s.get_dtype()
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._open[self.key_file[key]].get_tensor(key)
+        except Exception as e:
+            raise ConfigError(
+                f"{self.flag} {self.path}: tensor {key} cannot be read from {self.key_file[key].name} ({e}); "
+                "the file is corrupted: fetch or save the model again"
+            ) from e
+
+
+def _header_digest(f: Path) -> str:
+    """sha256 of a safetensors header (names, dtypes, shapes, offsets): cheap, changes when the file does."""
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return hashlib.sha256(fh.read(min(n, 1 << 30))).hexdigest()[:16]
+
+
+def resolve_local(name_or_path: str, flag: str = "MODEL") -> Path:
+    """A local model directory for ``name_or_path`` (bundled alias, path, or hub snapshot)."""
+    from .models import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    local = Path(path)
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
+        return local
+    if local.is_absolute() or path.startswith(".") or local.exists() or path.count("/") > 1:
+        raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:
+        raise ConfigError(f"{flag} {name_or_path}: not a local directory and the hub download failed ({type(e).__name__}); give an HF model directory") from e
+
+
+def skeleton(path: Path, trust_remote_code: bool, flag: str = "MODEL"):
+    """The model's config and a weightless (``meta``) instance: module names and shapes only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        msg = str(e)
+        if "trust_remote_code" in msg:
+            raise ConfigError(f"{flag} {path}: the model needs its own code; review it, then pass --trust-remote-code") from e
+        raise ConfigError(f"{flag} {path}: unreadable config.json ({msg.splitlines()[0]})") from e
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: unreadable config.json ({e})") from e
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
+        raise ConfigError(
+            f"{flag} {path}: a {config.model_type!r} model is not a causal language model; "
+            "give a decoder-only LM (AutoModelForCausalLM), e.g. gemma-3-270m"
+        )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return config, model
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a streamed prepare writes, decided before any layer is computed."""
+
+    targets: tuple[str, ...]
+    conv1d: frozenset[str]
+    """Targets stored ``(in, out)`` (GPT-2's Conv1D), transposed on read."""
+    has_bias: frozenset[str]
+    order: tuple[str, ...]
+    """The untied state-dict keys of the original model, in module order."""
+
+
+def make_plan(model, cfg: InitConfig, ckpt: Checkpoint, flag: str = "MODEL") -> Plan:
+    from .targets import check_rank, find_targets
+
+    targets = find_targets(model, cfg.target_modules)
+    check_rank(model, targets, cfg.rank)
+    seen: set[int] = set()
+    order = []
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:  # a tied alias (lm_head ↔ embed_tokens): written once, re-tied on load
+            continue
+        seen.add(id(v))
+        order.append(k)
+    missing = [k for k in order if k not in ckpt]
+    if missing:
+        raise ConfigError(
+            f"{flag} {ckpt.path}: the checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more) that "
+            f"{type(model).__name__} expects; save the model with transformers' save_pretrained and pass that directory"
+        )
+    conv = frozenset(t for t in targets if type(model.get_submodule(t)).__name__ == "Conv1D")
+    bias = frozenset(t for t in targets if getattr(model.get_submodule(t), "bias", None) is not None)
+    return Plan(tuple(targets), conv, bias, tuple(order))
+
+
+# --------------------------------------------------------------------------- work dir
+
+
+def _config_fingerprint(cfg: InitConfig) -> dict:
+    from .prepare import _config_json
+
+    d = _config_json(cfg)
+    d.pop("device", None)  # the split is the same wherever it runs
+    return d
+
+
+def work_manifest(model_id: str, ckpt: Checkpoint, cfg: InitConfig, plan: Plan, calib: dict | None) -> dict:
+    """What a finished layer depends on; a work directory is reused only when this matches."""
+    from .prepare import _versions
+
+    return {
+        "format": PARTIAL_FORMAT,
+        "model": model_id,
+        "files": ckpt.headers,
+        "config": _config_fingerprint(cfg),
+        "targets": list(plan.targets),
+        "calibration": calib,
+        "versions": _versions(),
+    }
+
+
+def open_work_dir(out: Path, manifest: dict, log=print) -> tuple[Path, bool]:
+    """Create, reuse (same manifest) or restart (other arguments) the work directory of ``out``."""
+    from .io import write_text_atomic
+
+    work = partial_dir(out)
+    if work.exists():
+        mf = work / "manifest.json"
+        try:
+            old = json.loads(mf.read_text())
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict) or old.get("format") != PARTIAL_FORMAT:
+            raise ConfigError(f"--out: {work} exists but is not a qcorda work directory; remove it and rerun")
+        if old == manifest:
+            return work, True
+        log(f"qcorda prepare: {work} holds work for other arguments; starting over", file=sys.stderr)
+        shutil.rmtree(work)
+    (work / "layers").mkdir(parents=True)
+    write_text_atomic(work / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    return work, False
+
+
+def _layer_file(work: Path, i: int) -> Path:
+    return work / "layers" / f"{i:05d}.safetensors"
+
+
+def read_layer(path: Path):
+    """(tensors, LayerResult, key order) of a finished layer file, or None if unreadable."""
+    from safetensors import safe_open
+
+    from .prepare import LayerResult
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["qcorda"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        r = meta["result"]
+        return tensors, LayerResult(r["name"], tuple(r["shape"]), r["err"], r["qlora_err"], r["damping"], r["seconds"]), meta["keys"]
+    except Exception:
+        return None
+
+
+def _layer_specs(path: Path) -> tuple[dict, list[str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = json.loads(f.metadata()["qcorda"])["keys"]
+        specs = {k: _meta(f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in keys}
+    return specs, keys
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _meta(shape, dtype) -> torch.Tensor:
+    dt = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return torch.empty(tuple(shape), dtype=dt, device="meta")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _calibration(model_id, path, skel, plan, cfg, work, covariance, save_covariance, trust_remote_code, progress, log):
+    """The covariances: from the work dir, from ``--covariance``, or collected (full model, fp32)."""
+    from .prepare import calibration_texts, collect_covariances, covariance_manifest, load_model
+
+    from transformers import AutoTokenizer
+
+    targets = list(plan.targets)
+    texts = None
+    expect = {"model": covariance_manifest(model_id, skel, targets, cfg, [])["model"], "targets": targets}
+    if cfg.calib.data is not None:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        texts = calibration_texts(cfg, tok)
+        full = covariance_manifest(model_id, skel, targets, cfg, texts)
+        expect.update({k: full[k] for k in ("data_hash", "n_samples", "max_length")})
+    if covariance is not None:
+        covs = Covariances.load(covariance, expect=expect)
+    else:
+        if cfg.calib.data is None:
+            raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
+        model, tok = load_model(str(path), trust_remote_code)
+        covs = collect_covariances(model, tok, targets, cfg, model_id, progress)
+        del model
+    return covs, expect
+
+
+def stream_prepare(
+    model: str,
+    cfg: InitConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    covariance: str | Path | None = None,
+    save_covariance: str | Path | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    log=print,
+):
+    """Prepare ``model`` (a local HF directory, hub id or ``gemma-3-270m``) into ``out``, layer by layer.
+
+    Returns the :class:`~qcorda.prepare.PrepareReport`. Resumes from ``.OUT.partial``
+    when it was left by a run with the same arguments.
+    """
+    from tqdm.auto import tqdm
+
+    from .io import atomic_dir, check_out_dir, save_tensors_atomic, write_text_atomic
+    from .prepare import PrepareReport, _versions, prepare_layer, resolve_compute_dtype, resolve_device
+    from .quantize import linear4bit
+
+    t_start = time.perf_counter()
+    out = check_out_dir(out, overwrite)
+    path = resolve_local(model)
+    _check_out_vs_source(out, path)
+    ckpt = Checkpoint(path)
+    config, skel = skeleton(path, trust_remote_code)
+    plan = make_plan(skel, cfg, ckpt)
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype)
+
+    covs: Covariances | None = None
+    calib_key = None
+    if cfg.method in CALIBRATED:
+        calib_key = {"data": cfg.calib.data, "covariance": _file_digest(covariance) if covariance else None}
+    manifest = work_manifest(model, ckpt, cfg, plan, calib_key)
+    work, resumed = open_work_dir(out, manifest, log)
+    try:
+        if cfg.method in CALIBRATED:
+            cached = work / "covariance.safetensors"
+            if cached.exists():
+                try:
+                    covs = Covariances.load(cached, expect={"targets": list(plan.targets)}, flag="work directory")
+                except ConfigError:
+                    cached.unlink()
+            if covs is None:
+                covs, _ = _calibration(model, path, skel, plan, cfg, work, covariance, save_covariance, trust_remote_code, progress, log)
+                _save_covariance(covs, cached)
+            unknown = [t for t in plan.targets if t not in covs.members]
+            if unknown:
+                raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")
+            if save_covariance:
+                _save_covariance(covs, Path(save_covariance))
+
+        results = []
+        done = 0
+        delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+        bar = tqdm(list(enumerate(plan.targets)), desc=f"prepare {cfg.method} r={cfg.rank}", unit="layer", disable=not progress)
+        for i, name in bar:
+            f = _layer_file(work, i)
+            if f.exists():
+                got = read_layer(f)
+                if got is not None and got[1].name == name:
+                    results.append(got[1])
+                    done += 1
+                    continue
+                f.unlink()
+            W = ckpt.get(f"{name}.weight")
+            W = (W.T if name in plan.conv1d else W).to(device=device, dtype=torch.float32)
+            cov = covs.of(name) if covs is not None else None
+            split, q, result = prepare_layer(W, cfg, name, cov)
+            bias = ckpt.get(f"{name}.bias").float() if name in plan.has_bias else None
+            sd = linear4bit(q, bias, compute_dtype).state_dict()
+            tensors = {**sd, "lora_A": split.A, "lora_B": split.B}
+            meta = {"result": asdict(result), "keys": list(sd)}
+            save_tensors_atomic(f, tensors, metadata={"qcorda": json.dumps(meta)})
+            results.append(result)
+            del W, split, q, sd, tensors
+            bar.set_postfix(err=f"{result.rel_err:.3f}")
+            if delay:
+                time.sleep(delay)
+
+        calibration = None
+        if covs is not None:
+            calibration = dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=cfg.calib.data)
+        report = PrepareReport(
+            config=cfg,
+            model=model,
+            targets=plan.targets,
+            layers=tuple(replace(r, seconds=0.0) for r in results),
+            calibration=calibration,
+            compute_dtype=str(compute_dtype).removeprefix("torch."),
+            seconds=0.0,
+            versions=_versions(),
+        )
+        with atomic_dir(out, overwrite) as tmp:
+            _assemble(tmp, path, ckpt, config, skel, plan, cfg, work, compute_dtype, report, trust_remote_code)
+            timings = {"seconds": time.perf_counter() - t_start, "resumed_layers": done,
+                       "layers": {r.name: r.seconds for r in results}}
+            write_text_atomic(tmp / "timings.json", json.dumps(timings, indent=1))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConfigError(
+                f"--out {out}: no space left on the device ({e.strerror}); nothing was written to {out}. "
+                f"Free space, then rerun the same command: finished layers in {work} are reused"
+            ) from e
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return replace(report, layers=tuple(results), seconds=time.perf_counter() - t_start)
+
+
+def _check_out_vs_source(out: Path, source: Path) -> None:
+    o, s = out.resolve(), source.resolve()
+    if o == s or o in s.parents:
+        raise ConfigError(f"--out {out} is the model directory {source} or contains it; choose another --out")
+
+
+def _file_digest(path) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"--covariance {path}: no such file")
+    return f"{p.stat().st_size}:{_header_digest(p)}"
+
+
+def _save_covariance(covs: Covariances, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        covs.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _assemble(tmp: Path, path: Path, ckpt: Checkpoint, config, skel, plan: Plan, cfg: InitConfig, work: Path,
+              compute_dtype: torch.dtype, report, trust_remote_code: bool) -> None:
+    """Write the prepared HF directory into ``tmp`` from the layer files and the source shards."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from .io import write_shards
+    from .prepare import lora_config
+    from .quantize import bnb_config
+
+    index = {name: i for i, name in enumerate(plan.targets)}
+    owner: dict[str, str] = {}
+    for k in plan.order:
+        mod = k.rsplit(".", 1)[0]
+        if mod in index:
+            owner[k] = mod
+    specs: dict[str, torch.Tensor] = {}
+    source: dict[str, tuple] = {}  # key → ("layer", i, local key) | ("ckpt", key)
+    for k in plan.order:
+        mod = owner.get(k)
+        if mod is None:
+            shape, dt = ckpt.spec(k)
+            meta = _meta(shape, dt)
+            if meta.is_floating_point():
+                meta = meta.to(compute_dtype)
+            specs[k] = meta
+            source[k] = ("ckpt", k)
+        elif f"{mod}.weight" == k:
+            layer_specs, keys = _layer_specs(_layer_file(work, index[mod]))
+            for lk in keys:
+                specs[f"{mod}.{lk}"] = layer_specs[lk]
+                source[f"{mod}.{lk}"] = ("layer", index[mod], lk)
+
+    def fetch(keys: list[str]) -> dict:
+        out = {}
+        by_layer: dict[int, list] = {}
+        for k in keys:
+            src = source[k]
+            if src[0] == "ckpt":
+                t = ckpt.get(src[1])
+                out[k] = t.float().to(compute_dtype) if t.is_floating_point() else t
+            else:
+                by_layer.setdefault(src[1], []).append((k, src[2]))
+        for i, items in by_layer.items():
+            with safe_open(str(_layer_file(work, i)), framework="pt") as f:
+                for k, lk in items:
+                    out[k] = f.get_tensor(lk)
+        return out
+
+    config.quantization_config = bnb_config(compute_dtype, skip_modules=["lm_head"])
+    config.use_cache = False
+    config.dtype = torch.float32  # as the in-memory path, which loads the original in fp32
+    try:
+        generation = GenerationConfig.from_pretrained(str(path))
+    except OSError:
+        generation = GenerationConfig.from_model_config(config) if config._get_generation_parameters() else None
+    write_shards(tmp, specs, fetch, config, generation)
+    _write_adapter(tmp / "adapter_init", skel, plan, cfg, work)
+    AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code).save_pretrained(tmp)
+    (tmp / "qcorda.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
+
+
+def _write_adapter(dest: Path, skel, plan: Plan, cfg: InitConfig, work: Path) -> None:
+    """``adapter_init/`` written by PEFT itself, from a weightless model whose LoRA factors are the real ones."""
+    from peft import get_peft_model
+    from safetensors import safe_open
+
+    from .prepare import lora_config, stable_adapter_config
+
+    peft_model = get_peft_model(skel, lora_config(cfg, list(plan.targets)))
+    for i, name in enumerate(plan.targets):
+        layer = peft_model.base_model.model.get_submodule(name)
+        with safe_open(str(_layer_file(work, i)), framework="pt") as f:
+            layer.lora_A["default"].weight = torch.nn.Parameter(f.get_tensor("lora_A"), requires_grad=True)
+            layer.lora_B["default"].weight = torch.nn.Parameter(f.get_tensor("lora_B"), requires_grad=True)
+    peft_model.save_pretrained(str(dest))
+    stable_adapter_config(dest)
