@@ -198,7 +198,36 @@ def calibration_texts(cfg: InitConfig, tokenizer) -> list[str]:
 _NOT_FINGERPRINTED = frozenset({"quantization_config", "dtype", "torch_dtype", "use_cache"})
 
 
-def covariance_manifest(model_id: str, model: torch.nn.Module, targets: list[str], cfg: InitConfig, texts: list[str]) -> dict:
+def model_fingerprint(config, first_rows, keys: list[str]) -> str:
+    """What identifies a model for a covariance cache: its architecture (config without dtype,
+    cache and quantization keys) and the values of the first row of its first three float
+    tensors (``first_rows(key)`` → ``tensor[:1]``), so that two checkpoints of one
+    architecture differ. Cheap: a streamed source reads those rows alone."""
+    import hashlib
+
+    arch = config.to_dict()
+    h = hashlib.sha256(
+        json.dumps({k: arch.get(k) for k in sorted(arch) if not k.startswith("_") and k not in _NOT_FINGERPRINTED}, default=str, sort_keys=True).encode()
+    )
+    for key in keys[:3]:
+        row = first_rows(key).detach().float().cpu().contiguous()
+        h.update(key.encode())
+        h.update(row.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _model_fingerprint(model: torch.nn.Module) -> str:
+    sd = model.state_dict()
+    seen, keys = set(), []
+    for k, v in sd.items():
+        if v.is_floating_point() and v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            keys.append(k)
+    return model_fingerprint(model.config, lambda k: sd[k][:1] if sd[k].dim() else sd[k], keys)
+
+
+def covariance_manifest(model_id: str, model: torch.nn.Module | None, targets: list[str], cfg: InitConfig, texts: list[str],
+                        fingerprint: str | None = None) -> dict:
     """What a covariance depends on: checked when a cached one is reused."""
     import hashlib
 
@@ -206,12 +235,8 @@ def covariance_manifest(model_id: str, model: torch.nn.Module, targets: list[str
     for t in texts:
         h.update(t.encode())
         h.update(b"\x00")
-    arch = model.config.to_dict()
-    fingerprint = hashlib.sha256(
-        json.dumps({k: arch.get(k) for k in sorted(arch) if not k.startswith("_") and k not in _NOT_FINGERPRINTED}, default=str, sort_keys=True).encode()
-    ).hexdigest()[:16]
     return {
-        "model": fingerprint,
+        "model": fingerprint or _model_fingerprint(model),
         "targets": list(targets),
         "data_hash": h.hexdigest(),
         "n_samples": len(texts),

@@ -41,6 +41,7 @@ import torch
 
 from .config import CALIBRATED, ConfigError, InitConfig
 from .covariance import Covariances
+from .decompose import DecompositionError
 
 PARTIAL_FORMAT = "qcorda.partial/1"
 #: Methods whose output is an NF4 residual plus a plain LoRA A/B (what this writer knows how
@@ -102,6 +103,11 @@ class Checkpoint:
     def spec(self, key: str) -> tuple[tuple[int, ...], str]:
         s = self._open[self.key_file[key]].get_slice(key)
         return tuple(s.get_shape()), s.get_dtype()
+
+    def first_rows(self, key: str) -> torch.Tensor:
+        """``tensor[:1]`` read without the rest of the tensor (for fingerprints)."""
+        s = self._open[self.key_file[key]].get_slice(key)
+        return s[:1] if len(s.get_shape()) else self.get(key)
 
     def get(self, key: str) -> torch.Tensor:
         try:
@@ -292,29 +298,38 @@ def _meta(shape, dtype) -> torch.Tensor:
 # --------------------------------------------------------------------------- run
 
 
-def _calibration(model_id, path, skel, plan, cfg, work, covariance, save_covariance, trust_remote_code, progress, log):
-    """The covariances: from the work dir, from ``--covariance``, or collected (full model, fp32)."""
-    from .prepare import calibration_texts, collect_covariances, covariance_manifest, load_model
+def _same_manifest(work: Path, manifest: dict) -> bool:
+    try:
+        return json.loads((work / "manifest.json").read_text()) == manifest
+    except (OSError, ValueError):
+        return False
 
+
+def _calibration(model_id, path, skel_config, ckpt: Checkpoint, plan: Plan, cfg, covariance, trust_remote_code, progress) -> Covariances:
+    """The covariances: from ``--covariance`` (checked against this model, targets and samples)
+    or collected by a forward pass of the whole model in fp32."""
     from transformers import AutoTokenizer
 
+    from .prepare import calibration_texts, collect_covariances, covariance_manifest, load_model, model_fingerprint
+
     targets = list(plan.targets)
-    texts = None
-    expect = {"model": covariance_manifest(model_id, skel, targets, cfg, [])["model"], "targets": targets}
+    floats = [k for k in plan.order if ckpt.spec(k)[1] in ("F64", "F32", "F16", "BF16")]
+    fingerprint = model_fingerprint(skel_config, ckpt.first_rows, floats)
+    expect = {"model": fingerprint, "targets": targets}
     if cfg.calib.data is not None:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         texts = calibration_texts(cfg, tok)
-        full = covariance_manifest(model_id, skel, targets, cfg, texts)
+        full = covariance_manifest(model_id, None, targets, cfg, texts, fingerprint=fingerprint)
         expect.update({k: full[k] for k in ("data_hash", "n_samples", "max_length")})
     if covariance is not None:
-        covs = Covariances.load(covariance, expect=expect)
-    else:
-        if cfg.calib.data is None:
-            raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
-        model, tok = load_model(str(path), trust_remote_code)
-        covs = collect_covariances(model, tok, targets, cfg, model_id, progress)
-        del model
-    return covs, expect
+        return Covariances.load(covariance, expect=expect)
+    if cfg.calib.data is None:
+        raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
+    model, tok = load_model(str(path), trust_remote_code)
+    covs = collect_covariances(model, tok, targets, cfg, model_id, progress)
+    if covs.manifest.get("model") != fingerprint:  # both read the same weights: a mismatch is a bug
+        raise RuntimeError("model fingerprint differs between the checkpoint and the loaded model")
+    return covs
 
 
 def stream_prepare(
@@ -343,32 +358,37 @@ def stream_prepare(
     out = check_out_dir(out, overwrite)
     path = resolve_local(model)
     _check_out_vs_source(out, path)
-    ckpt = Checkpoint(path)
     config, skel = skeleton(path, trust_remote_code)
+    ckpt = Checkpoint(path)
     plan = make_plan(skel, cfg, ckpt)
     device = resolve_device(cfg.device)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype)
 
+    # Everything that can reject the input runs before the first byte is written.
     covs: Covariances | None = None
     calib_key = None
     if cfg.method in CALIBRATED:
         calib_key = {"data": cfg.calib.data, "covariance": _file_digest(covariance) if covariance else None}
     manifest = work_manifest(model, ckpt, cfg, plan, calib_key)
+    work = partial_dir(out)
+    cached = work / "covariance.safetensors"
+    if cfg.method in CALIBRATED:
+        if _same_manifest(work, manifest) and cached.exists():
+            try:
+                covs = Covariances.load(cached, expect={"targets": list(plan.targets)}, flag="work directory")
+            except ConfigError:
+                covs = None
+        if covs is None:
+            covs = _calibration(model, path, config, ckpt, plan, cfg, covariance, trust_remote_code, progress)
+        unknown = [t for t in plan.targets if t not in covs.members]
+        if unknown:
+            raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")
+
     work, resumed = open_work_dir(out, manifest, log)
     try:
-        if cfg.method in CALIBRATED:
-            cached = work / "covariance.safetensors"
-            if cached.exists():
-                try:
-                    covs = Covariances.load(cached, expect={"targets": list(plan.targets)}, flag="work directory")
-                except ConfigError:
-                    cached.unlink()
-            if covs is None:
-                covs, _ = _calibration(model, path, skel, plan, cfg, work, covariance, save_covariance, trust_remote_code, progress, log)
+        if covs is not None:
+            if not cached.exists():
                 _save_covariance(covs, cached)
-            unknown = [t for t in plan.targets if t not in covs.members]
-            if unknown:
-                raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")
             if save_covariance:
                 _save_covariance(covs, Path(save_covariance))
 
@@ -418,6 +438,10 @@ def stream_prepare(
             timings = {"seconds": time.perf_counter() - t_start, "resumed_layers": done,
                        "layers": {r.name: r.seconds for r in results}}
             write_text_atomic(tmp / "timings.json", json.dumps(timings, indent=1))
+    except (ConfigError, DecompositionError):
+        # a problem of the input: the arguments must change, so this work can never be resumed
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ConfigError(

@@ -1,0 +1,205 @@
+"""The layer-streamed, resumable prepare writer (qcorda.stream): same bits as the in-memory path,
+deterministic, resumable after a crash or SIGKILL, nothing under the target name on failure."""
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from qcorda.config import CalibConfig, ConfigError, InitConfig
+from qcorda.prepare import load_model, load_prepared, prepare, save_prepared
+from qcorda.stream import partial_dir, stream_prepare
+
+METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal"]
+CALIB = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=8, max_length=32, batch_size=4)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(method, **kw):
+    iters = 2 if method in ("loftq", "qpissa", "qcorda-cal") else None
+    return InitConfig(method=method, rank=kw.pop("rank", 4), calib=CALIB, iters=kw.pop("iters", iters), **kw)
+
+
+def hashes(d: Path) -> dict[str, str]:
+    """sha256 of every file of a prepared directory, timings.json (wall clock) excepted."""
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name != "timings.json"
+    }
+
+
+def leftovers(parent: Path, out: Path) -> list[str]:
+    """Entries under ``parent`` that carry ``out``'s name (the target, temp dirs, work dir)."""
+    return sorted(p.name for p in parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}."))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny.save(tmp_path_factory.mktemp("src"), "llama")
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory):
+    """6 decoder blocks: 42 targets, enough to kill a run halfway."""
+    path = tmp_path_factory.mktemp("deep") / "tiny-llama6"
+    tiny.model("llama", num_hidden_layers=6).save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    return path
+
+
+def _x(tok):
+    return tok(["Natalia sold clips to 48 of her friends in April.", "How many clips?"], return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("method", ["qlora", "qpissa", "qcorda-ipm", "qcorda-cal"])
+def test_streamed_equals_in_memory(method, llama, tok, tmp_path):
+    cfg = _cfg(method, alpha=8.0)
+    stream_prepare(str(llama), cfg, tmp_path / "s", progress=False)
+    model, t = load_model(str(llama))
+    save_prepared(prepare(model, cfg, tokenizer=t, progress=False), tmp_path / "m", t)
+    hs, hm = hashes(tmp_path / "s"), hashes(tmp_path / "m")
+    for f in ("model.safetensors", "config.json", "adapter_init/adapter_model.safetensors", "adapter_init/adapter_config.json"):
+        assert hs[f] == hm[f], f
+    x = _x(tok)
+    assert torch.equal(load_prepared(tmp_path / "s")(**x).logits, load_prepared(tmp_path / "m")(**x).logits)
+    assert leftovers(tmp_path, tmp_path / "s") == ["s"]  # the work dir is gone
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_inputs_same_hashes(method, llama, tmp_path):
+    a = stream_prepare(str(llama), _cfg(method), tmp_path / "a", progress=False)
+    stream_prepare(str(llama), _cfg(method), tmp_path / "b", progress=False)
+    assert hashes(tmp_path / "a") == hashes(tmp_path / "b")
+    assert len(a.layers) == 14
+    # a different seed must change the random parts (qlora's A)
+    if method == "qlora":
+        stream_prepare(str(llama), _cfg(method, seed=1), tmp_path / "c", progress=False)
+        assert hashes(tmp_path / "c")["adapter_init/adapter_model.safetensors"] != hashes(tmp_path / "a")["adapter_init/adapter_model.safetensors"]
+
+
+def test_resume_after_crash_is_byte_identical(llama, tmp_path, monkeypatch):
+    cfg = _cfg("qcorda-cal")
+    stream_prepare(str(llama), cfg, tmp_path / "ref", progress=False)
+    import qcorda.prepare as prep
+
+    calls = []
+    orig = prep.prepare_layer
+
+    def crash_after_5(*a, **k):
+        calls.append(a[2])
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    monkeypatch.setattr(prep, "prepare_layer", crash_after_5)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        stream_prepare(str(llama), cfg, out, progress=False)
+    assert not out.exists()
+    assert len(list((partial_dir(out) / "layers").glob("*.safetensors"))) == 5
+    calls.clear()
+    monkeypatch.setattr(prep, "prepare_layer", lambda *a, **k: (calls.append(a[2]), orig(*a, **k))[1])
+    stream_prepare(str(llama), cfg, out, progress=False)
+    assert len(calls) == 14 - 5  # only the unfinished layers were computed
+    assert hashes(out) == hashes(tmp_path / "ref")
+    assert not partial_dir(out).exists()
+
+
+def test_other_arguments_restart_the_work(llama, tmp_path, monkeypatch, capsys):
+    import qcorda.prepare as prep
+
+    orig = prep.prepare_layer
+    n = []
+
+    def crash(*a, **k):
+        n.append(1)
+        if len(n) > 3:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    monkeypatch.setattr(prep, "prepare_layer", crash)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        stream_prepare(str(llama), _cfg("qpissa"), out, progress=False)
+    monkeypatch.setattr(prep, "prepare_layer", orig)
+    stream_prepare(str(llama), _cfg("qpissa", rank=8), out, progress=False)
+    assert "holds work for other arguments" in capsys.readouterr().err
+    stream_prepare(str(llama), _cfg("qpissa", rank=8), tmp_path / "ref", progress=False)
+    assert hashes(out) == hashes(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("fail_at", [3, 15])  # a layer file; the model shard during assembly
+def test_disk_full_leaves_nothing_under_the_target(fail_at, llama, tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    real = st.save_file
+    count = []
+
+    def full_disk(tensors, filename, metadata=None):
+        count.append(filename)
+        if len(count) == fail_at:
+            with open(filename, "wb") as f:  # half a file, then the disk is full
+                f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(st, "save_file", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"no space left on the device.*rerun the same command"):
+        stream_prepare(str(llama), _cfg("qpissa"), out, progress=False)
+    assert not out.exists()
+    assert leftovers(tmp_path, out) == [partial_dir(out).name]  # only the resumable work dir
+    assert not [p for p in partial_dir(out).rglob("*") if ".tmp-" in p.name]
+    monkeypatch.setattr(st, "save_file", real)
+    stream_prepare(str(llama), _cfg("qpissa"), out, progress=False)
+    stream_prepare(str(llama), _cfg("qpissa"), tmp_path / "ref", progress=False)
+    assert hashes(out) == hashes(tmp_path / "ref")
+
+
+def _cli(model, out, *extra, env=None):
+    args = [sys.executable, "-m", "qcorda", "prepare", str(model), "--out", str(out), "--method", "qcorda-ipm",
+            "--rank", "4", "--calib-data", "gsm8k-train", "--calib-fields", "question,answer",
+            "--calib-samples", "8", "--calib-max-length", "32", *extra]
+    e = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **(env or {}))
+    return args, e
+
+
+def test_sigkill_then_rerun_is_byte_identical(deep_llama, tmp_path):
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    args, env = _cli(deep_llama, out, env={"QCORDA_TEST_LAYER_DELAY": "0.25"})
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    layers = partial_dir(out) / "layers"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if layers.exists() and len(list(layers.glob("*.safetensors"))) >= 10:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "prepare finished or died before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finished = len(list(layers.glob("*.safetensors")))
+    assert 10 <= finished < 42 and not out.exists()
+    args, env = _cli(deep_llama, out)
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    args, env = _cli(deep_llama, ref)
+    assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == 0
+    import json
+
+    assert json.loads((out / "timings.json").read_text())["resumed_layers"] >= finished
+    assert hashes(out) == hashes(ref)
+    assert leftovers(tmp_path, out) == ["out"]
