@@ -152,9 +152,7 @@ def child_synthetic(args) -> dict:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from qcorda.config import InitConfig
     from qcorda.models import resolve_model_path
-    from qcorda.stream import stream_prepare
 
     h, inter, vocab = args.synthetic_hidden, int(args.synthetic_hidden * 2.7) // 256 * 256, 32000
     per_layer = 4 * h * h + 3 * h * inter + 2 * h

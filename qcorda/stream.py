@@ -483,7 +483,6 @@ def _assemble(tmp: Path, path: Path, ckpt: Checkpoint, config, skel, plan: Plan,
     from transformers import AutoTokenizer, GenerationConfig
 
     from .io import write_shards
-    from .prepare import lora_config
     from .quantize import bnb_config
 
     index = {name: i for i, name in enumerate(plan.targets)}
