@@ -239,7 +239,9 @@ def prepare_baseline(model, cfg: InitConfig, model_id: str, tokenizer=None, prog
         results.append(result)
         bar.set_postfix(err=f"{result.rel_err:.3f}")
 
-    # Everything not quantized (all of the model for lora) computes in compute_dtype.
+    # Everything not quantized (all of the model for lora) computes in compute_dtype, as
+    # from_pretrained(dtype=compute_dtype) loads it: non-persistent buffers (rotary inv_freq)
+    # are not in the checkpoint and stay fp32 there, so they stay fp32 here (exact round trip).
     for mod in model.modules():
         if quantized and type(mod).__name__ == "Linear4bit":
             if mod.bias is not None:
@@ -248,7 +250,7 @@ def prepare_baseline(model, cfg: InitConfig, model_id: str, tokenizer=None, prog
         for p in mod.parameters(recurse=False):
             p.data = p.data.to(compute_dtype)
         for bname, b in mod.named_buffers(recurse=False):
-            if b.is_floating_point():
+            if b.is_floating_point() and bname not in mod._non_persistent_buffers_set:
                 setattr(mod, bname, b.to(compute_dtype))
     model.to(device)
     if quantized:

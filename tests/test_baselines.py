@@ -198,3 +198,15 @@ def test_cli_prepare_baselines(tmp_path, capsys):
     calib = ["--calib-data", "gsm8k-train", "--calib-fields", "question,answer", "--calib-samples", "8", "--calib-max-length", "32"]
     assert main(["prepare", str(src), "--method", "qeva", "--rank", "4", "--out", str(tmp_path / "e"), *calib]) == 0
     assert load_prepared(tmp_path / "e").peft_config["default"].r == 4
+
+
+@pytest.mark.parametrize("method", ["lora", "qdora"])
+def test_bfloat16_round_trip_is_exact(method, tok, tmp_path):
+    model = prepare(tiny.model("llama"), _cfg(method, compute_dtype="bfloat16"), tokenizer=tok, progress=False)
+    x = _inputs(tok)
+    with torch.no_grad():
+        y = model(**x).logits
+    assert y.dtype == torch.bfloat16
+    loaded = load_prepared(save_prepared(model, tmp_path / "prep", tok))
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, y)
