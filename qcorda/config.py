@@ -9,11 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-Method = Literal["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal"]
+Method = Literal[
+    "qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal",
+    "lora", "qdora", "qeva", "qolora",
+]
 METHODS: tuple[str, ...] = get_args(Method)
 
 #: Methods whose adapter init needs activation covariances.
-CALIBRATED: frozenset[str] = frozenset({"qcorda-ipm", "qcorda-kpm", "qcorda-cal"})
+CALIBRATED: frozenset[str] = frozenset({"qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qeva"})
+#: Baselines whose adapter init PEFT computes (:mod:`qcorda.baselines`): 16-bit LoRA, DoRA,
+#: EVA, OLoRA. ``qeva`` reads activations itself (PEFT's EVA), it needs no covariance file.
+BASELINES: frozenset[str] = frozenset({"lora", "qdora", "qeva", "qolora"})
 #: Methods that iterate quantization and a low-rank fit; ``iters`` applies to them.
 ITERATIVE: frozenset[str] = frozenset({"loftq", "qpissa", "qcorda-cal"})
 

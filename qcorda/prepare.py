@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CALIBRATED, ConfigError, InitConfig
+from .config import BASELINES, CALIBRATED, ConfigError, InitConfig
 from .covariance import Covariances
 from .decompose import DampedCovariance, DecompositionError, Split, damp, decompose, low_rank_term, residual
 from .quantize import NF4Weight, bnb_config, dequantize_nf4, linear4bit, nf4_roundtrip, quantize_nf4
@@ -329,6 +329,14 @@ def prepare(
         model, model_id = model_or_path, getattr(model_or_path.config, "_name_or_path", "") or type(model_or_path).__name__
     if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         raise ConfigError("the model is already quantized; pass the original (16/32-bit) model to prepare")
+    if config.method in BASELINES:  # PEFT-initialized baselines (lora, qdora, qeva, qolora)
+        from .baselines import prepare_baseline
+
+        if calib is not None and not isinstance(calib, Covariances):
+            import warnings
+
+            warnings.warn(f"method {config.method} uses no covariance file; the given one is ignored", stacklevel=2)
+        return prepare_baseline(model, config, model_id, tokenizer, progress, t_start)
     targets = find_targets(model, config.target_modules)
     check_rank(model, targets, config.rank)
     device = resolve_device(config.device)
