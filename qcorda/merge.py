@@ -189,14 +189,19 @@ def plain_config(prepared: str | Path, dtype: torch.dtype):
     return config
 
 
-def conv1d_modules(config) -> set[str]:
-    """Names of GPT-2-style ``Conv1D`` modules (weight stored ``(in, out)``) of the plain model."""
+def plain_layout(config) -> tuple[set[str], set[str]]:
+    """(names of GPT-2-style ``Conv1D`` modules, weight stored ``(in, out)``; state-dict keys the
+    plain model needs, tied ones left out) from a weightless skeleton of the plain model."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
-    return {n for n, m in skeleton.named_modules() if type(m).__name__ == "Conv1D"}
+    conv1d = {n for n, m in skeleton.named_modules() if type(m).__name__ == "Conv1D"}
+    out_emb = skeleton.get_output_embeddings()
+    tied = getattr(config, "tie_word_embeddings", False) and out_emb is not None
+    skip = {n + ".weight" for n, m in skeleton.named_modules() if tied and m is out_emb}
+    return conv1d, {k for k in skeleton.state_dict() if k not in skip}
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,7 @@ def merged_state_dict(prepared: str | Path, adapter: AdapterSpec, dtype: torch.d
     from .io import CheckpointReader
 
     reader = CheckpointReader(prepared, "model", "PREPARED")
-    conv1d = conv1d_modules(plain_config(prepared, dtype))
+    conv1d, needed = plain_layout(plain_config(prepared, dtype))
     target_set = set(targets)
     quant_suffix = tuple(f"{t}.weight." for t in targets)
     state: dict[str, torch.Tensor] = {}
@@ -235,6 +240,9 @@ def merged_state_dict(prepared: str | Path, adapter: AdapterSpec, dtype: torch.d
         layers.append(MergedLayer(name, tuple(W.shape), s, (s * B @ A).norm().item(), (W - out.float()).abs().max().item()))
         state[f"{name}.weight"] = (out.T if name in conv1d else out).contiguous()
         del W
+    missing = sorted(needed - set(state))
+    if missing:
+        raise ConfigError(f"PREPARED {prepared}: the checkpoint lacks {', '.join(missing[:3])}; re-run qcorda prepare")
     return state, layers
 
 
