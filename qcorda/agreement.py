@@ -26,12 +26,14 @@ class Agreement:
     """mean over tokens of KL(p_ref ‖ p_other) in nats."""
     top1: float
     """fraction of tokens where both models' argmax agree."""
+    nonfinite: int = 0
+    """tokens where either model's logits hold inf/nan (e.g. Gemma-3 overflows in float16)."""
 
     def row(self) -> list:
-        return [self.other, self.reference, self.n_tokens, self.max_abs_diff, self.mean_kl, self.top1]
+        return [self.other, self.reference, self.n_tokens, self.max_abs_diff, self.mean_kl, self.top1, self.nonfinite]
 
 
-HEADERS = ["model", "against", "tokens", "max |Δlogit|", "mean KL (nats)", "top-1 agree"]
+HEADERS = ["model", "against", "tokens", "max |Δlogit|", "mean KL (nats)", "top-1 agree", "non-finite tokens"]
 
 
 def _logits(model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ def compare(
     needed = list(dict.fromkeys(n for p in pairs for n in p))
     for m in needed:
         models[m].eval()
-    sums = {p: {"n": 0, "max": 0.0, "kl": 0.0, "top1": 0} for p in pairs}
+    sums = {p: {"n": 0, "max": 0.0, "kl": 0.0, "top1": 0, "bad": 0} for p in pairs}
     for batch in tqdm(batches, desc="compare logits", unit="batch", total=total, disable=not progress):
         mask = batch["attention_mask"].bool()
         logits = {n: _logits(models[n], batch, mask) for n in needed}
@@ -66,12 +68,14 @@ def compare(
             pa, pb = logp[ref], logp[other].to(logp[ref].device)
             s = sums[(ref, other)]
             s["n"] += a.shape[0]
-            s["max"] = max(s["max"], (a - b).abs().max().item())
+            s["bad"] += int((~torch.isfinite(a).all(-1) | ~torch.isfinite(b).all(-1)).sum().item())
+            diff = (a - b).abs().max().item()
+            s["max"] = diff if diff != diff else max(s["max"], diff)  # keep a nan visible
             s["kl"] += (pa.exp() * (pa - pb)).sum().item()
             s["top1"] += (a.argmax(-1) == b.argmax(-1)).sum().item()
         del logits, logp
     return [
-        Agreement(ref, other, s["n"], s["max"], s["kl"] / max(s["n"], 1), s["top1"] / max(s["n"], 1))
+        Agreement(ref, other, s["n"], s["max"], s["kl"] / max(s["n"], 1), s["top1"] / max(s["n"], 1), s["bad"])
         for (ref, other), s in sums.items()
     ]
 

@@ -1,4 +1,4 @@
-"""Real Gemma-3-270M (slow): prepare, train the adapter a few steps, merge to fp16, reload with
+"""Real Gemma-3-270M (slow): prepare, train the adapter a few steps, merge to bf16, reload with
 plain transformers, and check top-1 agreement with the trained 4-bit model on held-out text."""
 
 import pytest
@@ -9,7 +9,9 @@ from qcorda.config import CalibConfig, InitConfig
 pytestmark = pytest.mark.slow
 
 
-def test_gemma_merge_fp16_agrees_with_trained(gemma_path, tmp_path):
+# Gemma-3 overflows in float16 (the unmerged original gives inf logits on CPU too), so the real
+# model is merged to bfloat16; merge's verification counts and flags non-finite logits.
+def test_gemma_merge_bf16_agrees_with_trained(gemma_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qcorda.agreement import compare, held_out_batches
@@ -36,14 +38,14 @@ def test_gemma_merge_fp16_agrees_with_trained(gemma_path, tmp_path):
     model.save_pretrained(tmp_path / "trained")
     del model, opt
 
-    res = merge(prep, tmp_path / "merged", tmp_path / "trained", "float16", verify=VerifyConfig(samples=8, max_length=128), progress=False)
+    res = merge(prep, tmp_path / "merged", tmp_path / "trained", "bfloat16", verify=VerifyConfig(samples=8, max_length=128), progress=False)
     top1 = res.agreement[0].top1
-    print(f"\nGemma-3-270M merged fp16 vs trained 4-bit+adapter: top-1 {top1:.4f}, mean KL {res.agreement[0].mean_kl:.3e}, "
+    print(f"\nGemma-3-270M merged bf16 vs trained 4-bit+adapter: top-1 {top1:.4f}, mean KL {res.agreement[0].mean_kl:.3e}, "
           f"max |Δlogit| {res.agreement[0].max_abs_diff:.3f} over {res.agreement[0].n_tokens} held-out tokens")
-    assert top1 >= 0.97
+    assert res.agreement[0].nonfinite == 0 and top1 >= 0.95
 
     # reloaded by plain transformers, independently of merge's own verification
-    merged = AutoModelForCausalLM.from_pretrained(res.out, dtype=torch.float16)
+    merged = AutoModelForCausalLM.from_pretrained(res.out, dtype=torch.bfloat16)
     assert "quantization_config" not in merged.config.to_dict()
     trained = load_prepared(prep, tmp_path / "trained", is_trainable=False)
     init = load_prepared(prep, is_trainable=False)
@@ -52,5 +54,5 @@ def test_gemma_merge_fp16_agrees_with_trained(gemma_path, tmp_path):
                                         [("trained", "merged"), ("trained", "init")], batches, progress=False)}
     print(f"wikitext2: merged top-1 {res2['merged'].top1:.4f} KL {res2['merged'].mean_kl:.3e}; "
           f"untrained init top-1 {res2['init'].top1:.4f} KL {res2['init'].mean_kl:.3e}")
-    assert res2["merged"].top1 >= 0.97
+    assert res2["merged"].top1 >= 0.95
     assert res2["merged"].mean_kl < res2["init"].mean_kl  # training moved the model; the merge kept the move

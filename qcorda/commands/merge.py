@@ -54,4 +54,7 @@ def run(args) -> int:
     print_table(["merge", "value"], rows, title=f"merged {args.prepared} + {args.adapter or 'adapter_init'} -> {res.out} ({res.dtype})")
     if res.agreement:
         print_table(HEADERS, [a.row() for a in res.agreement], title=f"verification (saved in {res.out}/qcorda_verify.json)")
+        if any(a.nonfinite for a in res.agreement):
+            print(f"warning: the merged model gives non-finite logits in {res.dtype} (activations exceed its range; "
+                  "Gemma-3 does this in float16 even unmerged); use --dtype bfloat16")
     return 0
