@@ -160,3 +160,41 @@ def check_inside(path: str | os.PathLike, root: str | os.PathLike, flag: str = "
     if p != r and r not in p.parents:
         raise OutputExistsError(f"{flag}: refusing to write {path} outside {root}")
     return p
+
+
+class CheckpointReader:
+    """The tensors of a safetensors checkpoint directory (one file or sharded with an index),
+    read one at a time through memory maps, so a caller holds one layer, never the model.
+
+    ``stem`` is ``model`` for HF models and ``adapter_model`` for PEFT adapters.
+    """
+
+    def __init__(self, directory: str | os.PathLike, stem: str = "model", flag: str = "PATH"):
+        import json
+
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        index = self.directory / f"{stem}.safetensors.index.json"
+        single = self.directory / f"{stem}.safetensors"
+        if index.exists():
+            self._where: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif single.exists():
+            with safe_open(str(single), framework="pt") as f:
+                self._where = {k: single.name for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{flag} {directory}: no {stem}.safetensors (or its index) there")
+        self._open = safe_open
+        self._files: dict[str, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str):
+        name = self._where[key]
+        if name not in self._files:
+            self._files[name] = self._open(str(self.directory / name), framework="pt")
+        return self._files[name].get_tensor(key)

@@ -1,0 +1,266 @@
+"""``qcorda to-lora``: the trained adapter as a plain PEFT LoRA for the original, unquantized base.
+
+Per target layer ``(out_features, in_features)``, with W the original weight, W_res = W − s₀·B₀·A₀
+the residual that was quantized, deq(Q(W_res)) what the 4-bit layer computes with, and s·B·A
+the trained adapter (B₀, A₀, s₀ from ``adapter_init``):
+
+- ``exact-delta``: ΔW = s·B·A − s₀·B₀·A₀ at rank 2r, written PEFT's way: A′ = [A; A₀],
+  B′ = [B, −(s₀/s)·B₀], r and α doubled (α·√2 under rsLoRA) so that the scaling stays s.
+  W + ΔW = W_res + s·B·A: the trained model, had the residual not been quantized.
+- ``compress``: the same ΔW truncated by SVD to rank k (computed from the 2r factors, never
+  forming ΔW's SVD at full size); the energy kept Σ_{i≤k}σᵢ² / Σσᵢ² is reported per layer.
+- ``absorb-quant-error``: the best rank-k approximation (Eckart–Young) of
+  D = deq(Q(W_res)) + s·B·A − W, so that W + D_k is as close to the trained 4-bit model
+  as rank k allows; exact-delta's ΔW = D + (W − deq(Q(W_res)) − s₀B₀A₀) is one rank-2r candidate.
+
+Truncated factors are written as B = U·√Σ, A = √Σ·Vᵀ with α = r (scaling 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+
+from .config import ConfigError
+from .merge import ADAPTER_PREFIX, AdapterSpec, VerifyConfig, check_adapter, dequantized, manifest_sha256, read_adapter
+
+Mode = Literal["exact-delta", "compress", "absorb-quant-error"]
+MODES: tuple[str, ...] = get_args(Mode)
+REPORT_FILE = "qcorda_to_lora.json"
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """B ``(out, k)`` and A ``(k, in)`` in fp32; ``energy`` = fraction of ‖target‖²_F that B·A keeps."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    energy: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def exact_delta(B: torch.Tensor, A: torch.Tensor, s: float, B0: torch.Tensor, A0: torch.Tensor, s0: float) -> LoraFactors:
+    """s·[B, −(s₀/s)B₀]·[A; A₀] = s·B·A − s₀·B₀·A₀ (applied with the trained scaling s)."""
+    return LoraFactors(torch.cat([B, -(s0 / s) * B0], dim=1), torch.cat([A, A0], dim=0))
+
+
+def _split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    total = S.pow(2).sum().item()
+    root = S[:k].sqrt()
+    kept = S[:k].pow(2).sum().item()
+    return U[:, :k] * root, root[:, None] * Vh[:k], kept / total if total > 0 else 1.0
+
+
+def truncate(M: torch.Tensor, k: int) -> LoraFactors:
+    """Best rank-k approximation of M ``(out, in)`` (scaling 1): B = U_k√Σ_k, A = √Σ_k V_kᵀ."""
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    B, A, energy = _split_sqrt(U, S, Vh, k)
+    return LoraFactors(B.float(), A.float(), energy)
+
+
+def truncate_factored(L: torch.Tensor, R: torch.Tensor, k: int) -> LoraFactors:
+    """Best rank-k approximation of L·R, L ``(out, m)``, R ``(m, in)``, via two thin QRs and an m×m SVD."""
+    Ql, Rl = torch.linalg.qr(L.double())
+    Qr, Rr = torch.linalg.qr(R.double().T)
+    U, S, Vh = torch.linalg.svd(Rl @ Rr.T)
+    B, A, energy = _split_sqrt(Ql @ U, S, Vh @ Qr.T, min(k, S.shape[0]))
+    return LoraFactors(B.float(), A.float(), energy)
+
+
+def compress(B, A, s, B0, A0, s0, k: int) -> LoraFactors:
+    """ΔW = s·B·A − s₀·B₀·A₀ truncated to rank k (scaling 1)."""
+    return truncate_factored(torch.cat([s * B, -s0 * B0], dim=1), torch.cat([A, A0], dim=0), k)
+
+
+def absorb_quant_error(W: torch.Tensor, w_deq: torch.Tensor, B, A, s, k: int) -> LoraFactors:
+    """Best rank-k approximation of deq(Q(W_res)) + s·B·A − W (scaling 1)."""
+    return truncate(w_deq.float() + s * (B @ A) - W.float(), k)
+
+
+# --------------------------------------------------------------------------- command
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    name: str
+    rank: int
+    energy: float
+    """Fraction of the target's ‖·‖²_F kept (1 for exact-delta)."""
+    err_to_trained: float
+    """‖(W + s′·B′·A′) − (deq(Q(W_res)) + s·B·A)‖_F / ‖deq(Q(W_res)) + s·B·A‖_F: the weight-space gap."""
+
+
+@dataclass(frozen=True)
+class ToLoraResult:
+    out: Path
+    mode: str
+    layers: tuple[ConvertedLayer, ...]
+    agreement: tuple = ()
+    seconds: float = 0.0
+
+
+def check_convertible(spec: AdapterSpec, mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if mode == "exact-delta" and spec.use_rslora and (spec.rank_pattern or spec.alpha_pattern):
+        raise ConfigError(
+            "--mode exact-delta cannot convert an rsLoRA adapter with rank_pattern/alpha_pattern exactly in PEFT's "
+            "format (doubling r needs α·√2 per pattern entry, which PEFT's loader does not express for patterns); "
+            "use --mode compress --rank 2r (exact up to SVD rounding) instead"
+        )
+
+
+def _lora_config(spec: AdapterSpec, mode: str, ranks: dict[str, int], targets: list[str], base: str, conv1d: bool):
+    from peft import LoraConfig
+
+    if mode == "exact-delta":
+        r, alpha = 2 * spec.r, spec.lora_alpha * (math.sqrt(2) if spec.use_rslora else 2)
+        rank_pattern = {k: 2 * v for k, v in spec.rank_pattern.items()}
+        alpha_pattern = {k: 2 * v for k, v in spec.alpha_pattern.items()}
+        rslora = spec.use_rslora
+    else:  # truncated factors carry their scale: α = r everywhere
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        rank_pattern = {n: k for n, k in ranks.items() if k != r}
+        alpha, alpha_pattern, rslora = float(r), dict(rank_pattern), False
+    return LoraConfig(
+        r=r, lora_alpha=alpha, use_rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        target_modules=list(targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        fan_in_fan_out=conv1d, base_model_name_or_path=base,
+    )
+
+
+def to_lora(
+    prepared: str | Path,
+    base: str,
+    out: str | Path,
+    mode: str = "exact-delta",
+    adapter: str | Path | None = None,
+    rank: int | None = None,
+    verify: VerifyConfig | None = VerifyConfig(),
+    merged: str | Path | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> ToLoraResult:
+    """Write a PEFT LoRA adapter for ``base`` to ``out`` (atomically); report how far base + LoRA is
+    from the trained 4-bit model and the merged fp16 model (``qcorda_to_lora.json``)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .io import CheckpointReader, atomic_dir, check_out_dir
+    from .prepare import load_model, read_manifest
+    from .targets import weight_of
+
+    t0 = time.perf_counter()
+    prepared = Path(prepared)
+    check_out_dir(out, overwrite)
+    if rank is not None and rank <= 0:
+        raise ConfigError(f"--rank must be a positive integer, got {rank}")
+    manifest = read_manifest(prepared)
+    spec = read_adapter(adapter if adapter is not None else prepared / "adapter_init")
+    init = read_adapter(prepared / "adapter_init", "PREPARED/adapter_init")
+    check_adapter(prepared, manifest, spec, init)
+    check_convertible(spec, mode)
+    if mode == "exact-delta" and rank is not None:
+        raise ConfigError("--rank applies to --mode compress and absorb-quant-error; exact-delta is always rank 2r")
+    targets = list(manifest["targets"])
+    recorded = {l["name"]: l["err"] for l in manifest["layers"]}
+
+    base_model, _ = load_model(base, flag="--base")
+    reader = CheckpointReader(prepared, "model", "PREPARED")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    layers: list[ConvertedLayer] = []
+    conv1d = False
+    for name in tqdm(targets, desc=f"to-lora {mode}", unit="layer", disable=not progress):
+        try:
+            module = base_model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"--base {base} has no layer {name}; pass the model PREPARED was prepared from") from None
+        conv1d |= type(module).__name__ == "Conv1D"
+        W = weight_of(module).detach().float()
+        B, A = spec.factors(name)
+        B0, A0 = init.factors(name)
+        s, s0 = spec.scaling(name), init.scaling(name)
+        w_deq = dequantized(reader, name)
+        if W.shape != w_deq.shape:
+            raise ConfigError(f"--base {base}: layer {name} is {tuple(W.shape)}, the prepared one {tuple(w_deq.shape)}; pass the original model")
+        # the base must be the model that was prepared: its init error must match the recorded one
+        err0 = (W - w_deq - s0 * (B0 @ A0)).pow(2).sum().item()
+        if name in recorded and err0 > 1.1 * recorded[name] + 1e-6 * W.pow(2).sum().item():
+            raise ConfigError(
+                f"--base {base} is not the model {prepared} was prepared from (layer {name}: init error {err0:.4g}, "
+                f"recorded {recorded[name]:.4g}); pass the original model"
+            )
+        k = rank if rank is not None else spec.rank(name)
+        if mode == "exact-delta":
+            f = exact_delta(B, A, s, B0, A0, s0)
+            scale = s
+        elif mode == "compress":
+            f, scale = compress(B, A, s, B0, A0, s0, min(k, *W.shape)), 1.0
+        else:
+            f, scale = absorb_quant_error(W, w_deq, B, A, s, min(k, *W.shape)), 1.0
+        trained = w_deq + s * (B @ A)
+        gap = ((W + scale * (f.B @ f.A)) - trained).norm().item() / max(trained.norm().item(), 1e-30)
+        layers.append(ConvertedLayer(name, f.rank, f.energy, gap))
+        ranks[name] = f.rank
+        tensors[f"{ADAPTER_PREFIX}{name}.lora_A.weight"] = f.A.contiguous()
+        tensors[f"{ADAPTER_PREFIX}{name}.lora_B.weight"] = f.B.contiguous()
+
+    lcfg = _lora_config(spec, mode, ranks, targets, str(base), conv1d)
+    with atomic_dir(out, overwrite) as tmp:
+        lcfg.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        agreement = ()
+        if verify is not None:
+            agreement = tuple(_verify(prepared, spec.path, base_model, tmp, merged, verify, device, progress))
+        report = {
+            "format": "qcorda.to-lora/1",
+            "mode": mode,
+            "rank": rank,
+            "prepared": str(prepared),
+            "prepared_sha256": manifest_sha256(prepared),
+            "adapter": str(spec.path),
+            "base": str(base),
+            "layers": [asdict(l) for l in layers],
+            "verify": asdict(verify) if verify is not None else None,
+            "agreement": [asdict(a) for a in agreement],
+        }
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return ToLoraResult(Path(out), mode, tuple(layers), agreement, time.perf_counter() - t0)
+
+
+def _verify(prepared, adapter, base_model, lora_dir, merged, verify: VerifyConfig, device, progress):
+    """base + LoRA against the trained 4-bit + adapter model and against the merged fp16 model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .agreement import compare, held_out_batches
+    from .merge import load_plain, merge
+    from .prepare import load_prepared, resolve_device
+
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory(prefix="qcorda-merged-") as tmp:
+        if merged is None:
+            merged = merge(prepared, Path(tmp) / "merged", adapter, "float16", verify=None, progress=progress).out
+        models = {
+            "trained 4-bit+adapter": load_prepared(prepared, adapter, is_trainable=False, device=str(dev)),
+            "merged float16": load_plain(merged, torch.float16, dev),
+            "base+LoRA": PeftModel.from_pretrained(base_model.to(dev), str(lora_dir), is_trainable=False),
+        }
+    tok = AutoTokenizer.from_pretrained(str(prepared))
+    batches, n = held_out_batches(tok, verify.data, verify.fields, verify.samples, verify.max_length, verify.batch_size, verify.template)
+    pairs = [("trained 4-bit+adapter", "base+LoRA"), ("merged float16", "base+LoRA"), ("trained 4-bit+adapter", "merged float16")]
+    return compare(models, pairs, batches, progress, n)

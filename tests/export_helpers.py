@@ -1,0 +1,30 @@
+"""Shared setup for the merge / to-lora tests: a prepared tiny model and a 'trained' adapter."""
+
+from __future__ import annotations
+
+import torch
+
+import tiny
+from qcorda.config import InitConfig
+from qcorda.prepare import load_prepared, prepare, save_prepared
+
+
+def prepared_and_trained(tmp_path, arch="llama", method="qpissa", rank=4, alpha=8.0, seed=1, scale=0.05):
+    """(base dir, prepared dir, trained adapter dir): training is simulated by perturbing lora_A / lora_B."""
+    base = tiny.save(tmp_path, arch)
+    tok = tiny.tokenizer()
+    model = prepare(str(base), InitConfig(method=method, rank=rank, alpha=alpha), tokenizer=tok, progress=False)
+    prep = save_prepared(model, tmp_path / f"prep-{arch}", tok)
+    trained = load_prepared(prep)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=g))
+    trained.save_pretrained(tmp_path / f"trained-{arch}")
+    return base, prep, tmp_path / f"trained-{arch}"
+
+
+def inputs(tok):
+    return tok(["Natalia sold clips to 48 of her friends in April.", "How many clips did she sell altogether?"],
+               return_tensors="pt", padding=True)
