@@ -1,0 +1,33 @@
+"""``qcorda train RECIPE.yaml [train.max_steps=50 ...]``"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides into the recipe, e.g. train.max_steps=50 output_dir=runs/x")
+
+
+def run(args) -> int:
+    from ..recipe import load_recipe
+    from ..table import fmt, print_table
+    from ..train import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    r = train(recipe)
+    rows = [
+        ["steps", r.global_step],
+        ["resumed from", r.resumed_from or "-"],
+        ["loss", f"{fmt(r.first_loss)} -> {fmt(r.last_loss)}"],
+        ["eval loss", r.eval_loss],
+        ["trainable params", r.trainable_params],
+        ["prepared", str(r.prepared)],
+        ["adapter", str(r.adapter)],
+        ["seconds", r.seconds],
+    ]
+    print_table(["", "value"], rows, title=f"trained {args.recipe}")
+    print(f"loss: {fmt(r.first_loss)} -> {fmt(r.last_loss)}")
+    return 0

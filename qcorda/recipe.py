@@ -1,0 +1,272 @@
+"""Training recipes: a YAML file read into typed dataclasses, with dotted ``key=value`` overrides.
+
+A recipe names where the prepared model comes from (``prepared:`` a directory written by
+``qcorda prepare``, or ``init:`` the :class:`~qcorda.config.InitConfig` to prepare on the fly),
+the data, the trainer settings, and (for the planner) the model's architecture numbers.
+Every unknown key is an error, so a recipe cannot silently rot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from .config import CalibConfig, ConfigError, InitConfig
+
+Template = Literal["alpaca", "plain", "chat"]
+Optim = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training (and evaluation) records and how they become prompt/completion pairs."""
+
+    source: str = "gsm8k-train"
+    """A local .jsonl/.json/.csv/.parquet/.txt file, a dataset name, or a bundled alias. Recipe: ``data.source``."""
+    fields: tuple[str, ...] = ()
+    """Record fields; the last is the completion (the only part with loss). Recipe: ``data.fields``."""
+    template: Template = "alpaca"
+    """Prompt template, the same :func:`qcorda.data.format_record` calibration uses. Recipe: ``data.template``."""
+    split: str = "train"
+    """Split of a dataset name. Recipe: ``data.split``."""
+    limit: int | None = None
+    """Use the first N records (None: all). Recipe: ``data.limit``."""
+    eval_source: str | None = None
+    """Evaluation records; None: hold out the last ``eval_limit`` training records. Recipe: ``data.eval_source``."""
+    eval_split: str = "test"
+    """Split of ``eval_source`` when it is a dataset name. Recipe: ``data.eval_split``."""
+    eval_limit: int = 0
+    """Number of evaluation records; 0 disables evaluation. Recipe: ``data.eval_limit``."""
+
+    def __post_init__(self) -> None:
+        if self.template not in get_args(Template):
+            raise ConfigError(f"data.template must be one of alpaca, plain, chat; got {self.template!r}")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"data.limit must be positive or null, got {self.limit}")
+        if self.eval_limit < 0:
+            raise ConfigError(f"data.eval_limit must be >= 0, got {self.eval_limit}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Trainer settings (mapped onto TRL's ``SFTConfig``)."""
+
+    max_steps: int = 1000
+    """Optimizer steps. Recipe: ``train.max_steps``."""
+    learning_rate: float = 2e-4
+    """Peak learning rate. Recipe: ``train.learning_rate``."""
+    lr_scheduler: str = "cosine"
+    """transformers scheduler name (cosine, linear, constant, constant_with_warmup). Recipe: ``train.lr_scheduler``."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent warming up. Recipe: ``train.warmup_ratio``."""
+    batch_size: int = 4
+    """Sequences per device per micro-step. Recipe: ``train.batch_size``."""
+    grad_accum: int = 4
+    """Micro-steps per optimizer step. Recipe: ``train.grad_accum``."""
+    max_length: int = 512
+    """Tokens per sequence (longer ones are truncated). Recipe: ``train.max_length``."""
+    optim: Optim = "paged_adamw_8bit"
+    """Optimizer; the paged ones fall back to non-paged on the CPU. Recipe: ``train.optim``."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay. Recipe: ``train.weight_decay``."""
+    max_grad_norm: float = 0.3
+    """Gradient clipping (QLoRA's 0.3). Recipe: ``train.max_grad_norm``."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (trades ~30% time for memory). Recipe: ``train.gradient_checkpointing``."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bf16 autocast; auto: on a CUDA GPU that supports it. Recipe: ``train.bf16``."""
+    packing: bool = False
+    """Pack several records into one sequence. Recipe: ``train.packing``."""
+    eval_steps: int | None = None
+    """Evaluate every N steps (needs ``data.eval_limit`` > 0). Recipe: ``train.eval_steps``."""
+    save_steps: int = 200
+    """Checkpoint (adapter + optimizer + scheduler + RNG) every N steps. Recipe: ``train.save_steps``."""
+    save_total_limit: int | None = 2
+    """Keep at most N checkpoints. Recipe: ``train.save_total_limit``."""
+    logging_steps: int = 10
+    """Log the training loss every N steps. Recipe: ``train.logging_steps``."""
+    seed: int = 0
+    """Seed of data order and dropout. Recipe: ``train.seed``."""
+    resume: bool | str = "auto"
+    """auto: continue from the newest checkpoint under ``output_dir/checkpoints`` if any;
+    true: require one; false: start over; or a checkpoint path. Recipe: ``train.resume``."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {v!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if self.optim not in get_args(Optim):
+            raise ConfigError(f"train.optim must be one of {', '.join(get_args(Optim))}; got {self.optim!r}")
+        if self.bf16 not in (True, False, "auto"):
+            raise ConfigError(f"train.bf16 must be true, false or auto; got {self.bf16!r}")
+        if self.eval_steps is not None and self.eval_steps <= 0:
+            raise ConfigError(f"train.eval_steps must be positive or null, got {self.eval_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The architecture numbers ``qcorda plan`` needs (checked against config.json when readable)."""
+
+    layers: int
+    """Decoder blocks (``num_hidden_layers``)."""
+    hidden: int
+    """Hidden size (``hidden_size``)."""
+    intermediate: int
+    """MLP width (``intermediate_size``); the MLP is gated (gate, up, down)."""
+    heads: int
+    """Attention heads (``num_attention_heads``)."""
+    kv_heads: int
+    """Key/value heads (``num_key_value_heads``)."""
+    vocab: int
+    """Vocabulary size (``vocab_size``)."""
+    tied_embeddings: bool
+    """lm_head shares the input embedding (``tie_word_embeddings``)."""
+    head_dim: int | None = None
+    """Per-head width (``head_dim``); default hidden / heads."""
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"arch.{name} must be positive")
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One fine-tuning run."""
+
+    output_dir: str
+    """Where checkpoints, the trained adapter and the log go. Recipe: ``output_dir``."""
+    model: str | None = None
+    """Original model (HF directory, hub id, or ``gemma-3-270m``); needed with ``init``. Recipe: ``model``."""
+    prepared: str | None = None
+    """A directory written by ``qcorda prepare``. Recipe: ``prepared``."""
+    init: InitConfig | None = None
+    """Prepare on the fly with these settings (saved under ``output_dir/prepared``). Recipe: ``init``."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    arch: ArchConfig | None = None
+    """Architecture numbers for ``qcorda plan`` (offline)."""
+
+    def __post_init__(self) -> None:
+        if (self.prepared is None) == (self.init is None):
+            raise ConfigError("a recipe needs exactly one of `prepared:` (a qcorda prepare directory) or `init:` (prepare on the fly)")
+        if self.init is not None and not self.model:
+            raise ConfigError("a recipe with `init:` needs `model:` (HF directory, hub id, or gemma-3-270m)")
+        if self.train.eval_steps is not None and self.data.eval_limit == 0:
+            raise ConfigError("train.eval_steps needs evaluation data; set data.eval_limit (and optionally data.eval_source)")
+
+    @property
+    def rank(self) -> int | None:
+        return self.init.rank if self.init is not None else None
+
+
+# --------------------------------------------------------------------------- YAML + overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.max_steps=50`` → (["train", "max_steps"], 50); the value is read as YAML."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not KEY=VALUE; write e.g. train.max_steps=50")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def _convert(tp, value, where: str):
+    """Build dataclasses from dicts and tuples from lists, following the type hints."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        for a in args:
+            if dataclasses.is_dataclass(a) or get_origin(a) is tuple:
+                return _convert(a, value, where)
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"recipe key {where} must be a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def build(cls, data: dict | None, where: str = ""):
+    """``cls(**data)`` with nested dataclasses; unknown keys raise :class:`ConfigError`."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe section {where or cls.__name__} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"recipe key {where + '.' if where else ''}{unknown[0]} is unknown; known keys: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"recipe section {where or 'top level'}: {e}") from e
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, return the typed :class:`Recipe`."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"RECIPE {path}: no such file; give a YAML recipe such as recipes/gemma3-270m-cpu.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"RECIPE {path}: not valid YAML ({e})") from e
+    data = apply_overrides(data, list(overrides))
+    try:
+        return build(Recipe, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    """The recipe as plain JSON/YAML data (tuples as lists)."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(recipe))
+
+
+__all__ = ["ArchConfig", "CalibConfig", "DataConfig", "InitConfig", "Recipe", "TrainConfig", "load_recipe", "recipe_dict"]

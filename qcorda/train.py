@@ -1,0 +1,258 @@
+"""``qcorda train``: fine-tune the adapter of a prepared model with TRL's SFTTrainer.
+
+Layout of ``output_dir``::
+
+    prepared/            the prepared model when the recipe has ``init:`` (else the recipe's ``prepared:``)
+    checkpoints/         Trainer checkpoints (adapter, optimizer, scheduler, RNG) for resuming
+    adapter/             the trained PEFT adapter + qcorda_train.json (which prepared directory it belongs to)
+    log.jsonl            the Trainer's log history (loss, learning rate, eval loss per logging step)
+
+Only the LoRA matrices train; the NF4 residual and every other parameter stay frozen.
+The adapter keeps the dtype ``prepare`` gave it (fp32): TRL casts the adapter of a
+quantized model to bf16, which would move the init away from W − deq(Q(W_res)), so
+:func:`build_trainer` puts the prepared values back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError
+from .recipe import Recipe, recipe_dict
+
+TRAIN_FORMAT = "qcorda.train/1"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run did (printed as the summary table, saved in qcorda_train.json)."""
+
+    adapter: Path
+    prepared: Path
+    global_step: int
+    resumed_from: str | None
+    first_loss: float | None
+    last_loss: float | None
+    eval_loss: float | None
+    trainable_params: int
+    seconds: float
+
+
+def manifest_hash(prepared: str | Path) -> str:
+    """sha256 of the prepared directory's qcorda.json (identifies the NF4 residual + init)."""
+    return hashlib.sha256((Path(prepared) / "qcorda.json").read_bytes()).hexdigest()
+
+
+def prepared_model(recipe: Recipe, progress: bool = True):
+    """``(peft_model, tokenizer, prepared_dir)``: load ``recipe.prepared``, or prepare from
+    ``recipe.init`` once and save it under ``output_dir/prepared`` (reused on resume)."""
+    from transformers import AutoTokenizer
+
+    from .prepare import _config_json, load_model, load_prepared, prepare, read_manifest, save_prepared
+
+    if recipe.prepared is not None:
+        prepared = Path(recipe.prepared)
+        read_manifest(prepared, flag="prepared:")
+        return load_prepared(prepared), AutoTokenizer.from_pretrained(str(prepared)), prepared
+    prepared = Path(recipe.output_dir) / "prepared"
+    if (prepared / "qcorda.json").exists():
+        saved = read_manifest(prepared)["config"]
+        wanted = json.loads(json.dumps(_config_json(recipe.init), default=str))
+        if saved != wanted:
+            diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
+            raise ConfigError(
+                f"{prepared} was prepared with other init settings ({', '.join(diff)}); "
+                "choose another output_dir or delete it to prepare again"
+            )
+        return load_prepared(prepared), AutoTokenizer.from_pretrained(str(prepared)), prepared
+    model, tok = load_model(recipe.model, flag="model:")
+    peft_model = prepare(model, recipe.init, tokenizer=tok, progress=progress)
+    save_prepared(peft_model, prepared, tok)
+    return peft_model, tok, prepared
+
+
+def datasets_of(recipe: Recipe, tokenizer):
+    """``(train, eval or None)`` as ``datasets.Dataset`` in TRL's prompt/completion format
+    (loss on the completion only); records without a completion become plain ``text``."""
+    from datasets import Dataset
+
+    from .data import load_examples
+
+    d = recipe.data
+    examples = load_examples(d.source, d.fields, d.template, d.limit, tokenizer, d.split, flag="data.source", fields_flag="data.fields")
+    evals = []
+    if d.eval_limit:
+        if d.eval_source:
+            evals = load_examples(d.eval_source, d.fields, d.template, d.eval_limit, tokenizer, d.eval_split,
+                                  flag="data.eval_source", fields_flag="data.fields")
+        else:
+            if d.eval_limit >= len(examples):
+                raise ConfigError(f"data.eval_limit {d.eval_limit} leaves no training records out of {len(examples)}; lower it")
+            examples, evals = examples[: -d.eval_limit], examples[-d.eval_limit :]
+
+    def to_ds(exs):
+        if all(not e.completion for e in exs):
+            return Dataset.from_dict({"text": [e.prompt for e in exs]})
+        return Dataset.from_dict({"prompt": [e.prompt for e in exs], "completion": [e.completion for e in exs]})
+
+    return to_ds(examples), (to_ds(evals) if evals else None)
+
+
+def use_bf16(recipe: Recipe) -> bool:
+    import torch
+
+    if recipe.train.bf16 == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(recipe.train.bf16)
+
+
+def sft_config(recipe: Recipe, has_eval: bool):
+    from trl import SFTConfig
+
+    t = recipe.train
+    return SFTConfig(
+        output_dir=str(Path(recipe.output_dir) / "checkpoints"),
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=float(t.warmup_ratio),  # a float in [0, 1) is a ratio of max_steps
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        max_length=t.max_length,
+        optim=t.optim,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=use_bf16(recipe),
+        packing=t.packing,
+        completion_only_loss=None,  # TRL: True for prompt/completion records
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(recipe: Recipe, peft_model, tokenizer, train_ds, eval_ds=None):
+    """An ``SFTTrainer`` over ``peft_model`` whose trainable parameters are exactly the LoRA
+    matrices, with the dtypes and values ``prepare`` gave them."""
+    from trl import SFTTrainer
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad and "lora_" not in name:
+            p.requires_grad_(False)
+    init = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    if not init:
+        raise ConfigError("the prepared model has no trainable adapter (load it with is_trainable=True)")
+    trainer = SFTTrainer(model=peft_model, args=sft_config(recipe, eval_ds is not None), train_dataset=train_ds,
+                         eval_dataset=eval_ds, processing_class=tokenizer)
+    if len(trainer.train_dataset) == 0:
+        raise ConfigError(
+            f"no training record has a completion token left within train.max_length={recipe.train.max_length}; "
+            "raise train.max_length (the prompt template alone may fill it)"
+        )
+    # TRL casts a quantized model's adapter to bf16; put prepare's exact values back.
+    for n, p in trainer.model.named_parameters():
+        if n in init:
+            p.data = init[n]
+    return trainer
+
+
+def resume_checkpoint(recipe: Recipe) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    r = recipe.train.resume
+    ckpts = Path(recipe.output_dir) / "checkpoints"
+    last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+    if r is False:
+        return None
+    if r == "auto":
+        return last
+    if r is True:
+        if last is None:
+            raise ConfigError(f"train.resume=true but {ckpts} holds no checkpoint; use train.resume=auto or false")
+        return last
+    if not Path(r).is_dir():
+        raise ConfigError(f"train.resume {r}: no such checkpoint directory")
+    return str(r)
+
+
+def logged_losses(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
+    return [(h["step"], float(h[key])) for h in log_history if key in h]
+
+
+def save_adapter(recipe: Recipe, model, prepared: Path, result: dict) -> Path:
+    """Write ``output_dir/adapter`` (PEFT adapter + qcorda_train.json) atomically."""
+    from .io import atomic_dir
+
+    out = Path(recipe.output_dir) / "adapter"
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp))
+        meta = {
+            "format": TRAIN_FORMAT,
+            "prepared": str(prepared.resolve()),
+            "prepared_qcorda_json_sha256": manifest_hash(prepared),
+            "recipe": recipe_dict(recipe),
+            **result,
+        }
+        (tmp / "qcorda_train.json").write_text(json.dumps(meta, indent=2, default=str))
+    return out
+
+
+def read_train_manifest(adapter: str | Path) -> dict:
+    """The qcorda_train.json of a trained adapter; checks that its prepared directory still matches."""
+    path = Path(adapter) / "qcorda_train.json"
+    if not path.exists():
+        raise ConfigError(f"{adapter}: not a qcorda-trained adapter (no qcorda_train.json)")
+    meta = json.loads(path.read_text())
+    prepared = Path(meta["prepared"])
+    if (prepared / "qcorda.json").exists() and manifest_hash(prepared) != meta["prepared_qcorda_json_sha256"]:
+        raise ConfigError(f"{adapter} was trained on a different {prepared} (qcorda.json changed); re-train or point to the right prepared dir")
+    return meta
+
+
+def train(recipe: Recipe, progress: bool = True) -> TrainResult:
+    """Run the recipe end to end; returns the :class:`TrainResult`."""
+    import time
+
+    t0 = time.perf_counter()
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok, prepared = prepared_model(recipe, progress)
+    train_ds, eval_ds = datasets_of(recipe, tok)
+    trainer = build_trainer(recipe, model, tok, train_ds, eval_ds)
+    resume = resume_checkpoint(recipe)
+    trainer.train(resume_from_checkpoint=resume)
+    history = trainer.state.log_history
+    with open(out / "log.jsonl", "w") as f:
+        for h in history:
+            f.write(json.dumps(h) + "\n")
+    eval_loss = None
+    if eval_ds is not None:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    losses = logged_losses(history)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    summary = {
+        "global_step": trainer.state.global_step,
+        "resumed_from": resume,
+        "first_loss": losses[0][1] if losses else None,
+        "last_loss": losses[-1][1] if losses else None,
+        "eval_loss": eval_loss,
+        "trainable_params": trainable,
+    }
+    adapter = save_adapter(recipe, trainer.model, prepared, summary)
+    return TrainResult(adapter=adapter, prepared=prepared, seconds=time.perf_counter() - t0, **summary)
