@@ -160,24 +160,35 @@ def _core(model):
 
 
 def _head_nll(lm, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """−log p(label) for ``hidden`` ``(n, d)`` and ``labels`` ``(n,)``, HEAD_CHUNK rows at a time."""
+    """−log p(label) for ``hidden`` ``(n, d)`` and ``labels`` ``(n,)``, HEAD_CHUNK rows at a time.
+
+    With gradients enabled each chunk is checkpointed, so backward recomputes its logits
+    instead of keeping ``(n, vocab)`` of them alive."""
+    from torch.utils.checkpoint import checkpoint
+
     head = lm.get_output_embeddings()
     cap = getattr(lm.config, "final_logit_softcapping", None)
-    out = []
-    for i in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = head(hidden[i : i + HEAD_CHUNK]).float()
+
+    def chunk_nll(h, y):
+        logits = head(h).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        out.append(torch.nn.functional.cross_entropy(logits, labels[i : i + HEAD_CHUNK], reduction="none"))
+        return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    out = []
+    for i in range(0, hidden.shape[0], HEAD_CHUNK):
+        h, y = hidden[i : i + HEAD_CHUNK], labels[i : i + HEAD_CHUNK]
+        out.append(checkpoint(chunk_nll, h, y, use_reentrant=False) if grad else chunk_nll(h, y))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-@torch.inference_mode()
-def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed −log p and the token count of the labelled positions of each sequence.
 
     ``input_ids``, ``attention_mask``, ``label_mask``: ``(batch, seq)``; ``label_mask[b, t]``
-    marks token t as a target (predicted from positions < t). Returns two ``(batch,)`` tensors.
+    marks token t as a target (predicted from positions < t). Returns two ``(batch,)`` tensors
+    (differentiable when gradients are enabled: a training loss is ``sums.sum() / counts.sum()``).
     Only the hidden states of the batch are held; logits exist for HEAD_CHUNK tokens at a time.
     """
     lm = _core(model)
@@ -187,20 +198,28 @@ def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
     target = label_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     rows, cols = target.nonzero(as_tuple=True)
     nll = _head_nll(lm, hidden[:, :-1][rows, cols], input_ids[:, 1:][rows, cols])
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=dev).index_add_(0, rows, nll)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=dev).index_add(0, rows, nll)
     counts = torch.bincount(rows, minlength=input_ids.shape[0])
+    return sums, counts
+
+
+@torch.inference_mode()
+def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`masked_nll` without gradients, on the CPU."""
+    sums, counts = masked_nll(model, input_ids, attention_mask, label_mask)
     return sums.cpu(), counts.cpu()
 
 
-def _encode_pairs(tok, prompts: Sequence[str], completions: Sequence[str]):
+def encode_pairs(tok, prompts: Sequence[str], completions: Sequence[str], max_length: int | None = None):
     """Right-padded ``(input_ids, attention_mask, label_mask)``: prompt ids (with the tokenizer's
-    special tokens) then completion ids (without), so the boundary is exact; labels on the completion."""
+    special tokens) then completion ids (without), so the boundary is exact; labels on the completion.
+    ``max_length`` truncates on the right."""
     seqs, marks = [], []
     for p, c in zip(prompts, completions):
         pi = tok(p)["input_ids"]
         ci = tok(c, add_special_tokens=False)["input_ids"]
-        seqs.append(pi + ci)
-        marks.append([0] * len(pi) + [1] * len(ci))
+        seqs.append((pi + ci)[:max_length])
+        marks.append(([0] * len(pi) + [1] * len(ci))[:max_length])
     width = max(len(s) for s in seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -219,7 +238,7 @@ def completion_logprobs(model, tok, prompts: Sequence[str], completions: Sequenc
 
     out: list[tuple[float, int]] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-        ids, att, lab = _encode_pairs(tok, prompts[i : i + batch_size], completions[i : i + batch_size])
+        ids, att, lab = encode_pairs(tok, prompts[i : i + batch_size], completions[i : i + batch_size])
         sums, counts = sequence_nll(model, ids, att, lab)
         out += [(-s, int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
     return out
