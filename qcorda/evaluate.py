@@ -51,7 +51,7 @@ class TaskResult:
     """Per-example records (prediction, gold, scores)."""
 
     def summary(self) -> str:
-        vals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items())
+        vals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items() if v is not None)
         return f"{self.task}: {vals} (n={self.n}, {self.seconds:.0f}s)"
 
     def to_json(self) -> dict:
@@ -354,7 +354,7 @@ def _answers(r: dict) -> list[str]:
     return [str(x) for x in a] if isinstance(a, (list, tuple)) else [str(a)]
 
 
-def nq(model, tok, data: str = "nq-open", limit: int | None = None, max_new_tokens: int = 24, batch_size: int = 8, progress: bool = True) -> TaskResult:
+def nq(model, tok, data: str = "nq-open", limit: int | None = None, max_new_tokens: int = 24, batch_size: int = 8, progress: bool = True, generate_answers: bool = True) -> TaskResult:
     """NQ-open knowledge retention.
 
     ``exact_match``: the first line of the greedy continuation equals an accepted answer
@@ -363,11 +363,12 @@ def nq(model, tok, data: str = "nq-open", limit: int | None = None, max_new_toke
     each accepted answer given the prompt, the MAX over accepted answers (the best-supported
     phrasing; per-token so that answers of different lengths compare), averaged over questions.
     ``gold_logprob_sum``: the same with the summed (not per-token) log-probability.
+    ``generate_answers=False`` skips generation (``exact_match`` is then None).
     """
     t0 = time.perf_counter()
     records = _records(data, limit, "--nq-data")
     prompts = nq_prompts(records)
-    outs = generate(model, tok, prompts, max_new_tokens, batch_size, r"\n", progress, "nq generate")
+    outs = generate(model, tok, prompts, max_new_tokens, batch_size, r"\n", progress, "nq generate") if generate_answers else [""] * len(prompts)
     flat_p, flat_a, owner = [], [], []
     for i, (p, r) in enumerate(zip(prompts, records)):
         for a in _answers(r):
@@ -388,7 +389,7 @@ def nq(model, tok, data: str = "nq-open", limit: int | None = None, max_new_toke
         samples.append({"question": r["question"], "answers": _answers(r), "pred": pred, "exact_match": ok, "gold_logprob": max(pt), "gold_logprob_sum": max(ps)})
     n = len(records)
     metrics = {
-        "exact_match": hits / n,
+        "exact_match": hits / n if generate_answers else None,
         "gold_logprob": sum(s["gold_logprob"] for s in samples) / n,
         "gold_logprob_sum": sum(s["gold_logprob_sum"] for s in samples) / n,
     }
