@@ -1,0 +1,191 @@
+"""qcorda eval: answer extraction, NQ normalization, streamed log-likelihoods, and each task."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import tiny
+from qcorda.config import ConfigError, InitConfig
+from qcorda.data import load_records
+from qcorda.evaluate import (
+    encode_pairs, evaluate, exact_match, extract_answer, generate, gsm8k, load_for_eval, normalize_answer, nq,
+    perplexity, sequence_nll, write_results,
+)
+
+
+# --------------------------------------------------------------------------- answers on the bundled data
+
+
+def test_gold_answers_of_every_bundled_gsm8k_record():
+    for source in ("gsm8k-test", "gsm8k-train"):
+        for r in load_records(source):
+            final = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+            got = extract_answer(r["answer"])
+            assert got is not None and float(got) == float(final), r["answer"]
+
+
+def test_extraction_on_real_solutions_rewritten():
+    rows = load_records("gsm8k-test")
+    janet, house = rows[0]["answer"], rows[2]["answer"]  # "#### 18", "#### 70000"
+    assert extract_answer(janet) == "18"
+    # a generation without the marker: the last number counts, commas and $ removed
+    body = house.split("####")[0]
+    assert "200,000-130,000" in body and extract_answer(body) == "70000"
+    assert extract_answer(janet.replace("#### 18", "#### $18.00")) == "18"
+    assert extract_answer(janet.replace("#### 18", "#### 1,018.")) == "1018"
+    assert extract_answer("She makes 9 * 2 = $18 every day.\n#### -3.5 dollars") == "-3.5"
+    assert extract_answer("no digits here") is None
+
+
+def test_nq_normalization_on_bundled_answers():
+    rows = {r["question"]: r["answer"] for r in load_records("nq-open")}
+    moon = rows["when was the last time anyone was on the moon"]
+    assert moon == ["14 December 1972 UTC", "December 1972"]
+    assert exact_match("december, 1972.", moon) and not exact_match("1972", moon)
+    assert exact_match("One Season", rows["how many seasons of the bastard executioner are there"])
+    assert normalize_answer("The  Bobby Scott!") == "bobby scott"
+    assert exact_match("Bob Russell", rows["who wrote he ain't heavy he's my brother lyrics"])
+    # articles only as words: "theatre" keeps its "the"
+    assert normalize_answer("An Theatre of the Absurd") == "theatre of absurd"
+    for answers in rows.values():
+        for a in answers:
+            assert exact_match(a, answers)
+            assert normalize_answer(normalize_answer(a)) == normalize_answer(a)
+
+
+# --------------------------------------------------------------------------- streamed log-likelihood
+
+
+def test_sequence_nll_equals_full_logits_cross_entropy(tok):
+    model = tiny.model("gemma")
+    ids, att, lab = encode_pairs(tok, ["Question: two plus two?", "Hi"], [" four, said she", " there"])
+    sums, counts = sequence_nll(model, ids, att, lab)
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    mask = (lab[:, 1:] * att[:, 1:]).float()
+    torch.testing.assert_close(sums, (nll * mask).sum(1).detach(), atol=1e-4, rtol=1e-5)
+    assert counts.tolist() == mask.sum(1).long().tolist()
+    assert counts[1] == len(tok(" there", add_special_tokens=False)["input_ids"])
+
+
+def test_batched_left_padded_generation_matches_single(tok):
+    model = tiny.model("llama")
+    prompts = ["Natalia sold clips to 48 of her friends", "How many", "Janet's ducks lay 16 eggs per day. She eats three"]
+    batched = generate(model, tok, prompts, 8, batch_size=3, progress=False)
+    single = [generate(model, tok, [p], 8, batch_size=1, progress=False)[0] for p in prompts]
+    assert batched == single
+    assert tok.padding_side == "right"  # restored
+
+
+def test_perplexity_stride_scores_every_token_once(tok):
+    model = tiny.model("llama")
+    full = perplexity(model, tok, max_tokens=300, window=300, stride=300, progress=False)
+    strided = perplexity(model, tok, max_tokens=300, window=128, stride=64, batch_size=2, progress=False)
+    assert full.n == strided.n
+    # more context never needed here to be close: a random model barely uses it
+    assert strided.metrics["ppl"] == pytest.approx(full.metrics["ppl"], rel=0.05)
+    assert math.isclose(full.metrics["ppl"], math.exp(full.metrics["nll"]))
+    with pytest.raises(ConfigError, match="--ppl-stride"):
+        perplexity(model, tok, stride=600, window=512)
+
+
+# --------------------------------------------------------------------------- tasks on a tiny model
+
+
+def test_each_task_smoke(tok, tmp_path):
+    model = tiny.model("llama")
+    g = gsm8k(model, tok, limit=3, max_new_tokens=12, batch_size=2, progress=False)
+    assert g.n == 3 and 0 <= g.metrics["accuracy"] <= 1 and g.metrics["answer_nll"] > 0
+    assert [s["gold"] for s in g.samples] == ["18", "3", "70000"]
+    q = nq(model, tok, limit=4, max_new_tokens=6, batch_size=3, progress=False)
+    assert q.n == 4 and q.metrics["gold_logprob"] < 0 and q.metrics["gold_logprob_sum"] <= q.metrics["gold_logprob"]
+    assert all(s["gold_logprob"] == max(s["gold_logprob"], -1e9) for s in q.samples)
+    p = perplexity(model, tok, max_tokens=200, window=64, stride=32, progress=False)
+    assert p.n == 199 and p.metrics["ppl"] > 1  # no BOS in the tiny tokenizer: the first token is not scored
+    results = {"gsm8k": g, "nq": q, "ppl": p}
+    out = write_results(tmp_path / "r.json", results, {"model": "tiny"})
+    doc = json.loads(out.read_text())
+    assert set(doc["tasks"]) == {"gsm8k", "nq", "ppl"} and doc["summary"]["ppl"].startswith("ppl: ppl=")
+    with pytest.raises(ConfigError, match="--tasks"):
+        evaluate(model, tok, "gsm8k,mmlu")
+
+
+def test_cli_on_hf_dir(tmp_path, capsys):
+    from qcorda.cli import main
+
+    path = tiny.save(tmp_path, "qwen2")
+    out = tmp_path / "res.json"
+    rc = main([
+        "eval", str(path), "--tasks", "nq,ppl", "--limit", "3", "--nq-max-new-tokens", "4",
+        "--ppl-tokens", "150", "--ppl-window", "64", "--ppl-stride", "32", "--out", str(out),
+    ])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["kind"] == "hf" and doc["tasks"]["nq"]["n"] == 3
+    text = capsys.readouterr().out
+    assert "| nq " in text and "gold_logprob" in text and "nq: exact_match=" in text
+    assert main(["eval", str(path), "--tasks", "bogus"]) == 2
+    assert main(["eval", str(tmp_path / "missing"), "--tasks", "ppl"]) == 2
+
+
+# --------------------------------------------------------------------------- prepared == merged
+
+
+def _merged_fp32(prepared_model, arch):
+    """The in-test merge: deq(Q(W_res)) in fp32 + s·B·A, loaded into the fp32 original architecture."""
+    import bitsandbytes.functional as F
+
+    merged = tiny.model(arch)
+    state = merged.state_dict()
+    inner = prepared_model.base_model.model
+    for name, mod in inner.named_modules():
+        if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
+            w = mod.base_layer.weight
+            W = F.dequantize_4bit(w.data, w.quant_state).float()
+            W = W + mod.scaling["default"] * mod.lora_B["default"].weight.float() @ mod.lora_A["default"].weight.float()
+            state[name + ".weight"] = W
+    for k, v in inner.state_dict().items():  # non-target parameters (norms, embeddings) as prepared
+        if ".lora_" in k or ".base_layer." in k or k not in state or state[k].shape != v.shape:
+            continue
+        state[k] = v.float()
+    merged.load_state_dict(state)
+    return merged
+
+
+@pytest.mark.parametrize("method", ["qpissa", "qcorda-kpm"])
+def test_prepared_with_adapter_init_equals_merged_export(method, tok, tmp_path):
+    from qcorda.config import CalibConfig
+    from qcorda.prepare import prepare, save_prepared
+
+    calib = CalibConfig(data="nq-open", fields=("question",), samples=16, max_length=32, batch_size=8)
+    cfg = InitConfig(method=method, rank=4, calib=calib, compute_dtype="float32")
+    prepared = save_prepared(prepare(tiny.model("llama"), cfg, tokenizer=tok, progress=False), tmp_path / "prep", tok)
+
+    model, ptok, kind = load_for_eval(prepared)
+    assert kind == "prepared" and type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    merged_dir = tmp_path / "merged"
+    _merged_fp32(model, "llama").to(torch.float16).save_pretrained(merged_dir)  # the fp16 export
+    tok.save_pretrained(merged_dir)
+    merged, mtok, mkind = load_for_eval(merged_dir)
+    assert mkind == "hf"
+
+    kw = dict(limit=4, batch_size=2, progress=False, gsm8k_max_new_tokens=10, nq_max_new_tokens=5, ppl_max_tokens=200, ppl_window=64, ppl_stride=32)
+    a = evaluate(model, ptok, ("gsm8k", "nq", "ppl"), **kw)
+    b = evaluate(merged, mtok, ("gsm8k", "nq", "ppl"), **kw)
+    # fp16 rounding of the export is the only difference
+    assert a["ppl"].metrics["ppl"] == pytest.approx(b["ppl"].metrics["ppl"], rel=2e-3)
+    assert a["nq"].metrics["gold_logprob"] == pytest.approx(b["nq"].metrics["gold_logprob"], rel=2e-3)
+    assert a["gsm8k"].metrics["answer_nll"] == pytest.approx(b["gsm8k"].metrics["answer_nll"], rel=2e-3)
+    assert a["gsm8k"].metrics["accuracy"] == b["gsm8k"].metrics["accuracy"]
+    # and against the in-memory fp32 merge, tighter
+    c = evaluate(_merged_fp32(model, "llama"), ptok, ("ppl",), **kw)
+    assert a["ppl"].metrics["ppl"] == pytest.approx(c["ppl"].metrics["ppl"], rel=1e-5)
+    # the adapter matters: zeroing B moves the perplexity
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    d = evaluate(model, ptok, ("ppl",), **kw)
+    assert abs(d["ppl"].metrics["ppl"] - a["ppl"].metrics["ppl"]) > 1e-4 * a["ppl"].metrics["ppl"]
