@@ -28,7 +28,7 @@ import torch
 from .config import BASELINES, CALIBRATED, ConfigError, InitConfig
 from .covariance import Covariances
 from .decompose import DampedCovariance, DecompositionError, Split, damp, decompose, low_rank_term, residual
-from .quantize import NF4Weight, bnb_config, dequantize_nf4, linear4bit, nf4_roundtrip, quantize_nf4
+from .quantize import NF4Weight, bnb_config, dequantize_nf4, keep_dequantize_path, linear4bit, nf4_roundtrip, quantize_nf4
 from .targets import check_rank, find_targets, weight_of
 
 FORMAT = "qcorda.prepared/1"
@@ -471,6 +471,7 @@ def load_prepared(prepared: str | Path, adapter: str | Path | None = None, is_tr
     dtype = getattr(torch, manifest["compute_dtype"])
     dev = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(str(prepared), dtype=dtype, device_map={"": str(dev)} if dev.type == "cuda" else None)
+    keep_dequantize_path(model)
     model.config.use_cache = False
     adapter = Path(adapter) if adapter is not None else Path(prepared) / "adapter_init"
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)

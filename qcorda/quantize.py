@@ -86,7 +86,23 @@ def linear4bit(q: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dty
     )
     if bias is not None:
         layer.bias = torch.nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False  # see keep_dequantize_path
     return layer
+
+
+def keep_dequantize_path(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every ``Linear4bit`` of ``model`` multiply by deq(Q) in its ``compute_dtype``, always.
+
+    bitsandbytes >= 0.49, on a CPU with AVX512-BF16 and in eval mode, repacks the NF4 weight at
+    the first forward and multiplies in bfloat16 whatever ``compute_dtype`` says. Training (train
+    mode) takes the dequantize path, so evaluation and inference would see other numbers than
+    training (logits off by ~1e-3 in fp32) and the outputs would depend on the CPU model.
+    Returns ``model`` (changed in place).
+    """
+    for module in model.modules():
+        if type(module).__name__ in ("Linear4bit", "LinearNF4"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def bnb_config(compute_dtype: torch.dtype, skip_modules: list[str] | None = None):

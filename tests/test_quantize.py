@@ -35,3 +35,19 @@ def test_bias_kept():
     layer = linear4bit(quantize_nf4(W), b, torch.float32)
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), x @ nf4_roundtrip(W).T + b, atol=1e-5, rtol=1e-5)
+
+
+def test_linear4bit_eval_mode_multiplies_by_the_dequantized_weight_in_fp32():
+    """On CPUs with AVX512-BF16, bitsandbytes' eval-mode forward would switch to a bf16 kernel;
+    qcorda's layers (built here or reloaded by load_prepared) keep the dequantize path, so the
+    eval output is exactly x @ deq(Q(W))^T in fp32, as in training."""
+    from qcorda.quantize import keep_dequantize_path, linear4bit
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    q = quantize_nf4(w)
+    layer = keep_dequantize_path(linear4bit(q, None, torch.float32)).eval()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.allclose(y, x @ dequantize_nf4(q).T, atol=1e-5, rtol=0)
