@@ -158,12 +158,16 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     arch: ArchConfig | None = None
     """Architecture numbers for ``qcorda plan`` (offline)."""
+    gpu_memory_gb: float | None = None
+    """GPU memory the recipe is sized for (24, 48, ...); ``qcorda plan`` says whether it fits. Recipe: ``gpu_memory_gb``."""
 
     def __post_init__(self) -> None:
         if (self.prepared is None) == (self.init is None):
             raise ConfigError("a recipe needs exactly one of `prepared:` (a qcorda prepare directory) or `init:` (prepare on the fly)")
         if self.init is not None and not self.model:
             raise ConfigError("a recipe with `init:` needs `model:` (HF directory, hub id, or gemma-3-270m)")
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            raise ConfigError(f"gpu_memory_gb must be positive or null, got {self.gpu_memory_gb}")
         if self.train.eval_steps is not None and self.data.eval_limit == 0:
             raise ConfigError("train.eval_steps needs evaluation data; set data.eval_limit (and optionally data.eval_source)")
 
