@@ -117,3 +117,36 @@ def bnb_config(compute_dtype: torch.dtype, skip_modules: list[str] | None = None
         bnb_4bit_quant_storage=torch.uint8,
         llm_int8_skip_modules=skip_modules,
     )
+
+
+def set_quant_storage(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store every ``Linear4bit``'s packed NF4 bytes as ``dtype`` (``bnb_4bit_quant_storage``).
+
+    The bytes are unchanged, only reinterpreted (``uint8 (n/2, 1)`` → ``dtype (n/2/itemsize, 1)``),
+    so the dequantized weight and every output stay bit-identical. FSDP needs this: it shards the
+    4-bit weights together with the other parameters of a unit, flattened into one tensor of one
+    dtype. Updates ``model.config.quantization_config``; returns the number of layers changed.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):  # PEFT's lora.Linear4bit wraps one; count it once
+            continue
+        w = module.weight
+        if w.data.dtype != dtype:
+            flat = w.data.reshape(-1).view(torch.uint8)
+            if flat.numel() % torch.empty((), dtype=dtype).element_size():
+                raise ValueError(f"a 4-bit weight of {flat.numel()} bytes cannot be stored as {dtype}")
+            w.data = flat.view(dtype).reshape(-1, 1)
+        w.quant_storage = dtype
+        module.quant_storage = dtype
+        n += 1
+    for m in (model, getattr(model, "get_base_model", lambda: None)()):
+        qcfg = getattr(getattr(m, "config", None), "quantization_config", None)
+        if qcfg is not None:
+            if isinstance(qcfg, dict):
+                qcfg["bnb_4bit_quant_storage"] = str(dtype).removeprefix("torch.")
+            else:
+                qcfg.bnb_4bit_quant_storage = dtype
+    return n

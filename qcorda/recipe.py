@@ -18,6 +18,7 @@ from .config import CalibConfig, ConfigError, InitConfig
 
 Template = Literal["alpaca", "plain", "chat"]
 Optim = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
+QuantStorage = Literal["auto", "uint8", "bfloat16", "float16", "float32"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class TrainConfig:
     """Log the training loss every N steps. Recipe: ``train.logging_steps``."""
     seed: int = 0
     """Seed of data order and dropout. Recipe: ``train.seed``."""
+    quant_storage: QuantStorage = "auto"
+    """Dtype the packed NF4 bytes are stored as (``bnb_4bit_quant_storage``; the bits are unchanged).
+    auto: the compute dtype when accelerate runs FSDP (FSDP flattens each unit into one tensor of one
+    dtype), else uint8. Recipe: ``train.quant_storage``."""
     resume: bool | str = "auto"
     """auto: continue from the newest checkpoint under ``output_dir/checkpoints`` if any;
     true: require one; false: start over; or a checkpoint path. Recipe: ``train.resume``."""
@@ -103,6 +108,8 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if self.optim not in get_args(Optim):
             raise ConfigError(f"train.optim must be one of {', '.join(get_args(Optim))}; got {self.optim!r}")
+        if self.quant_storage not in get_args(QuantStorage):
+            raise ConfigError(f"train.quant_storage must be one of {', '.join(get_args(QuantStorage))}; got {self.quant_storage!r}")
         if self.bf16 not in (True, False, "auto"):
             raise ConfigError(f"train.bf16 must be true, false or auto; got {self.bf16!r}")
         if self.eval_steps is not None and self.eval_steps <= 0:
@@ -158,12 +165,16 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     arch: ArchConfig | None = None
     """Architecture numbers for ``qcorda plan`` (offline)."""
+    gpu_memory_gb: float | None = None
+    """GPU memory the recipe is sized for (24, 48, ...); ``qcorda plan`` says whether it fits. Recipe: ``gpu_memory_gb``."""
 
     def __post_init__(self) -> None:
         if (self.prepared is None) == (self.init is None):
             raise ConfigError("a recipe needs exactly one of `prepared:` (a qcorda prepare directory) or `init:` (prepare on the fly)")
         if self.init is not None and not self.model:
             raise ConfigError("a recipe with `init:` needs `model:` (HF directory, hub id, or gemma-3-270m)")
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            raise ConfigError(f"gpu_memory_gb must be positive or null, got {self.gpu_memory_gb}")
         if self.train.eval_steps is not None and self.data.eval_limit == 0:
             raise ConfigError("train.eval_steps needs evaluation data; set data.eval_limit (and optionally data.eval_source)")
 

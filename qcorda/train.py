@@ -39,6 +39,8 @@ class TrainResult:
     eval_loss: float | None
     trainable_params: int
     seconds: float
+    adapter_sha256: str = ""
+    """sha256 of the trained adapter's parameters (name order); every data-parallel rank prints the same."""
 
 
 def manifest_hash(prepared: str | Path) -> str:
@@ -51,13 +53,25 @@ def prepared_model(recipe: Recipe, progress: bool = True):
     ``recipe.init`` once and save it under ``output_dir/prepared`` (reused on resume)."""
     from transformers import AutoTokenizer
 
-    from .prepare import _config_json, load_model, load_prepared, prepare, read_manifest, save_prepared
+    from .prepare import load_prepared, read_manifest
 
     if recipe.prepared is not None:
         prepared = Path(recipe.prepared)
         read_manifest(prepared, flag="prepared:")
         return load_prepared(prepared), AutoTokenizer.from_pretrained(str(prepared)), prepared
     prepared = Path(recipe.output_dir) / "prepared"
+    import torch
+    from accelerate import PartialState
+
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():  # under accelerate launch, rank 0 prepares, the others load it
+        return _prepare_or_load(recipe, prepared, progress)
+
+
+def _prepare_or_load(recipe: Recipe, prepared: Path, progress: bool):
+    from transformers import AutoTokenizer
+
+    from .prepare import _config_json, load_model, load_prepared, prepare, read_manifest, save_prepared
+
     if (prepared / "qcorda.json").exists():
         saved = read_manifest(prepared)["config"]
         wanted = json.loads(json.dumps(_config_json(recipe.init), default=str))
@@ -101,6 +115,42 @@ def datasets_of(recipe: Recipe, tokenizer):
     return to_ds(examples), (to_ds(evals) if evals else None)
 
 
+def fsdp_enabled() -> bool:
+    """True inside ``accelerate launch`` with an FSDP config (accelerate sets ACCELERATE_USE_FSDP)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def quant_storage_dtype(recipe: Recipe, model):
+    """The ``bnb_4bit_quant_storage`` dtype for this run (see ``train.quant_storage``)."""
+    import torch
+
+    q = recipe.train.quant_storage
+    if q == "auto":
+        if not fsdp_enabled():
+            return torch.uint8
+        qcfg = model.get_base_model().config.quantization_config
+        compute = qcfg.get("bnb_4bit_compute_dtype") if isinstance(qcfg, dict) else qcfg.bnb_4bit_compute_dtype
+        return getattr(torch, compute) if isinstance(compute, str) else compute
+    return getattr(torch, q)
+
+
+def apply_quant_storage(recipe: Recipe, model) -> str:
+    """Store the NF4 bytes as ``train.quant_storage``; under FSDP also give the adapter that dtype,
+    since FSDP flattens each wrapped unit into one tensor of one dtype (PEFT's FSDP-QLoRA does the
+    same; the fp32 init is then rounded to the compute dtype). Returns the storage dtype's name."""
+    from .quantize import set_quant_storage
+
+    dtype = quant_storage_dtype(recipe, model)
+    set_quant_storage(model, dtype)
+    if fsdp_enabled() and dtype.is_floating_point:
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.to(dtype)
+    return str(dtype).removeprefix("torch.")
+
+
 def use_bf16(recipe: Recipe) -> bool:
     import torch
 
@@ -110,6 +160,7 @@ def use_bf16(recipe: Recipe) -> bool:
 
 
 def sft_config(recipe: Recipe, has_eval: bool):
+    import torch
     from trl import SFTConfig
 
     t = recipe.train
@@ -142,6 +193,9 @@ def sft_config(recipe: Recipe, has_eval: bool):
         data_seed=t.seed,
         report_to="none",
         dataloader_num_workers=0,
+        # without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun run data-parallel
+        # on the CPU (gloo); a lone process is unaffected
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -170,6 +224,14 @@ def build_trainer(recipe: Recipe, peft_model, tokenizer, train_ds, eval_ds=None)
         if n in init:
             p.data = init[n]
     return trainer
+
+
+def quantization_config_of(model) -> dict | None:
+    qcfg = getattr(model.get_base_model().config, "quantization_config", None)
+    if qcfg is None:
+        return None
+    data = dict(qcfg) if isinstance(qcfg, dict) else qcfg.to_dict()
+    return json.loads(json.dumps(data, default=lambda v: str(v).removeprefix("torch.")))
 
 
 def resume_checkpoint(recipe: Recipe) -> str | None:
@@ -233,14 +295,16 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tok, prepared = prepared_model(recipe, progress)
+    apply_quant_storage(recipe, model)
     train_ds, eval_ds = datasets_of(recipe, tok)
     trainer = build_trainer(recipe, model, tok, train_ds, eval_ds)
     resume = resume_checkpoint(recipe)
     trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
-    with open(out / "log.jsonl", "w") as f:
-        for h in history:
-            f.write(json.dumps(h) + "\n")
+    if trainer.is_world_process_zero():
+        with open(out / "log.jsonl", "w") as f:
+            for h in history:
+                f.write(json.dumps(h) + "\n")
     eval_loss = None
     if eval_ds is not None:
         eval_loss = float(trainer.evaluate()["eval_loss"])
@@ -254,5 +318,23 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         "eval_loss": eval_loss,
         "trainable_params": trainable,
     }
-    adapter = save_adapter(recipe, trainer.model, prepared, summary)
-    return TrainResult(adapter=adapter, prepared=prepared, seconds=time.perf_counter() - t0, **summary)
+    meta = {"quantization_config": quantization_config_of(trainer.model), "world_size": trainer.args.world_size}
+    adapter = save_adapter(recipe, trainer.model, prepared, {**summary, **meta}) if trainer.is_world_process_zero() else Path(recipe.output_dir) / "adapter"
+    return TrainResult(adapter=adapter, prepared=prepared, seconds=time.perf_counter() - t0,
+                       adapter_sha256=adapter_fingerprint(trainer.model), **summary)
+
+
+def adapter_fingerprint(model) -> str:
+    """sha256 over the trainable parameters' bytes in name order (ranks of a data-parallel run agree)."""
+    h = hashlib.sha256()
+    for n, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            h.update(n.encode())
+            h.update(p.detach().cpu().contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
+    return h.hexdigest()
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8

@@ -26,8 +26,10 @@ def run(args) -> int:
         ["trainable params", r.trainable_params],
         ["prepared", str(r.prepared)],
         ["adapter", str(r.adapter)],
+        ["adapter sha256", r.adapter_sha256[:16]],
         ["seconds", r.seconds],
     ]
     print_table(["", "value"], rows, title=f"trained {args.recipe}")
     print(f"loss: {fmt(r.first_loss)} -> {fmt(r.last_loss)}")
+    print(f"adapter sha256: {r.adapter_sha256}")
     return 0
