@@ -338,12 +338,13 @@ def _config_json(cfg: CompareConfig) -> dict:
     return d
 
 
-def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progress: bool = True) -> CompareReport:
+def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progress: bool = True, cache: dict | None = None) -> CompareReport:
     """Measure every method × rank on ``model`` (an fp32 HF causal LM, restored on return).
 
     Covariances are collected once (calibration, for the data-driven methods) plus one C_eval
     per eval set; then one progress bar runs over the qlora reference and methods × ranks ×
-    layers, each cell built by ``prepare_layer``/``baseline_layer``.
+    layers, each cell built by ``prepare_layer``/``baseline_layer``. ``cache``: a dict kept by
+    the caller across calls on the same model, so that covariances are collected only once.
     """
     from tqdm.auto import tqdm
 
@@ -367,14 +368,21 @@ def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progres
 
     # 1. covariances: calibration (once, shared by every data-driven method and rank), C_eval per set
     t = time.perf_counter()
+    cache = {} if cache is None else cache
     calib = None
     if any(m in CALIBRATED and m not in BASELINES for m in config.methods):
-        calib = collect_covariances(model, tokenizer, targets, config.init, model_id, progress)
+        key = ("calib", tuple(targets), repr(config.init.calib), config.init.cov_dtype)
+        if key not in cache:
+            cache[key] = collect_covariances(model, tokenizer, targets, config.init, model_id, progress)
+        calib = cache[key]
     eval_covs = []
     for s in config.eval_data:
-        batches = (b for b in token_batches(tokenizer, texts[s], config.eval_max_length, config.eval_batch_size) if b["attention_mask"].any())
-        eval_covs.append(covariance.collect(model, batches, targets, torch.float32, progress=progress,
-                                            total=-(-len(texts[s]) // config.eval_batch_size), manifest={"data": s}))
+        key = ("eval", tuple(targets), s, config.eval_samples, config.eval_max_length)
+        if key not in cache:
+            batches = (b for b in token_batches(tokenizer, texts[s], config.eval_max_length, config.eval_batch_size) if b["attention_mask"].any())
+            cache[key] = covariance.collect(model, batches, targets, torch.float32, progress=progress,
+                                            total=-(-len(texts[s]) // config.eval_batch_size), manifest={"data": s})
+        eval_covs.append(cache[key])
     eva = {}
     if "qeva" in config.methods:
         from .baselines import eva_components

@@ -58,6 +58,7 @@ def config_from_args(args):
 def run(args) -> int:
     from ..config import ConfigError
     from ..decompose import DecompositionError
+    from ..data import load_records
     from ..io import OutputExistsError, check_out_dir
     from ..prepare import load_model
     from ..report import compare, summary_table, write_report
@@ -68,6 +69,8 @@ def run(args) -> int:
         check_out_dir(args.out, args.overwrite)
     except OutputExistsError as e:
         raise ConfigError(str(e)) from e
+    for source in cfg.eval_data:  # a missing eval set fails before the model loads
+        load_records(source, "test", "--eval-data")
     model, tok = load_model(args.model, args.trust_remote_code)
     try:
         report = compare(model, tok, cfg, model_id=args.model)
