@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e = p.add_argument_group("held-out evaluation")
     e.add_argument("--eval-data", type=csv, default=DEFAULT_EVAL, help="comma-separated held-out sets (default gsm8k-test,wikitext2)")
-    e.add_argument("--eval-samples", type=int, default=d["eval_samples"].default, help="records per set for C_eval (default 64)")
+    e.add_argument("--eval-samples", type=int, default=d["eval_samples"].default, help="records per set for C_eval (default 32)")
     e.add_argument("--eval-max-length", type=int, default=d["eval_max_length"].default, help="tokens per record (default 256)")
     e.add_argument("--eval-tokens", type=int, default=d["eval_tokens"].default,
                    help="scored tokens per set for perplexity and KL; 0 skips them (default 512)")
