@@ -159,6 +159,17 @@ def _core(model):
 # --------------------------------------------------------------------------- log-likelihood
 
 
+def head_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits ``(n, vocab)`` of final hidden states ``(n, d)``: the LM head, then the
+    model's final logit soft-capping (Gemma-2) when it has one. Call it on a few rows at a
+    time (HEAD_CHUNK): a 262k vocabulary costs 1 MiB per row."""
+    logits = lm.get_output_embeddings()(hidden).float()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def _head_nll(lm, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """−log p(label) for ``hidden`` ``(n, d)`` and ``labels`` ``(n,)``, HEAD_CHUNK rows at a time.
 
@@ -166,14 +177,8 @@ def _head_nll(lm, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     instead of keeping ``(n, vocab)`` of them alive."""
     from torch.utils.checkpoint import checkpoint
 
-    head = lm.get_output_embeddings()
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-
     def chunk_nll(h, y):
-        logits = head(h).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        return torch.nn.functional.cross_entropy(head_logits(lm, h), y, reduction="none")
 
     grad = torch.is_grad_enabled() and hidden.requires_grad
     out = []

@@ -11,13 +11,15 @@ def csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def add_init_arguments(p: argparse.ArgumentParser, method: bool = True) -> None:
-    """Flags of :class:`InitConfig` and :class:`CalibConfig` (defaults come from the dataclasses)."""
+def add_init_arguments(p: argparse.ArgumentParser, method: bool = True, rank: bool = True) -> None:
+    """Flags of :class:`InitConfig` and :class:`CalibConfig` (defaults come from the dataclasses).
+    ``method``/``rank`` False: the verb takes several (``compare --methods --ranks``)."""
     d, c = InitConfig(), CalibConfig()
     g = p.add_argument_group("initialization")
     if method:
         g.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)} (default {d.method})")
-    g.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank r (default {d.rank})")
+    if rank:
+        g.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank r (default {d.rank})")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha, s = alpha/r (default r)")
     g.add_argument("--iters", type=int, default=None, help="alternations for loftq (5), qpissa (1), qcorda-cal (5)")
     g.add_argument("--target-modules", type=csv, default=d.target_modules, help="module patterns (default all-linear)")

@@ -1,0 +1,58 @@
+"""Issue 3's reference figures on the real Gemma-3-270M (slow): r = 64, errors relative to qlora.
+
+The expected values live in eval/results/compare_golden.json (written by eval/golden_compare.py):
+``expected`` where a figure differs from the issue's for a documented reason, else the issue's
+``reference``. Only r = 64 and no perplexity are computed (the figures the issue fixes): about 6–7 minutes
+on 2 idle CPU cores (covariances ≈ 3 min, full-SVD decompositions of 5 methods ≈ 3 min; estimate).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "eval" / "results" / "compare_golden.json"
+
+
+def _golden_module():
+    spec = importlib.util.spec_from_file_location("golden_compare", ROOT / "eval" / "golden_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def measured(gemma_path):
+    from qcorda.prepare import load_model
+
+    golden = _golden_module()
+    model, tok = load_model(str(gemma_path))
+    return golden.measure(model, tok, list(golden.REFERENCE), progress=False)
+
+
+def test_reference_figures_within_0_03(measured):
+    assert GOLDEN.exists(), f"{GOLDEN} is missing; run `PYTHONPATH=. python eval/golden_compare.py` (about 8 min idle)"
+    doc = json.loads(GOLDEN.read_text())
+    expected = {m: dict(v, **doc.get("expected", {}).get(m, {})) for m, v in doc["reference"].items()}
+    bad = []
+    for method, figures in expected.items():
+        for key, want in figures.items():
+            got = measured[method][key]
+            if abs(got - want) > 0.03:
+                bad.append(f"{method} {key}: {got:.3f} vs {want:.3f}")
+    assert not bad, "; ".join(bad)
+
+
+def test_ordering_of_the_methods(measured):
+    # what the figures say regardless of their exact values: calibrated alternation wins on
+    # held-out activations, KPM (keeps the top of W·C in the residual) is close to plain NF4
+    cal, kpm = measured["qcorda-cal"], measured["qcorda-kpm"]
+    assert cal["act_err_rel"] < min(m["act_err_rel"] for k, m in measured.items() if k != "qcorda-cal")
+    assert kpm["weight_err_rel"] > max(m["weight_err_rel"] for k, m in measured.items() if k != "qcorda-kpm")
+    assert all(m["weight_err_rel"] < 1 for m in measured.values())
