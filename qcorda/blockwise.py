@@ -3,8 +3,8 @@
 The whole-model collection (:func:`qcorda.covariance.collect`) needs every weight in fp32
 at once. Here only the embeddings and one decoder block are ever materialized:
 
-1. The decoder of a weightless (``meta``) model gets its embeddings, final norm and rotary
-   module from the checkpoint, and its blocks are replaced by recorders that pass the
+1. The decoder of a weightless (``meta``) model gets its final norm, rotary module and the
+   embedding rows of the calibration tokens (not the whole table) from the checkpoint, and its blocks are replaced by recorders that pass the
    hidden states through unchanged. One forward per calibration batch then yields the
    block inputs ``(batch, seq, hidden)`` and the keyword arguments each block receives from
    the model's own code (attention mask of its layer type, sliding or global, rotary
@@ -15,8 +15,8 @@ at once. Here only the embeddings and one decoder block are ever materialized:
    recorded arguments, its outputs replace the stored hidden states, and it is freed.
 
 The result equals the whole-model collection to fp32 round-off (the same modules run the
-same fp32 arithmetic on the same inputs). Peak memory ≈ the embeddings (during step 1),
-then the hidden states of all batches + one block + the covariances.
+same fp32 arithmetic on the same inputs). Peak memory ≈ the hidden states of all batches
+``(batch, seq, hidden)`` in fp32 + one fp32 block + the covariances.
 """
 
 from __future__ import annotations
@@ -72,9 +72,11 @@ def find_blocks(model: torch.nn.Module, targets: list[str]) -> tuple[str, str, t
 
 
 def _materialize(owner: torch.nn.Module, module: torch.nn.Module, prefix: str, get: Callable[[str], torch.Tensor],
-                 device: torch.device) -> None:
-    """Give a ``meta`` ``module`` real fp32 storage: persistent tensors from ``get(prefix + key)``,
-    non-persistent buffers (rotary frequencies, embedding scales) from the model's own init."""
+                 device: torch.device, given: dict[str, torch.Tensor] | None = None) -> None:
+    """Give a ``meta`` ``module`` real fp32 storage: persistent tensors from ``get(prefix + key)``
+    (or ``given[key]``), non-persistent buffers (rotary frequencies, embedding scales) from the
+    model's own init."""
+    given = given or {}
     module.to_empty(device=device)
     init = getattr(owner, "_init_weights", None)
     for sub in module.modules():
@@ -82,9 +84,32 @@ def _materialize(owner: torch.nn.Module, module: torch.nn.Module, prefix: str, g
             if init is None:
                 raise NotBlockwise(f"{type(sub).__name__} has computed buffers and the model has no _init_weights")
             init(sub)
-    state = {k: get(prefix + k).to(device=device, dtype=v.dtype if not v.is_floating_point() else torch.float32)
-             for k, v in module.state_dict().items()}
+    state = {}
+    for k, v in module.state_dict().items():
+        t = given[k] if k in given else get(prefix + k)
+        state[k] = t.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
     module.load_state_dict(state, strict=True)
+
+
+def _compact_embedding(decoder: torch.nn.Module, batches: list[dict], key_prefix: str, get, get_rows):
+    """Shrink the decoder's input embedding to the rows of the tokens in ``batches``.
+
+    Returns (state-dict key, rows ``(n_used, hidden)``, lookup: token id → row), or None when
+    the decoder has no plain input embedding. An embedding lookup reads one row per token,
+    so the rows of unused tokens never matter; Gemma-3's 262k × 640 table shrinks to the few
+    thousand rows calibration text uses.
+    """
+    emb = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+    key = next((f"{n}.weight" for n, m in decoder.named_modules() if m is emb and n), None)
+    if key is None or not batches or not isinstance(emb, torch.nn.Embedding):
+        return None
+    used = torch.unique(torch.cat([b["input_ids"].reshape(-1) for b in batches]))
+    rows = get_rows(key_prefix + key, used) if get_rows is not None else get(key_prefix + key)[used]
+    lookup = torch.full((int(used.max()) + 1,), -1, dtype=torch.long)
+    lookup[used] = torch.arange(len(used))
+    emb.weight = torch.nn.Parameter(torch.empty(len(used), rows.shape[1], device="meta"), requires_grad=False)
+    emb.num_embeddings = len(used)
+    return key, rows, lookup
 
 
 def collect_blockwise(
@@ -96,11 +121,14 @@ def collect_blockwise(
     device: torch.device | str = "cpu",
     progress: bool = True,
     manifest: dict | None = None,
+    get_rows: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Covariances:
     """C = XᵀX/n per target group of a checkpoint, one decoder block at a time.
 
     ``skeleton``: the model on the ``meta`` device (not modified; a weightless copy is used).
     ``get(key)``: the checkpoint tensor of state-dict ``key`` (e.g. :meth:`qcorda.stream.Checkpoint.get`).
+    ``get_rows(key, ids)``: rows ``ids`` (sorted) of that tensor, read without the rest
+    (:meth:`qcorda.stream.Checkpoint.rows`); only the embedding rows of the calibration tokens are loaded.
     ``batches``: ``{"input_ids", "attention_mask"}`` of ``(batch, seq)``.
     Raises :class:`NotBlockwise` when the model is not a plain stack of blocks.
     """
@@ -117,14 +145,16 @@ def collect_blockwise(
     n_tokens = n_samples = 0
 
     # 1. embeddings → block inputs and per-block arguments, one forward per batch
-    _materialize(skeleton, decoder, dec_prefix, get, device)
+    compact = _compact_embedding(decoder, batches, dec_prefix, get, get_rows)
+    _materialize(skeleton, decoder, dec_prefix, get, device, {compact[0]: compact[1]} if compact else None)
     decoder.eval()
     hidden: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
     block_args: list[dict[int, tuple]] = []
     with torch.inference_mode():
         for batch in tqdm(batches, desc="covariance: embeddings", unit="batch", disable=not progress):
-            ids = batch["input_ids"].to(device)
+            ids = batch["input_ids"] if compact is None else compact[2][batch["input_ids"]]
+            ids = ids.to(device)
             mask = batch["attention_mask"].to(device)
             calls.clear()
             decoder(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -137,7 +167,7 @@ def collect_blockwise(
             n_samples += ids.shape[0]
     calls.clear()
     decoder.to_empty(device="meta")  # frees the embeddings
-    del decoder
+    del decoder, compact
 
     # 2. one block at a time on the stored hidden states
     block_prefix = f"{dec_prefix}{attr}."

@@ -111,6 +111,17 @@ class Checkpoint:
         s = self._open[self.key_file[key]].get_slice(key)
         return s[:1] if len(s.get_shape()) else self.get(key)
 
+    def rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
+        """``tensor[ids]`` for sorted unique row ``ids``, read run by run without the rest of the tensor."""
+        s = self._open[self.key_file[key]].get_slice(key)
+        ids = ids.tolist()
+        parts, start = [], 0
+        for j in range(1, len(ids) + 1):
+            if j == len(ids) or ids[j] != ids[j - 1] + 1:  # end of a run of consecutive rows
+                parts.append(s[ids[start] : ids[j - 1] + 1])
+                start = j
+        return torch.cat(parts)
+
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._open[self.key_file[key]].get_tensor(key)
@@ -334,7 +345,7 @@ def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan
     batches = [b for b in token_batches(tok, texts, cfg.calib.max_length, cfg.calib.batch_size) if b["attention_mask"].any()]
     try:
         return collect_blockwise(skel, ckpt.get, batches, targets, getattr(torch, cfg.cov_dtype), resolve_device(cfg.device),
-                                 progress, manifest=full)
+                                 progress, manifest=full, get_rows=ckpt.rows)
     except NotBlockwise as e:
         print(f"qcorda prepare: covariance by a whole-model forward ({e})", file=sys.stderr)
     model, tok = load_model(str(path), trust_remote_code)

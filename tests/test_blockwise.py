@@ -35,7 +35,7 @@ def test_blockwise_equals_whole_model(arch, tok, tmp_path):
     whole = collect(model, batches, targets, progress=False)
     _, skel = skeleton(path, trust_remote_code=False)
     ckpt = Checkpoint(path)
-    block = collect_blockwise(skel, ckpt.get, batches, targets, progress=False)
+    block = collect_blockwise(skel, ckpt.get, batches, targets, progress=False, get_rows=ckpt.rows)
     assert block.members == whole.members
     assert block.n_tokens == whole.n_tokens
     assert set(block.matrices) == set(whole.matrices)
