@@ -199,11 +199,13 @@ def child_synthetic(args) -> dict:
         write_s = time.perf_counter() - t0
         rss_after_write = peak_rss_mb()
         # the RSS of this process so far is the writer's; measure prepare in a fresh process
-        out = subprocess.run([sys.executable, __file__, "--child", "synthetic-prepare", "--workdir", str(root),
-                              "--rank", str(args.rank)], capture_output=True, text=True, env=_env())
-        if out.returncode:
-            raise RuntimeError(out.stderr[-3000:])
-        res = json.loads(out.stdout.strip().splitlines()[-1])
+        res = {}
+        if "synthetic-prepare" not in args.skip:
+            out = subprocess.run([sys.executable, __file__, "--child", "synthetic-prepare", "--workdir", str(root),
+                                  "--rank", str(args.rank)], capture_output=True, text=True, env=_env())
+            if out.returncode:
+                raise RuntimeError(out.stderr[-3000:])
+            res = json.loads(out.stdout.strip().splitlines()[-1])
         out = subprocess.run([sys.executable, __file__, "--child", "synthetic-cov", "--workdir", str(root),
                               "--samples", str(args.samples), "--max-length", str(args.max_length),
                               "--batch-size", str(args.batch_size)], capture_output=True, text=True, env=_env())
@@ -350,7 +352,7 @@ def _env():
 
 
 def run_child(kind: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--samples", str(args.samples),
+    cmd = [sys.executable, __file__, "--child", kind, "--skip", args.skip, "--model", args.model, "--samples", str(args.samples),
            "--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
            "--workdir", args.workdir, "--synthetic-params", str(args.synthetic_params),
            "--synthetic-hidden", str(args.synthetic_hidden)]
@@ -393,7 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="out x in, comma separated")
     p.add_argument("--synthetic-params", type=float, default=2.0e9, help="size of the synthetic Llama checkpoint")
     p.add_argument("--synthetic-hidden", type=int, default=2560)
-    p.add_argument("--skip", default="", help="comma list of e2e, decompose, synthetic")
+    p.add_argument("--skip", default="", help="comma list of e2e, decompose, synthetic, synthetic-prepare")
     p.add_argument("--workdir", default=None, help="where temporary checkpoints go (default: system temp)")
     p.add_argument("--out", default=str(REPO / "eval" / "results" / "bench_prepare.md"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -463,14 +465,15 @@ def main(argv=None) -> int:
 
     if "synthetic" not in skip:
         s = run_child("synthetic", args)
+        not_run = "not measured (--skip synthetic-prepare)"
         rows = [["parameters", f"{s['params'] / 1e9:.2f} B"], ["layers × hidden × intermediate", f"{s['layers']} × {s['hidden']} × {s['intermediate']}"],
                 ["checkpoint on disk (bf16)", f"{s['bf16_gb']:.2f} GB"], ["the same model in fp32", f"{s['fp32_gb']:.2f} GB"],
-                ["streamed prepare peak RSS", f"{s['prepare_rss_mb'] / 1024:.2f} GB"],
-                ["peak RSS / fp32 model", f"{s['prepare_rss_mb'] / 1024 / (s['fp32_gb'] / 1.074):.3f}"],
-                ["prepared output on disk", f"{s['out_gb']:.2f} GB"],
+                ["streamed prepare peak RSS", f"{s['prepare_rss_mb'] / 1024:.2f} GB" if "prepare_rss_mb" in s else not_run],
+                ["peak RSS / fp32 model", f"{s['prepare_rss_mb'] / 1024 / (s['fp32_gb'] / 1.074):.3f}" if "prepare_rss_mb" in s else not_run],
+                ["prepared output on disk", f"{s['out_gb']:.2f} GB" if "out_gb" in s else not_run],
                 ["block-by-block covariance walk peak RSS", f"{s['cov_rss_mb'] / 1024:.2f} GB ({s['cov_tokens']} tokens, {s['cov_groups']} groups, {s['cov_seconds']:.0f} s)"],
                 ["covariance walk peak RSS / fp32 model", f"{s['cov_rss_mb'] / 1024 / (s['fp32_gb'] / 1.074):.3f}"],
-                ["prepare wall time", f"{s['prepare_seconds']:.0f} s ({s['targets']} targets)"]]
+                ["prepare wall time", f"{s['prepare_seconds']:.0f} s ({s['targets']} targets)" if "prepare_seconds" in s else not_run]]
         title = "Streamed prepare of a synthetic Llama-shaped checkpoint (qpissa, randomized SVD, bf16 compute)"
         print_table(["figure", "value"], rows, title=title)
         lines += [f"## {title}", "",

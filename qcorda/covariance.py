@@ -138,7 +138,12 @@ class Accumulator:
         missing = [t for t in targets if t not in self.group_of]
         if missing:
             raise ConfigError(f"layers {', '.join(missing[:3])} never ran on the calibration data; leave them out of --target-modules")
-        matrices = {g: (s / n_tokens).float() for g, s in self.sums.items()}
+        matrices = {}
+        for g in list(self.sums):  # one group at a time: never two copies of every C
+            s = self.sums.pop(g)
+            with torch.inference_mode(s.is_inference()):  # the sums were made under inference mode
+                s = s.div_(n_tokens).float()
+            matrices[g] = s.clone() if s.is_inference() else s  # a normal tensor for the caller
         return Covariances(matrices, dict(self.group_of), n_tokens, dict(manifest or {}, n_samples=n_samples, n_tokens=n_tokens))
 
 

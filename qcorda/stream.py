@@ -446,6 +446,7 @@ def stream_prepare(
         calibration = None
         if covs is not None:
             calibration = dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=cfg.calib.data)
+        covs = None  # the covariances are done with: free them before the output shards are assembled
         report = PrepareReport(
             config=cfg,
             model=model,
