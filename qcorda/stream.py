@@ -113,8 +113,13 @@ class Checkpoint:
 
     def rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
         """``tensor[ids]`` for sorted unique row ``ids``, read run by run without the rest of the tensor."""
-        s = self._open[self.key_file[key]].get_slice(key)
-        ids = ids.tolist()
+        from safetensors import safe_open
+
+        with safe_open(str(self.key_file[key]), framework="pt") as f:  # closed at once: see get()
+            return self._rows(f.get_slice(key), ids.tolist())
+
+    @staticmethod
+    def _rows(s, ids: list[int]) -> torch.Tensor:
         parts, start = [], 0
         for j in range(1, len(ids) + 1):
             if j == len(ids) or ids[j] != ids[j - 1] + 1:  # end of a run of consecutive rows
@@ -123,8 +128,14 @@ class Checkpoint:
         return torch.cat(parts)
 
     def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        # A fresh handle per tensor: safetensors reads through a memory map, and the pages a long-lived
+        # handle has touched stay mapped (counted in RSS) until it closes; closing it unmaps them, so
+        # a walk over the whole checkpoint keeps one tensor resident, not the file.
         try:
-            return self._open[self.key_file[key]].get_tensor(key)
+            with safe_open(str(self.key_file[key]), framework="pt") as f:
+                return f.get_tensor(key)
         except Exception as e:
             raise ConfigError(
                 f"{self.flag} {self.path}: tensor {key} cannot be read from {self.key_file[key].name} ({e}); "
