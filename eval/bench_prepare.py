@@ -38,6 +38,14 @@ sys.path.insert(0, str(REPO))
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (ru_maxrss survives exec on Linux, so a child started by a
+    process that once held more would report its parent's peak)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
