@@ -38,6 +38,14 @@ sys.path.insert(0, str(REPO))
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (ru_maxrss survives exec on Linux, so a child started by a
+    process that once held more would report its parent's peak)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -63,19 +71,23 @@ def child_qcorda(args) -> dict:
     path = resolve_model_path(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     cfg, texts = _texts(args, tok)
-    phase = {}
-    real = prep.collect_covariances
+    import qcorda.blockwise as blockwise
 
-    def timed(model, tokenizer, targets, c, *a, **k):
+    phase = {}
+    real = blockwise.collect_blockwise
+
+    def timed(*a, **k):  # the covariance phase: read embedding rows + every block, run them, accumulate
         t0 = time.perf_counter()
-        covs = real(model, tokenizer, targets, c, *a, **k)
+        covs = real(*a, **k)
         phase["cov_seconds"], phase["cov_tokens"] = time.perf_counter() - t0, covs.n_tokens
+        phase["cov_peak_rss_mb"] = peak_rss_mb()
         return covs
 
-    prep.collect_covariances = timed
+    blockwise.collect_blockwise = timed
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.workdir) as d:
         report = stream_prepare(args.model, cfg, Path(d) / "out", progress=False)
+        prepare_rss = peak_rss_mb()
         wall = time.perf_counter() - t0
         load_t0 = time.perf_counter()
         from qcorda.prepare import load_prepared
@@ -83,7 +95,7 @@ def child_qcorda(args) -> dict:
         load_prepared(Path(d) / "out", device="cpu")
         load_s = time.perf_counter() - load_t0
     return {"wall": wall, "rss_mb": peak_rss_mb(), "targets": len(report.targets), "load_seconds": load_s,
-            "decomp_seconds": sum(l.seconds for l in report.layers), **phase}
+            "prepare_peak_rss_mb": prepare_rss, "decomp_seconds": sum(l.seconds for l in report.layers), **phase}
 
 
 def child_peft(args) -> dict:
@@ -195,11 +207,19 @@ def child_synthetic(args) -> dict:
         write_s = time.perf_counter() - t0
         rss_after_write = peak_rss_mb()
         # the RSS of this process so far is the writer's; measure prepare in a fresh process
-        out = subprocess.run([sys.executable, __file__, "--child", "synthetic-prepare", "--workdir", str(root),
-                              "--rank", str(args.rank)], capture_output=True, text=True, env=_env())
+        res = {}
+        if "synthetic-prepare" not in args.skip:
+            out = subprocess.run([sys.executable, __file__, "--child", "synthetic-prepare", "--workdir", str(root),
+                                  "--rank", str(args.rank)], capture_output=True, text=True, env=_env())
+            if out.returncode:
+                raise RuntimeError(out.stderr[-3000:])
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+        out = subprocess.run([sys.executable, __file__, "--child", "synthetic-cov", "--workdir", str(root),
+                              "--samples", str(args.samples), "--max-length", str(args.max_length),
+                              "--batch-size", str(args.batch_size)], capture_output=True, text=True, env=_env())
         if out.returncode:
             raise RuntimeError(out.stderr[-3000:])
-        res = json.loads(out.stdout.strip().splitlines()[-1])
+        res.update(json.loads(out.stdout.strip().splitlines()[-1]))
         disk = sum(f.stat().st_size for f in src.iterdir())
         return {"params": n_params, "layers": layers, "hidden": h, "intermediate": inter, "write_seconds": write_s,
                 "writer_rss_mb": rss_after_write, "bf16_gb": disk / 1e9, "fp32_gb": n_params * 4 / 1e9, **res}
@@ -218,6 +238,31 @@ def child_synthetic_prepare(args) -> dict:
     wall = time.perf_counter() - t0
     out_gb = sum(f.stat().st_size for f in (root / "prepared").rglob("*") if f.is_file()) / 1e9
     return {"prepare_seconds": wall, "prepare_rss_mb": peak_rss_mb(), "targets": len(rep.targets), "out_gb": out_gb}
+
+
+def child_synthetic_cov(args) -> dict:
+    """Block-by-block covariance walk over the synthetic checkpoint (random token ids: its vocabulary is
+    not a real tokenizer's), all-linear targets, in a fresh process."""
+    import torch
+
+    from qcorda.blockwise import collect_blockwise
+    from qcorda.stream import Checkpoint, skeleton
+    from qcorda.targets import find_targets
+
+    path = Path(args.workdir) / "llama"
+    t0 = time.perf_counter()
+    config, skel = skeleton(path, trust_remote_code=False)
+    ckpt = Checkpoint(path)
+    targets = find_targets(skel, ("all-linear",))
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(0, args.samples, args.batch_size):
+        n = min(args.batch_size, args.samples - i)
+        batches.append({"input_ids": torch.randint(3, config.vocab_size, (n, args.max_length), generator=g),
+                        "attention_mask": torch.ones(n, args.max_length, dtype=torch.long)})
+    covs = collect_blockwise(skel, ckpt.get, batches, targets, progress=False, get_rows=ckpt.rows)
+    return {"cov_seconds": time.perf_counter() - t0, "cov_rss_mb": peak_rss_mb(), "cov_tokens": covs.n_tokens,
+            "cov_groups": len(covs.matrices)}
 
 
 # --------------------------------------------------------------------------- decomposition
@@ -315,7 +360,7 @@ def _env():
 
 
 def run_child(kind: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--samples", str(args.samples),
+    cmd = [sys.executable, __file__, "--child", kind, "--skip", args.skip, "--model", args.model, "--samples", str(args.samples),
            "--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
            "--workdir", args.workdir, "--synthetic-params", str(args.synthetic_params),
            "--synthetic-hidden", str(args.synthetic_hidden)]
@@ -358,7 +403,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="out x in, comma separated")
     p.add_argument("--synthetic-params", type=float, default=2.0e9, help="size of the synthetic Llama checkpoint")
     p.add_argument("--synthetic-hidden", type=int, default=2560)
-    p.add_argument("--skip", default="", help="comma list of e2e, decompose, synthetic")
+    p.add_argument("--skip", default="", help="comma list of e2e, decompose, synthetic, synthetic-prepare")
     p.add_argument("--workdir", default=None, help="where temporary checkpoints go (default: system temp)")
     p.add_argument("--out", default=str(REPO / "eval" / "results" / "bench_prepare.md"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -366,7 +411,7 @@ def main(argv=None) -> int:
     args.workdir = args.workdir or tempfile.gettempdir()
     if args.child:
         fn = {"qcorda": child_qcorda, "peft": child_peft, "synthetic": child_synthetic,
-              "synthetic-prepare": child_synthetic_prepare}[args.child]
+              "synthetic-prepare": child_synthetic_prepare, "synthetic-cov": child_synthetic_cov}[args.child]
         print(json.dumps(fn(args)))
         return 0
 
@@ -385,6 +430,8 @@ def main(argv=None) -> int:
         rows = [
             ["end-to-end wall time (s)", q["wall"], pf["wall"], q["wall"] / pf["wall"], "≤ 0.5"],
             ["end-to-end peak RSS (MB)", q["rss_mb"], pf["rss_mb"], q["rss_mb"] / pf["rss_mb"], "≤ 0.5"],
+            ["peak RSS up to the end of the covariance phase (MB)", q["cov_peak_rss_mb"], "", "", ""],
+            ["peak RSS up to the end of prepare, before reload (MB)", q["prepare_peak_rss_mb"], "", "", ""],
             ["covariance throughput (tokens/s)", q_tps, p_tps, q_tps / p_tps, "≥ 2"],
             ["covariance phase (s)", q["cov_seconds"], pf["cov_seconds"], q["cov_seconds"] / pf["cov_seconds"], ""],
             ["decomposition, all targets (s)", q["decomp_seconds"], pf["decomp_seconds"], q["decomp_seconds"] / pf["decomp_seconds"], ""],
@@ -393,8 +440,8 @@ def main(argv=None) -> int:
                  f"{args.samples} gsm8k-train samples ≤ {args.max_length} tokens ({q['cov_tokens']} tokens)")
         print_table(["figure", "qcorda", "PEFT", "ratio qcorda/PEFT", "target"], rows, title=title)
         lines += [f"## End to end: {title}", "",
-                  "qcorda: streamed `prepare` (covariance by one fp32 forward of the model, batch "
-                  f"{args.batch_size}; then layer by layer from the safetensors file) into a directory that loads "
+                  "qcorda: streamed `prepare` (covariance walked one decoder block at a time from the safetensors "
+                  f"file on the stored hidden states, batch {args.batch_size}; then layer by layer) into a directory that loads "
                   "into Linear4bit. PEFT: `preprocess_corda` (its hooks, one sample per forward as its hook "
                   "requires) + `get_peft_model(init_lora_weights='corda')` + save adapter + `unload` + "
                   "`save_pretrained` + reload with `BitsAndBytesConfig` (NF4, double quant). Each side ran in its "
@@ -426,12 +473,15 @@ def main(argv=None) -> int:
 
     if "synthetic" not in skip:
         s = run_child("synthetic", args)
+        not_run = "not measured (--skip synthetic-prepare)"
         rows = [["parameters", f"{s['params'] / 1e9:.2f} B"], ["layers × hidden × intermediate", f"{s['layers']} × {s['hidden']} × {s['intermediate']}"],
                 ["checkpoint on disk (bf16)", f"{s['bf16_gb']:.2f} GB"], ["the same model in fp32", f"{s['fp32_gb']:.2f} GB"],
-                ["streamed prepare peak RSS", f"{s['prepare_rss_mb'] / 1024:.2f} GB"],
-                ["peak RSS / fp32 model", f"{s['prepare_rss_mb'] / 1024 / (s['fp32_gb'] / 1.074):.3f}"],
-                ["prepared output on disk", f"{s['out_gb']:.2f} GB"],
-                ["prepare wall time", f"{s['prepare_seconds']:.0f} s ({s['targets']} targets)"]]
+                ["streamed prepare peak RSS", f"{s['prepare_rss_mb'] / 1024:.2f} GB" if "prepare_rss_mb" in s else not_run],
+                ["peak RSS / fp32 model", f"{s['prepare_rss_mb'] / 1024 / (s['fp32_gb'] / 1.074):.3f}" if "prepare_rss_mb" in s else not_run],
+                ["prepared output on disk", f"{s['out_gb']:.2f} GB" if "out_gb" in s else not_run],
+                ["block-by-block covariance walk peak RSS", f"{s['cov_rss_mb'] / 1024:.2f} GB ({s['cov_tokens']} tokens, {s['cov_groups']} groups, {s['cov_seconds']:.0f} s)"],
+                ["covariance walk peak RSS / fp32 model", f"{s['cov_rss_mb'] / 1024 / (s['fp32_gb'] / 1.074):.3f}"],
+                ["prepare wall time", f"{s['prepare_seconds']:.0f} s ({s['targets']} targets)" if "prepare_seconds" in s else not_run]]
         title = "Streamed prepare of a synthetic Llama-shaped checkpoint (qpissa, randomized SVD, bf16 compute)"
         print_table(["figure", "value"], rows, title=title)
         lines += [f"## {title}", "",

@@ -77,6 +77,76 @@ def _short(v) -> str:
     return s if len(s) < 80 else s[:77] + "..."
 
 
+class Accumulator:
+    """XᵀX per target group, fed by forward pre-hooks on the targets.
+
+    Targets that read the same tensor object (q/k/v, gate/up) are put in one group on
+    the first batch of a pass (:meth:`start_pass`), by tensor identity, and only the
+    group's first member accumulates afterwards. Padding positions are dropped with the
+    attention mask of the current batch (:attr:`mask`, ``(batch, seq)`` bool).
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.group_of: dict[str, str] = {}
+        self.mask: torch.Tensor | None = None
+        self._first, self._last_x, self._last_group = True, None, None
+
+    def start_pass(self) -> None:
+        """The next batch is the first one these hooks see: groups are found on it."""
+        self._first, self._last_x = True, None
+
+    def end_batch(self) -> None:
+        self._first, self._last_x = False, None
+
+    def hook(self, module: torch.nn.Module, name: str):
+        """Register the pre-hook of target ``name`` on ``module``; returns the handle."""
+
+        def hook(mod, args):
+            x = args[0]
+            if self._first:
+                if x is self._last_x:
+                    self.group_of[name] = self._last_group
+                    return
+                self.group_of[name] = name
+                self._last_x, self._last_group = x, name
+            elif self.group_of[name] != name:
+                return
+            mask = self.mask
+            if x.dim() != 3 or x.shape[:2] != mask.shape:
+                raise ConfigError(
+                    f"layer {name}: input of shape {tuple(x.shape)} is not (batch, seq, features) "
+                    f"matching the attention mask {tuple(mask.shape)}; leave it out of --target-modules"
+                )
+            X = x[mask].to(device=self.device, dtype=self.dtype)
+            if not torch.isfinite(X).all():
+                raise DecompositionError(
+                    f"layer {name}: the model produces NaN/Inf activations on the calibration data; "
+                    "check the model's dtype (load it in float32) and the calibration text"
+                )
+            acc = self.sums.get(name)
+            if acc is None:
+                acc = self.sums[name] = torch.zeros(X.shape[1], X.shape[1], dtype=self.dtype, device=self.device)
+            acc.addmm_(X.T, X)  # fused in-place XᵀX update, no (n, n) temporary
+
+        return module.register_forward_pre_hook(hook)
+
+    def result(self, targets: list[str], n_tokens: int, n_samples: int, manifest: dict | None) -> "Covariances":
+        if n_tokens == 0:
+            raise ConfigError("the calibration data tokenizes to nothing (every position is padding); check --calib-data and --calib-fields")
+        missing = [t for t in targets if t not in self.group_of]
+        if missing:
+            raise ConfigError(f"layers {', '.join(missing[:3])} never ran on the calibration data; leave them out of --target-modules")
+        matrices = {}
+        for g in list(self.sums):  # one group at a time: never two copies of every C
+            s = self.sums.pop(g)
+            with torch.inference_mode(s.is_inference()):  # the sums were made under inference mode
+                s = s.div_(n_tokens).float()
+            matrices[g] = s.clone() if s.is_inference() else s  # a normal tensor for the caller
+        return Covariances(matrices, dict(self.group_of), n_tokens, dict(manifest or {}, n_samples=n_samples, n_tokens=n_tokens))
+
+
 def collect(
     model: torch.nn.Module,
     batches: Iterable[dict],
@@ -91,46 +161,15 @@ def collect(
 
     The lm_head is skipped (the decoder alone runs): only the targets' inputs are needed,
     and full-vocabulary logits would cost far more memory than the whole accumulation.
+    The whole model must be in memory; :func:`qcorda.blockwise.collect_blockwise` walks a
+    checkpoint one decoder block at a time instead.
     """
     from tqdm.auto import tqdm
 
     device = torch.device(device or next(model.parameters()).device)
-    sums: dict[str, torch.Tensor] = {}
-    group_of: dict[str, str] = {}
-    state: dict = {"mask": None, "last_x": None, "last_group": None, "first": True}
-
-    def hook_for(name: str):
-        def hook(module, args):
-            x = args[0]
-            if state["first"]:
-                if x is state["last_x"]:
-                    group_of[name] = state["last_group"]
-                    return
-                group_of[name] = name
-                state["last_x"], state["last_group"] = x, name
-            elif group_of[name] != name:
-                return
-            mask = state["mask"]
-            if x.dim() != 3 or x.shape[:2] != mask.shape:
-                raise ConfigError(
-                    f"layer {name}: input of shape {tuple(x.shape)} is not (batch, seq, features) "
-                    f"matching the attention mask {tuple(mask.shape)}; leave it out of --target-modules"
-                )
-            X = x[mask].to(device=device, dtype=dtype)
-            if not torch.isfinite(X).all():
-                raise DecompositionError(
-                    f"layer {name}: the model produces NaN/Inf activations on the calibration data; "
-                    "check the model's dtype (load it in float32) and the calibration text"
-                )
-            acc = sums.get(name)
-            if acc is None:
-                acc = sums[name] = torch.zeros(X.shape[1], X.shape[1], dtype=dtype, device=device)
-            acc.addmm_(X.T, X)
-
-        return hook
-
+    acc = Accumulator(dtype, device)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    handles = [model.get_submodule(t).register_forward_pre_hook(hook_for(t)) for t in targets]
+    handles = [acc.hook(model.get_submodule(t), t) for t in targets]
     n_tokens = 0
     n_samples = 0
     was_training = model.training
@@ -140,19 +179,13 @@ def collect(
             for batch in tqdm(batches, total=total, desc="covariance", unit="batch", disable=not progress):
                 ids = batch["input_ids"].to(next(model.parameters()).device)
                 mask = batch["attention_mask"].to(ids.device)
-                state["mask"] = mask.bool()
+                acc.mask = mask.bool()
                 decoder(input_ids=ids, attention_mask=mask)
-                state["first"], state["last_x"] = False, None
+                acc.end_batch()
                 n_tokens += int(mask.sum())
                 n_samples += ids.shape[0]
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if n_tokens == 0:
-        raise ConfigError("the calibration data tokenizes to nothing (every position is padding); check --calib-data and --calib-fields")
-    missing = [t for t in targets if t not in group_of]
-    if missing:
-        raise ConfigError(f"layers {', '.join(missing[:3])} never ran on the calibration data; leave them out of --target-modules")
-    matrices = {g: (s / n_tokens).float() for g, s in sums.items()}
-    return Covariances(matrices, dict(group_of), n_tokens, dict(manifest or {}, n_samples=n_samples, n_tokens=n_tokens))
+    return acc.result(targets, n_tokens, n_samples, manifest)

@@ -174,18 +174,36 @@ class CheckpointReader:
 
         from safetensors import safe_open
 
-        self.directory = Path(directory)
+        self.directory, self.flag = Path(directory), flag
         index = self.directory / f"{stem}.safetensors.index.json"
         single = self.directory / f"{stem}.safetensors"
-        if index.exists():
-            self._where: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        elif single.exists():
-            with safe_open(str(single), framework="pt") as f:
-                self._where = {k: single.name for k in f.keys()}
-        else:
-            raise FileNotFoundError(f"{flag} {directory}: no {stem}.safetensors (or its index) there")
         self._open = safe_open
         self._files: dict[str, object] = {}
+        if index.exists():
+            try:
+                self._where: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise self._corrupt(index.name, e) from e
+        elif single.exists():
+            self._where = {k: single.name for k in self._file(single.name).keys()}
+        else:
+            raise FileNotFoundError(f"{flag} {directory}: no {stem}.safetensors (or its index) there")
+
+    def _corrupt(self, name: str, e: Exception):
+        from .config import ConfigError
+
+        return ConfigError(
+            f"{self.flag} {self.directory}: {name} is not a valid safetensors file ({type(e).__name__}: {e}); "
+            "it is corrupted or truncated: write or copy it again"
+        )
+
+    def _file(self, name: str):
+        if name not in self._files:
+            try:
+                self._files[name] = self._open(str(self.directory / name), framework="pt")
+            except Exception as e:  # safetensors raises its own error types (header, size, I/O)
+                raise self._corrupt(name, e) from e
+        return self._files[name]
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -195,6 +213,8 @@ class CheckpointReader:
 
     def get(self, key: str):
         name = self._where[key]
-        if name not in self._files:
-            self._files[name] = self._open(str(self.directory / name), framework="pt")
-        return self._files[name].get_tensor(key)
+        f = self._file(name)
+        try:
+            return f.get_tensor(key)
+        except Exception as e:
+            raise self._corrupt(name, e) from e

@@ -20,9 +20,11 @@ as an uninterrupted one. Wall-clock timings go to ``timings.json``, the one file
 differs between runs.
 
 Peak memory ≈ one fp32 copy of the largest target and its decomposition workspace, its
-covariance, and one output shard. Calibration (the ``qcorda-*`` methods) still runs the
-whole model once in fp32 to collect the covariances, unless ``--covariance`` is given
-or a previous attempt already saved them in the work directory.
+covariance, and one output shard. Calibration (the ``qcorda-*`` methods) walks the model
+one decoder block at a time (:mod:`qcorda.blockwise`): its peak is the embeddings, then the
+hidden states of the calibration batches + one fp32 block. It is skipped when
+``--covariance`` is given or a previous attempt already saved the covariances in the work
+directory.
 """
 
 from __future__ import annotations
@@ -109,9 +111,31 @@ class Checkpoint:
         s = self._open[self.key_file[key]].get_slice(key)
         return s[:1] if len(s.get_shape()) else self.get(key)
 
+    def rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
+        """``tensor[ids]`` for sorted unique row ``ids``, read run by run without the rest of the tensor."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.key_file[key]), framework="pt") as f:  # closed at once: see get()
+            return self._rows(f.get_slice(key), ids.tolist())
+
+    @staticmethod
+    def _rows(s, ids: list[int]) -> torch.Tensor:
+        parts, start = [], 0
+        for j in range(1, len(ids) + 1):
+            if j == len(ids) or ids[j] != ids[j - 1] + 1:  # end of a run of consecutive rows
+                parts.append(s[ids[start] : ids[j - 1] + 1])
+                start = j
+        return torch.cat(parts)
+
     def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        # A fresh handle per tensor: safetensors reads through a memory map, and the pages a long-lived
+        # handle has touched stay mapped (counted in RSS) until it closes; closing it unmaps them, so
+        # a walk over the whole checkpoint keeps one tensor resident, not the file.
         try:
-            return self._open[self.key_file[key]].get_tensor(key)
+            with safe_open(str(self.key_file[key]), framework="pt") as f:
+                return f.get_tensor(key)
         except Exception as e:
             raise ConfigError(
                 f"{self.flag} {self.path}: tensor {key} cannot be read from {self.key_file[key].name} ({e}); "
@@ -305,12 +329,15 @@ def _same_manifest(work: Path, manifest: dict) -> bool:
         return False
 
 
-def _calibration(model_id, path, skel_config, ckpt: Checkpoint, plan: Plan, cfg, covariance, trust_remote_code, progress) -> Covariances:
+def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan, cfg, covariance, trust_remote_code, progress) -> Covariances:
     """The covariances: from ``--covariance`` (checked against this model, targets and samples)
-    or collected by a forward pass of the whole model in fp32."""
+    or collected one decoder block at a time from the checkpoint (:mod:`qcorda.blockwise`);
+    a model that is not a plain stack of blocks runs whole, in fp32."""
     from transformers import AutoTokenizer
 
-    from .prepare import calibration_texts, collect_covariances, covariance_manifest, load_model, model_fingerprint
+    from .blockwise import NotBlockwise, collect_blockwise
+    from .data import token_batches
+    from .prepare import calibration_texts, collect_covariances, covariance_manifest, load_model, model_fingerprint, resolve_device
 
     targets = list(plan.targets)
     floats = [k for k in plan.order if ckpt.spec(k)[1] in ("F64", "F32", "F16", "BF16")]
@@ -325,6 +352,13 @@ def _calibration(model_id, path, skel_config, ckpt: Checkpoint, plan: Plan, cfg,
         return Covariances.load(covariance, expect=expect)
     if cfg.calib.data is None:
         raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
+    # all-padding batches carry no activations; the collector reports data that is padding throughout
+    batches = [b for b in token_batches(tok, texts, cfg.calib.max_length, cfg.calib.batch_size) if b["attention_mask"].any()]
+    try:
+        return collect_blockwise(skel, ckpt.get, batches, targets, getattr(torch, cfg.cov_dtype), resolve_device(cfg.device),
+                                 progress, manifest=full, get_rows=ckpt.rows)
+    except NotBlockwise as e:
+        print(f"qcorda prepare: covariance by a whole-model forward ({e})", file=sys.stderr)
     model, tok = load_model(str(path), trust_remote_code)
     covs = collect_covariances(model, tok, targets, cfg, model_id, progress)
     if covs.manifest.get("model") != fingerprint:  # both read the same weights: a mismatch is a bug
@@ -379,7 +413,7 @@ def stream_prepare(
             except ConfigError:
                 covs = None
         if covs is None:
-            covs = _calibration(model, path, config, ckpt, plan, cfg, covariance, trust_remote_code, progress)
+            covs = _calibration(model, path, config, skel, ckpt, plan, cfg, covariance, trust_remote_code, progress)
         unknown = [t for t in plan.targets if t not in covs.members]
         if unknown:
             raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")
@@ -423,6 +457,7 @@ def stream_prepare(
         calibration = None
         if covs is not None:
             calibration = dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=cfg.calib.data)
+        covs = None  # the covariances are done with: free them before the output shards are assembled
         report = PrepareReport(
             config=cfg,
             model=model,

@@ -173,7 +173,8 @@ def _cli(model, out, *extra, env=None):
     return args, e
 
 
-def test_sigkill_then_rerun_is_byte_identical(deep_llama, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGINT"])
+def test_killed_then_rerun_is_byte_identical(sig, deep_llama, tmp_path):
     out, ref = tmp_path / "out", tmp_path / "ref"
     args, env = _cli(deep_llama, out, env={"QCORDA_TEST_LAYER_DELAY": "0.25"})
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -185,8 +186,8 @@ def test_sigkill_then_rerun_is_byte_identical(deep_llama, tmp_path):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "prepare finished or died before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(proc.pid, sig)
+        assert proc.wait(timeout=60) != 0
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)

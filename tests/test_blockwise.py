@@ -1,0 +1,64 @@
+"""Block-by-block covariance collection equals the whole-model collection (issue 7)."""
+
+import pytest
+import torch
+
+import tiny
+from qcorda.blockwise import NotBlockwise, collect_blockwise
+from qcorda.covariance import collect
+from qcorda.data import token_batches
+from qcorda.stream import Checkpoint, skeleton
+from qcorda.targets import find_targets
+
+# long enough (> sliding_window=16 tokens) that sliding and global attention differ
+TEXTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell?",
+    "Weng earns $12 an hour.",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take to make the robe?",
+    "Betty is saving money for a new wallet which costs $100.",
+]
+
+
+def _gemma_mixed():
+    # sliding, global, sliding: Gemma-3 uses a different rotary base per layer type
+    return dict(num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "qwen2", "gpt2"])
+def test_blockwise_equals_whole_model(arch, tok, tmp_path):
+    kw = _gemma_mixed() if arch == "gemma" else {}
+    model = tiny.model(arch, seed=3, **kw)
+    path = tmp_path / arch
+    model.save_pretrained(path)
+    targets = find_targets(model, ("all-linear",))
+    batches = list(token_batches(tok, TEXTS, 64, 3))  # right padding in the first batch
+    whole = collect(model, batches, targets, progress=False)
+    _, skel = skeleton(path, trust_remote_code=False)
+    ckpt = Checkpoint(path)
+    block = collect_blockwise(skel, ckpt.get, batches, targets, progress=False, get_rows=ckpt.rows)
+    assert block.members == whole.members
+    assert block.n_tokens == whole.n_tokens
+    assert set(block.matrices) == set(whole.matrices)
+    for g, m in whole.matrices.items():
+        torch.testing.assert_close(block.matrices[g], m, atol=1e-5, rtol=1e-5, msg=f"{arch} {g}")
+    # the skeleton is left weightless and untouched
+    assert all(p.is_meta for p in skel.parameters())
+
+
+def test_gemma_layer_types_matter(tok, tmp_path):
+    """The equality above is not vacuous: the global layer's inputs change with its mask/rotary."""
+    model = tiny.model("gemma", seed=3, **_gemma_mixed())
+    targets = find_targets(model, ("o_proj",))
+    batches = list(token_batches(tok, TEXTS, 64, 2))
+    base = collect(model, batches, targets, progress=False)
+    model.config.layer_types = ["sliding_attention"] * 3
+    changed = collect(model, batches, targets, progress=False)
+    assert not torch.allclose(base.of("model.layers.2.self_attn.o_proj"), changed.of("model.layers.2.self_attn.o_proj"), atol=1e-4)
+
+
+def test_target_outside_blocks_is_refused(tmp_path):
+    model = tiny.model("llama")
+    model.save_pretrained(tmp_path / "m")
+    _, skel = skeleton(tmp_path / "m", trust_remote_code=False)
+    with pytest.raises(NotBlockwise, match="outside"):
+        collect_blockwise(skel, Checkpoint(tmp_path / "m").get, [], ["lm_head"], progress=False)
