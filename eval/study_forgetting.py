@@ -142,23 +142,34 @@ def check_loop(args, work: Path) -> dict:
     return r
 
 
-def measure(model, tok, args) -> dict:
-    from qcorda.evaluate import gsm8k, nq, perplexity
+def measure(model, tok, args, accuracy: bool = False) -> dict:
+    """The cheap metrics; GSM8K accuracy (generation, the slow part on this CPU) only with ``accuracy``."""
+    from qcorda.data import format_record, load_records
+    from qcorda.evaluate import completion_logprobs, nq, perplexity
 
-    out = {}
-    # gsm8k() also scores the gold solutions of the same questions teacher-forced (answer_nll):
-    # that is the held-out GSM8K answer loss.
-    g = gsm8k(model, tok, limit=args.gsm8k_limit, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
-    out["gsm8k_acc"] = g.metrics["accuracy"]
-    out["gsm8k_loss"] = g.metrics["answer_nll"]
-    out["gsm8k_preds"] = [s["pred"] for s in g.samples]
-    out["gsm8k_outputs"] = [s["output"] for s in g.samples[:2]]
+    out = {"gsm8k_acc": None}
+    if accuracy:
+        out.update(gsm8k_accuracy(model, tok, args))
+    else:
+        held = [format_record(r, ("question", "answer")) for r in load_records("gsm8k-test")[: args.gsm8k_limit]]
+        lls = completion_logprobs(model, tok, [e.prompt for e in held], [e.completion for e in held], args.eval_batch_size, desc="gsm8k held-out loss")
+        out["gsm8k_loss"] = -sum(ll for ll, _ in lls) / sum(n for _, n in lls)
     q = nq(model, tok, limit=args.nq_limit, batch_size=args.eval_batch_size, generate_answers=args.nq_generate)
     out["nq_em"] = q.metrics["exact_match"] if args.nq_generate else float("nan")
     out["nq_logprob"] = q.metrics["gold_logprob"]
     out["ppl"] = perplexity(model, tok, max_tokens=args.ppl_tokens, batch_size=max(1, args.eval_batch_size // 4)).metrics["ppl"]
     print({k: v for k, v in out.items() if k not in ("gsm8k_outputs", "gsm8k_preds")}, flush=True)
     return out
+
+
+def gsm8k_accuracy(model, tok, args) -> dict:
+    """Greedy GSM8K accuracy on the first ``gsm8k_limit`` test questions (and, from the same call,
+    the teacher-forced answer loss): :func:`qcorda.evaluate.gsm8k`."""
+    from qcorda.evaluate import gsm8k
+
+    g = gsm8k(model, tok, limit=args.gsm8k_limit, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
+    return {"gsm8k_acc": g.metrics["accuracy"], "gsm8k_loss": g.metrics["answer_nll"],
+            "gsm8k_preds": [s["pred"] for s in g.samples], "gsm8k_outputs": [s["output"] for s in g.samples[:2]]}
 
 
 def prepare_method(method: str, args, work: Path) -> Path:
@@ -168,7 +179,7 @@ def prepare_method(method: str, args, work: Path) -> Path:
     from qcorda.data import load_records
     from qcorda.prepare import load_model, prepare, save_prepared
 
-    out = work / method
+    out = work / (f"{method}-calib{args.calib_samples}" if method in CALIB else method)  # calibration changes the init
     if (out / "qcorda.json").exists():
         return out
     calib = dict(CALIB.get(method, {}))
@@ -187,7 +198,10 @@ def prepare_method(method: str, args, work: Path) -> Path:
     return out
 
 
-def fmt_pm(values: list[float], digits: int = 3) -> str:
+def fmt_pm(values: list, digits: int = 3) -> str:
+    """mean ± half the range; "n/m" (not measured) when a value is missing."""
+    if not values or any(v is None for v in values):
+        return "n/m"
     m = sum(values) / len(values)
     if len(values) == 1:
         return f"{m:.{digits}f}"
@@ -245,7 +259,7 @@ def write_report(path: Path, res: dict, args, argv: list[str], seconds: float) -
         lines += [f"Check of the loop against qcorda.train failed: {chk['error']}", ""]
     base = res.get("fp32")
     if base:
-        lines += ["Unquantized fp32 Gemma-3-270M (reference): " + ", ".join(f"{name} {base[k]:.{d}f}" for k, name, d in metrics), ""]
+        lines += ["Unquantized fp32 Gemma-3-270M (reference): " + ", ".join(f"{name} {fmt_pm([base[k]], d)}" for k, name, d in metrics), ""]
     lines += ["## Results", ""]
     header = ["method", "when"] + [name for _, name, _ in metrics]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -253,7 +267,7 @@ def write_report(path: Path, res: dict, args, argv: list[str], seconds: float) -
         r = res["methods"].get(method)
         if not r or not r.get("before"):
             continue
-        lines.append("| " + " | ".join([method, "init"] + [f"{r['before'][k]:.{d}f}" for k, _, d in metrics]) + " |")
+        lines.append("| " + " | ".join([method, "init"] + [fmt_pm([r["before"][k]], d) for k, _, d in metrics]) + " |")
         after = r["after"]
         if after:
             lines.append("| " + " | ".join([method, f"trained ({len(after)} seeds)"] + [fmt_pm([a[k] for a in after.values()], d) for k, _, d in metrics]) + " |")
@@ -264,7 +278,7 @@ def write_report(path: Path, res: dict, args, argv: list[str], seconds: float) -
         if not r or not r.get("before") or not r["after"]:
             continue
         b, after = r["before"], list(r["after"].values())
-        d = lambda k: [a[k] - b[k] for a in after]
+        d = lambda k: [None if a[k] is None or b[k] is None else a[k] - b[k] for a in after]
         final = [a["train_loss"][-3:] for a in after]
         lines.append(f"| {method} | {fmt_pm(d('gsm8k_acc'))} | {fmt_pm(d('gsm8k_loss'))} | {fmt_pm(d('nq_logprob'))} | {fmt_pm(d('ppl'), 2)} | {fmt_pm([sum(f) / len(f) for f in final])} |")
     lines += ["", "Training loss per step (seed: losses):", ""]
@@ -304,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-tokens", type=int, default=1024)
     p.add_argument("--dequantized-base", action=argparse.BooleanOptionalAction, default=True,
                    help="run the frozen NF4 base as fp32 Linear layers holding its dequantized weights (same numbers, faster on CPU)")
+    p.add_argument("--accuracy-inline", action="store_true", help="measure GSM8K accuracy with each evaluation instead of in a last phase")
     p.add_argument("--fp32-reference", action="store_true", help="also evaluate the unquantized model")
     p.add_argument("--check-loop", action="store_true", help="first compare train_adapter with qcorda.train for 3 steps")
     p.add_argument("--check-max-length", type=int, default=96)
@@ -343,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed0 = res["seconds"]
 
     if args.report_only:
-        write_report(out, res, args, argv, res["seconds"])
+        write_report(out, res, args, [a for a in argv if a != "--report-only"], res["seconds"])
         print(out.read_text())
         return 0
     res["argv"] = argv
@@ -378,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             model, tok, _ = load_for_eval(prepared[method])
             if args.dequantized_base:
                 dequantize_base(model)
-            entry["before"] = measure(model, tok, args)
+            entry["before"] = measure(model, tok, args, accuracy=args.accuracy_inline)
             del model
             save()
     for seed in args.seeds:
@@ -395,11 +410,29 @@ def main(argv: list[str] | None = None) -> int:
                 dequantize_base(model)
             losses = train_adapter(model, tok, train, args.steps, args.batch_size, args.lr, seed, args.max_length, args.max_grad_norm)
             train_s = time.perf_counter() - t
-            m = measure(model, tok, args)
+            model.save_pretrained(str(prepared[method] / f"trained_seed{seed}"))  # for the accuracy phase
+            m = measure(model, tok, args, accuracy=args.accuracy_inline)
             m["train_loss"] = losses
             m["train_seconds"] = train_s
             m["eval_seconds"] = time.perf_counter() - t - train_s
             entry["after"][str(seed)] = m
+            del model
+            save()
+    # GSM8K accuracy (greedy generation: the slow part) last, so that a short run still has every other number
+    for seed in args.seeds[:1] + [None] + args.seeds[1:]:  # trained (first seed) before init: the more informative
+        for method in args.methods:
+            entry = res["methods"][method]
+            m = entry["before"] if seed is None else entry["after"].get(str(seed))
+            if m is None or m.get("gsm8k_acc") is not None:
+                continue
+            print(f"== accuracy {method} {'init' if seed is None else f'seed {seed}'}", flush=True)
+            adapter = None if seed is None else prepared[method] / f"trained_seed{seed}"
+            model, tok, _ = load_for_eval(prepared[method], adapter)
+            if args.dequantized_base:
+                dequantize_base(model)
+            acc = gsm8k_accuracy(model, tok, args)
+            print({"gsm8k_acc": acc["gsm8k_acc"], "gsm8k_loss (same as before)": acc["gsm8k_loss"], "was": m["gsm8k_loss"]}, flush=True)
+            m.update({k: v for k, v in acc.items() if k != "gsm8k_loss"})
             del model
             save()
     print(out.read_text())
