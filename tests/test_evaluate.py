@@ -189,3 +189,60 @@ def test_prepared_with_adapter_init_equals_merged_export(method, tok, tmp_path):
                 p.zero_()
     d = evaluate(model, ptok, ("ppl",), **kw)
     assert abs(d["ppl"].metrics["ppl"] - a["ppl"].metrics["ppl"]) > 1e-4 * a["ppl"].metrics["ppl"]
+
+
+def test_prepared_equals_qcorda_merge_fp16_export(tok, tmp_path):
+    """The same check against the project's own export: ``qcorda merge`` of ``adapter_init`` to fp16."""
+    from qcorda.config import CalibConfig
+    from qcorda.merge import merge
+    from qcorda.prepare import prepare, save_prepared
+
+    calib = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=16, max_length=32, batch_size=8)
+    cfg = InitConfig(method="qcorda-ipm", rank=4, calib=calib, compute_dtype="float32")
+    prepared = save_prepared(prepare(tiny.model("llama"), cfg, tokenizer=tok, progress=False), tmp_path / "prep", tok)
+    out = merge(prepared, tmp_path / "merged", None, "float16", verify=None, progress=False).out
+    model, ptok, _ = load_for_eval(prepared)
+    merged, mtok, kind = load_for_eval(out)
+    assert kind == "hf"
+    kw = dict(limit=4, batch_size=2, progress=False, gsm8k_max_new_tokens=10, nq_max_new_tokens=5, ppl_max_tokens=200, ppl_window=64, ppl_stride=32)
+    a = evaluate(model, ptok, ("gsm8k", "nq", "ppl"), **kw)
+    b = evaluate(merged, mtok, ("gsm8k", "nq", "ppl"), **kw)
+    assert a["ppl"].metrics["ppl"] == pytest.approx(b["ppl"].metrics["ppl"], rel=2e-3)
+    assert a["nq"].metrics["gold_logprob"] == pytest.approx(b["nq"].metrics["gold_logprob"], rel=2e-3)
+    assert a["gsm8k"].metrics["answer_nll"] == pytest.approx(b["gsm8k"].metrics["answer_nll"], rel=2e-3)
+
+
+def test_study_dequantized_base_computes_what_linear4bit_computes(tok, tmp_path):
+    """eval/study_forgetting.py trains over fp32 Linear layers holding deq(Q(W_res)): same logits and
+    same LoRA gradients as the NF4 Linear4bit base with fp32 compute."""
+    import importlib.util
+    from pathlib import Path
+
+    from qcorda.prepare import load_prepared, prepare, save_prepared
+
+    spec = importlib.util.spec_from_file_location("study_forgetting", Path(__file__).parents[1] / "eval" / "study_forgetting.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    prepared = save_prepared(prepare(tiny.model("llama"), InitConfig(method="qpissa", rank=4, compute_dtype="float32"), tokenizer=tok, progress=False), tmp_path / "p", tok)
+    ids, att, lab = encode_pairs(tok, ["Question: two plus two?", "Hi"], [" four, said she", " there"])
+    outs = []
+    for deq in (False, True):
+        torch.manual_seed(0)
+        model = load_prepared(prepared, is_trainable=True)
+        if deq:
+            study.dequantize_base(model)
+            bases = [type(m.base_layer).__name__ for m in model.modules() if hasattr(m, "lora_A")]
+            assert bases and set(bases) == {"Linear"}
+        from qcorda.evaluate import masked_nll
+
+        sums, counts = masked_nll(model, ids, att, lab)
+        (sums.sum() / counts.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+        outs.append((sums.detach(), grads))
+    # fp32 summation order differs between bitsandbytes' CPU path and a plain matmul: ~1e-5 relative
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-4)
+    assert outs[0][1].keys() == outs[1][1].keys() and outs[0][1]
+    # the summation-order differences grow through backward in a random model: a few 1e-3 relative;
+    # a wrong base weight (not deq(Q(W_res)), transposed, or the original W) is off by O(1)
+    rel = {n: ((outs[0][1][n] - outs[1][1][n]).norm() / outs[0][1][n].norm()).item() for n in outs[0][1]}
+    assert max(rel.values()) < 2e-2, max(rel.items(), key=lambda kv: kv[1])
