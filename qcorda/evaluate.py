@@ -130,11 +130,6 @@ def load_for_eval(model_or_prepared: str | Path, adapter: str | Path | None = No
         raise ConfigError(f"--adapter {adapter}: no adapter_config.json there; give a PEFT adapter directory (e.g. PREPARED/adapter_init)")
     if is_prepared(model_or_prepared):
         model = load_prepared(model_or_prepared, adapter, is_trainable=False, device=device)
-        # bitsandbytes >= 0.49 switches Linear4bit on AVX512-BF16 CPUs, in eval mode, to a packed bf16
-        # kernel; keep the fp32 dequantize-and-matmul the model was prepared and trained with.
-        for m in model.modules():
-            if hasattr(m, "support_avx512bf16_for_cpu"):
-                m.support_avx512bf16_for_cpu = False
         tok = AutoTokenizer.from_pretrained(str(model_or_prepared))
         kind = "prepared"
     else:
