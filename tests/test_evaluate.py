@@ -154,6 +154,19 @@ def _merged_fp32(prepared_model, arch):
     return merged
 
 
+EVAL_KW = dict(limit=4, batch_size=2, progress=False, gsm8k_max_new_tokens=10, nq_max_new_tokens=5, ppl_max_tokens=200, ppl_window=64, ppl_stride=32)
+
+
+def _same_evaluation(model, tok, merged, mtok):
+    """Every task on both models; the fp16 rounding of the export is the only difference allowed."""
+    a = evaluate(model, tok, ("gsm8k", "nq", "ppl"), **EVAL_KW)
+    b = evaluate(merged, mtok, ("gsm8k", "nq", "ppl"), **EVAL_KW)
+    assert a["ppl"].metrics["ppl"] == pytest.approx(b["ppl"].metrics["ppl"], rel=2e-3)
+    assert a["nq"].metrics["gold_logprob"] == pytest.approx(b["nq"].metrics["gold_logprob"], rel=2e-3)
+    assert a["gsm8k"].metrics["answer_nll"] == pytest.approx(b["gsm8k"].metrics["answer_nll"], rel=2e-3)
+    return a, b
+
+
 @pytest.mark.parametrize("method", ["qpissa", "qcorda-kpm"])
 def test_prepared_with_adapter_init_equals_merged_export(method, tok, tmp_path):
     from qcorda.config import CalibConfig
@@ -171,23 +184,17 @@ def test_prepared_with_adapter_init_equals_merged_export(method, tok, tmp_path):
     merged, mtok, mkind = load_for_eval(merged_dir)
     assert mkind == "hf"
 
-    kw = dict(limit=4, batch_size=2, progress=False, gsm8k_max_new_tokens=10, nq_max_new_tokens=5, ppl_max_tokens=200, ppl_window=64, ppl_stride=32)
-    a = evaluate(model, ptok, ("gsm8k", "nq", "ppl"), **kw)
-    b = evaluate(merged, mtok, ("gsm8k", "nq", "ppl"), **kw)
-    # fp16 rounding of the export is the only difference
-    assert a["ppl"].metrics["ppl"] == pytest.approx(b["ppl"].metrics["ppl"], rel=2e-3)
-    assert a["nq"].metrics["gold_logprob"] == pytest.approx(b["nq"].metrics["gold_logprob"], rel=2e-3)
-    assert a["gsm8k"].metrics["answer_nll"] == pytest.approx(b["gsm8k"].metrics["answer_nll"], rel=2e-3)
+    a, b = _same_evaluation(model, ptok, merged, mtok)
     assert a["gsm8k"].metrics["accuracy"] == b["gsm8k"].metrics["accuracy"]
     # and against the in-memory fp32 merge, tighter
-    c = evaluate(_merged_fp32(model, "llama"), ptok, ("ppl",), **kw)
+    c = evaluate(_merged_fp32(model, "llama"), ptok, ("ppl",), **EVAL_KW)
     assert a["ppl"].metrics["ppl"] == pytest.approx(c["ppl"].metrics["ppl"], rel=1e-5)
     # the adapter matters: zeroing B moves the perplexity
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.zero_()
-    d = evaluate(model, ptok, ("ppl",), **kw)
+    d = evaluate(model, ptok, ("ppl",), **EVAL_KW)
     assert abs(d["ppl"].metrics["ppl"] - a["ppl"].metrics["ppl"]) > 1e-4 * a["ppl"].metrics["ppl"]
 
 
@@ -204,12 +211,7 @@ def test_prepared_equals_qcorda_merge_fp16_export(tok, tmp_path):
     model, ptok, _ = load_for_eval(prepared)
     merged, mtok, kind = load_for_eval(out)
     assert kind == "hf"
-    kw = dict(limit=4, batch_size=2, progress=False, gsm8k_max_new_tokens=10, nq_max_new_tokens=5, ppl_max_tokens=200, ppl_window=64, ppl_stride=32)
-    a = evaluate(model, ptok, ("gsm8k", "nq", "ppl"), **kw)
-    b = evaluate(merged, mtok, ("gsm8k", "nq", "ppl"), **kw)
-    assert a["ppl"].metrics["ppl"] == pytest.approx(b["ppl"].metrics["ppl"], rel=2e-3)
-    assert a["nq"].metrics["gold_logprob"] == pytest.approx(b["nq"].metrics["gold_logprob"], rel=2e-3)
-    assert a["gsm8k"].metrics["answer_nll"] == pytest.approx(b["gsm8k"].metrics["answer_nll"], rel=2e-3)
+    _same_evaluation(model, ptok, merged, mtok)
 
 
 def test_study_dequantized_base_computes_what_linear4bit_computes(tok, tmp_path):
