@@ -206,7 +206,7 @@ def prepare_baseline(model, cfg: InitConfig, model_id: str, tokenizer=None, prog
     from tqdm.auto import tqdm
 
     from .prepare import (
-        _REPORTS, PrepareReport, _set_module, _versions, lora_config, mark_quantized, resolve_compute_dtype, resolve_device,
+        _set_module, attach_report, lora_config, mark_quantized, resolve_compute_dtype, resolve_device,
     )
     from .quantize import linear4bit
     from .targets import check_rank, find_targets, weight_of
@@ -272,15 +272,4 @@ def prepare_baseline(model, cfg: InitConfig, model_id: str, tokenizer=None, prog
                     base_layer=layer.get_base_layer(), lora_A=A, lora_B=B, scaling=layer.scaling["default"]
                 )
 
-    report = PrepareReport(
-        config=cfg,
-        model=model_id,
-        targets=tuple(targets),
-        layers=tuple(results),
-        calibration=calibration,
-        compute_dtype=str(compute_dtype).removeprefix("torch."),
-        seconds=time.perf_counter() - t_start,
-        versions=_versions(),
-    )
-    _REPORTS[peft_model] = report
-    return peft_model
+    return attach_report(peft_model, cfg, model_id, targets, results, calibration, compute_dtype, t_start)

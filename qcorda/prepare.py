@@ -397,7 +397,16 @@ def prepare(
     calibration = None
     if covs is not None:
         calibration = dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=config.calib.data)
-    report = PrepareReport(
+    return attach_report(peft_model, config, model_id, targets, results, calibration, compute_dtype, t_start)
+
+
+def attach_report(peft_model, config: InitConfig, model_id: str, targets, results, calibration: dict | None,
+                  compute_dtype: torch.dtype, t_start: float):
+    """Record the :class:`PrepareReport` of ``peft_model`` (read back by :func:`report_of`) and return the model.
+
+    The report lives in a weak side table, not on the module, so nothing temporary is stored on it.
+    """
+    _REPORTS[peft_model] = PrepareReport(
         config=config,
         model=model_id,
         targets=tuple(targets),
@@ -407,7 +416,6 @@ def prepare(
         seconds=time.perf_counter() - t_start,
         versions=_versions(),
     )
-    _REPORTS[peft_model] = report
     return peft_model
 
 
