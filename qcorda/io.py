@@ -123,35 +123,34 @@ def write_shards(
     return list(split.filename_to_tensors)
 
 
-def save_tensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
-    """``safetensors.save_file`` to a temporary name in the same directory, fsync, then rename:
-    a reader (or a resumed run) sees either the whole file or none."""
-    from safetensors.torch import save_file
-
+def replace_atomic(path: str | os.PathLike, write: Callable[[Path], None], fsync: bool = False) -> Path:
+    """Call ``write(tmp)`` for a temporary name beside ``path``, then rename it into place:
+    a reader (or a resumed run) sees either the whole file or none, whatever fails in between."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save_tensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
+    """``safetensors.save_file`` through :func:`replace_atomic`, fsynced before the rename."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return replace_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), fsync=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary name beside ``path`` and rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` through :func:`replace_atomic`."""
+    return replace_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def check_inside(path: str | os.PathLike, root: str | os.PathLike, flag: str = "--out") -> Path:

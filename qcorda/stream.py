@@ -502,13 +502,9 @@ def _file_digest(path) -> str:
 
 
 def _save_covariance(covs: Covariances, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        covs.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from .io import replace_atomic
+
+    replace_atomic(path, covs.save)
 
 
 def _assemble(tmp: Path, path: Path, ckpt: Checkpoint, config, skel, plan: Plan, cfg: InitConfig, work: Path,
