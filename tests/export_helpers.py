@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import torch
 
 import tiny
@@ -28,3 +31,12 @@ def prepared_and_trained(tmp_path, arch="llama", method="qpissa", rank=4, alpha=
 def inputs(tok):
     return tok(["Natalia sold clips to 48 of her friends in April.", "How many clips did she sell altogether?"],
                return_tensors="pt", padding=True)
+
+
+def edited_adapter(trained, out, **config_updates):
+    """A copy of the adapter directory ``trained`` at ``out`` with ``adapter_config.json`` updated."""
+    shutil.copytree(trained, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg.update(config_updates)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from export_helpers import inputs, prepared_and_trained
+from export_helpers import edited_adapter, inputs, prepared_and_trained
 from qcorda.config import ConfigError
 from qcorda.merge import VerifyConfig, merge, read_adapter
 from qcorda.prepare import load_prepared
@@ -85,11 +85,7 @@ def test_gpt2_conv1d_merge(tok, tmp_path):
 
 def test_rslora_and_alpha_pattern_are_respected(setup, tok, tmp_path):
     _, prep, trained = setup
-    edited = tmp_path / "edited"
-    shutil.copytree(trained, edited)
-    cfg = json.loads((edited / "adapter_config.json").read_text())
-    cfg.update(use_rslora=True, alpha_pattern={"q_proj": 3.0})
-    (edited / "adapter_config.json").write_text(json.dumps(cfg))
+    edited = edited_adapter(trained, tmp_path / "edited", use_rslora=True, alpha_pattern={"q_proj": 3.0})
     spec = read_adapter(edited)
     assert spec.scaling("model.layers.0.self_attn.q_proj") == pytest.approx(3.0 / 2.0)
     assert spec.scaling("model.layers.0.self_attn.v_proj") == pytest.approx(8.0 / 2.0)

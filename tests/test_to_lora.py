@@ -1,15 +1,13 @@
 """qcorda to-lora on tiny models: exact-delta is exact without quantization, compress at full rank
 equals it, absorb-quant-error is closer to the trained 4-bit model at equal rank."""
 
-import copy
 import json
-import shutil
 
 import pytest
 import torch
 from peft import PeftModel
 
-from export_helpers import inputs, prepared_and_trained
+from export_helpers import edited_adapter, inputs, prepared_and_trained
 from qcorda.agreement import compare
 from qcorda.config import ConfigError
 from qcorda.merge import VerifyConfig, read_adapter
@@ -111,11 +109,7 @@ def test_verification_report(setup, tmp_path):
 
 def test_refusals(setup, tmp_path):
     base, prep, trained = setup
-    edited = tmp_path / "rs"
-    shutil.copytree(trained, edited)
-    cfg = json.loads((edited / "adapter_config.json").read_text())
-    cfg.update(use_rslora=True, alpha_pattern={"q_proj": 3.0})
-    (edited / "adapter_config.json").write_text(json.dumps(cfg))
+    edited = edited_adapter(trained, tmp_path / "rs", use_rslora=True, alpha_pattern={"q_proj": 3.0})
     with pytest.raises(ConfigError, match="rsLoRA.*rank_pattern/alpha_pattern"):
         to_lora(prep, str(base), tmp_path / "a", "exact-delta", edited, verify=None, progress=False)
     # compress writes scale-folded factors, so the same adapter converts (exactly at rank 2r)
