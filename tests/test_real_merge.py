@@ -24,21 +24,28 @@ def test_gemma_merge_bf16_agrees_with_trained(gemma_path, tmp_path):
                      calib=CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=16, max_length=128))
     prep = save_prepared(prepare(str(gemma_path), cfg, tokenizer=tok, progress=False), tmp_path / "prep", tok)
 
-    # a few optimizer steps on the bundled GSM8K sample stand in for `qcorda train`
+    # a few optimizer steps on the bundled GSM8K sample stand in for `qcorda train`. The lr keeps the
+    # loss falling: at 1e-3 it rises 3.1 -> 5.6 and the diverged model is so sensitive to any rounding
+    # that bf16 agreement says more about the divergence than about merge.
     model = load_prepared(prep)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     texts = [e.text for e in load_examples("gsm8k-train", ("question", "answer"), limit=8)]
+    losses = []
     for batch in token_batches(tok, texts, 96, 2):
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
+        losses.append(loss.item())
         loss.backward()
         opt.step()
         opt.zero_grad()
+    assert losses[-1] < losses[0], losses
     model.save_pretrained(tmp_path / "trained")
     del model, opt
 
     res = merge(prep, tmp_path / "merged", tmp_path / "trained", "bfloat16", verify=VerifyConfig(samples=8, max_length=128), progress=False)
+    # the bf16 cast alone costs this much: the original Gemma in bf16 vs fp32 agrees on 0.984 of
+    # these tokens (0.966 on the wikitext-2 sample); merging exactly in fp32 agrees on all of them.
     top1 = res.agreement[0].top1
     print(f"\nGemma-3-270M merged bf16 vs trained 4-bit+adapter: top-1 {top1:.4f}, mean KL {res.agreement[0].mean_kl:.3e}, "
           f"max |Δlogit| {res.agreement[0].max_abs_diff:.3f} over {res.agreement[0].n_tokens} held-out tokens")
