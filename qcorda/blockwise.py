@@ -16,17 +16,19 @@ at once. Here only the embeddings and one decoder block are ever materialized:
 
 The result equals the whole-model collection to fp32 round-off (the same modules run the
 same fp32 arithmetic on the same inputs). Peak memory ≈ the hidden states of all batches
-``(batch, seq, hidden)`` in fp32 + one fp32 block + the covariances.
+``(batch, seq, hidden)`` in fp32 + one fp32 block + the covariances (one block's, with ``spill``).
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .covariance import Accumulator, Covariances
+from .config import ConfigError
+from .covariance import NO_TOKENS, Accumulator, Covariances
 
 
 class NotBlockwise(Exception):
@@ -122,6 +124,7 @@ def collect_blockwise(
     progress: bool = True,
     manifest: dict | None = None,
     get_rows: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    spill: Path | None = None,
 ) -> Covariances:
     """C = XᵀX/n per target group of a checkpoint, one decoder block at a time.
 
@@ -129,9 +132,14 @@ def collect_blockwise(
     ``get(key)``: the checkpoint tensor of state-dict ``key`` (e.g. :meth:`qcorda.stream.Checkpoint.get`).
     ``get_rows(key, ids)``: rows ``ids`` (sorted) of that tensor, read without the rest
     (:meth:`qcorda.stream.Checkpoint.rows`); only the embedding rows of the calibration tokens are loaded.
+    ``spill``: an existing directory; each block's finished covariances are written there
+    (``block-NNNNN.safetensors``) and freed, and the result reads them back one at a time
+    (:class:`qcorda.covariance.OnDisk`). Without it every covariance stays in memory: for
+    Llama-7B that is 32 × (3·4096² + 11008²) fp32 = 21.9 GB.
     ``batches``: ``{"input_ids", "attention_mask"}`` of ``(batch, seq)``.
     Raises :class:`NotBlockwise` when the model is not a plain stack of blocks.
     """
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -143,6 +151,7 @@ def collect_blockwise(
     dec_prefix = f"{dec_name}." if dec_name else ""
     acc = Accumulator(dtype, device)
     n_tokens = n_samples = 0
+    spilled: dict[str, tuple[Path, str]] = {}
 
     # 1. embeddings → block inputs and per-block arguments, one forward per batch
     compact = _compact_embedding(decoder, batches, dec_prefix, get, get_rows)
@@ -166,6 +175,8 @@ def collect_blockwise(
             n_tokens += int(mask.sum())
             n_samples += ids.shape[0]
     calls.clear()
+    if n_tokens == 0:
+        raise ConfigError(NO_TOKENS)
     decoder.to_empty(device="meta")  # frees the embeddings
     del decoder, compact
 
@@ -191,4 +202,9 @@ def collect_blockwise(
                 for h in handles:
                     h.remove()
             del block
-    return acc.result(targets, n_tokens, n_samples, manifest)
+            if spill is not None:  # this block's groups are complete: to disk, out of memory
+                groups = list(dict.fromkeys(g for t in mine if (g := acc.group_of.get(t)) in acc.sums))
+                file = Path(spill) / f"block-{i:05d}.safetensors"
+                save_file({f"cov.{g}": m.cpu() for g, m in acc.pop_final(groups, n_tokens).items()}, str(file))
+                spilled.update({g: (file, f"cov.{g}") for g in groups})
+    return acc.result(targets, n_tokens, n_samples, manifest, spilled)

@@ -11,9 +11,10 @@ and methods, and never unpickled.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -21,14 +22,16 @@ from .config import ConfigError
 from .decompose import DecompositionError
 
 FORMAT = "qcorda.covariance/1"
+NO_TOKENS = "the calibration data tokenizes to nothing (every position is padding); check --calib-data and --calib-fields"
 
 
 @dataclass(frozen=True)
 class Covariances:
     """Per-group covariance matrices and the map from target layer to group."""
 
-    matrices: dict[str, torch.Tensor]
-    """group name (its first member) → C ``(in_features, in_features)`` = XᵀX / n_tokens."""
+    matrices: Mapping[str, torch.Tensor]
+    """group name (its first member) → C ``(in_features, in_features)`` = XᵀX / n_tokens (a dict,
+    or :class:`OnDisk` when the matrices stay in files until asked for)."""
     members: dict[str, str]
     """target name → group name."""
     n_tokens: int
@@ -40,15 +43,24 @@ class Covariances:
         return self.matrices[self.members[target]]
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        """Write every matrix to one safetensors file, one matrix in memory at a time."""
+        from .io import write_safetensors
 
         meta = {"format": FORMAT, "members": self.members, "n_tokens": self.n_tokens, "manifest": self.manifest}
-        tensors = {f"cov.{g}": m.contiguous().cpu() for g, m in self.matrices.items()}
-        save_file(tensors, str(path), metadata={"qcorda": json.dumps(meta)})
+        specs = {}
+        for g in self.matrices:
+            n = self.matrices.shape_of(g)[0] if isinstance(self.matrices, OnDisk) else self.matrices[g].shape[0]
+            specs[f"cov.{g}"] = torch.empty(n, n, dtype=torch.float32, device="meta")
+        write_safetensors(path, specs, lambda k: self.matrices[k[len("cov."):]].float().contiguous().cpu(),
+                          metadata={"qcorda": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: str | Path, expect: dict | None = None, flag: str = "--covariance") -> "Covariances":
-        """Load from safetensors; ``expect`` keys must equal the manifest's (else a clear error)."""
+    def load(cls, path: str | Path, expect: dict | None = None, flag: str = "--covariance", lazy: bool = False) -> "Covariances":
+        """Load from safetensors; ``expect`` keys must equal the manifest's (else a clear error).
+
+        ``lazy``: leave the matrices on disk and read each when it is asked for (:class:`OnDisk`),
+        so that a caller going layer by layer holds one covariance, not all of them.
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -57,7 +69,10 @@ class Covariances:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("qcorda", "{}"))
-                mats = {k[len("cov."):]: f.get_tensor(k) for k in f.keys()}
+                if lazy:
+                    mats = OnDisk({k[len("cov."):]: (path, k) for k in f.keys()}, flag)
+                else:
+                    mats = {k[len("cov."):]: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise ConfigError(f"{flag} {path}: not a readable safetensors covariance file ({e}); delete it and recompute") from e
         if meta.get("format") != FORMAT:
@@ -70,6 +85,37 @@ class Covariances:
                     "delete it or pass the matching model, targets and calibration data"
                 )
         return cls(mats, meta["members"], int(meta["n_tokens"]), manifest)
+
+
+class OnDisk(Mapping):
+    """group → C, read from safetensors files on each access (a fresh handle each time, so no
+    memory map keeps the pages resident). Immutable: ``{group: (file, key)}``."""
+
+    def __init__(self, where: dict[str, tuple[Path, str]], flag: str = "--covariance"):
+        self._where, self._flag = dict(where), flag
+
+    def __getitem__(self, group: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file, key = self._where[group]
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:
+            raise ConfigError(f"{self._flag} {file}: covariance {key} cannot be read ({e}); delete the file and recompute") from e
+
+    def shape_of(self, group: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        file, key = self._where[group]
+        with safe_open(str(file), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def _short(v) -> str:
@@ -132,18 +178,34 @@ class Accumulator:
 
         return module.register_forward_pre_hook(hook)
 
-    def result(self, targets: list[str], n_tokens: int, n_samples: int, manifest: dict | None) -> "Covariances":
+    def pop_final(self, groups: list[str], n_tokens: int) -> dict[str, torch.Tensor]:
+        """C = XᵀX / n of ``groups``, taken out of the accumulator one at a time (never two
+        copies of every C), as fp32 tensors a caller can use outside inference mode."""
         if n_tokens == 0:
-            raise ConfigError("the calibration data tokenizes to nothing (every position is padding); check --calib-data and --calib-fields")
-        missing = [t for t in targets if t not in self.group_of]
-        if missing:
-            raise ConfigError(f"layers {', '.join(missing[:3])} never ran on the calibration data; leave them out of --target-modules")
+            raise ConfigError(NO_TOKENS)
         matrices = {}
-        for g in list(self.sums):  # one group at a time: never two copies of every C
+        for g in groups:
             s = self.sums.pop(g)
             with torch.inference_mode(s.is_inference()):  # the sums were made under inference mode
                 s = s.div_(n_tokens).float()
-            matrices[g] = s.clone() if s.is_inference() else s  # a normal tensor for the caller
+            matrices[g] = s.clone() if s.is_inference() else s
+        return matrices
+
+    def result(self, targets: list[str], n_tokens: int, n_samples: int, manifest: dict | None,
+               spilled: dict[str, tuple[Path, str]] | None = None) -> "Covariances":
+        """The :class:`Covariances` of ``targets``; ``spilled``: groups already written to files
+        (``group → (file, key)``, see :meth:`pop_final`), which then stay there (:class:`OnDisk`)."""
+        if n_tokens == 0:
+            raise ConfigError(NO_TOKENS)
+        missing = [t for t in targets if t not in self.group_of]
+        if missing:
+            raise ConfigError(f"layers {', '.join(missing[:3])} never ran on the calibration data; leave them out of --target-modules")
+        if spilled:
+            if self.sums:
+                raise RuntimeError(f"groups {', '.join(list(self.sums)[:3])} were neither spilled nor kept")
+            matrices = OnDisk(spilled, "covariance spill")
+        else:
+            matrices = self.pop_final(list(self.sums), n_tokens)
         return Covariances(matrices, dict(self.group_of), n_tokens, dict(manifest or {}, n_samples=n_samples, n_tokens=n_tokens))
 
 

@@ -168,6 +168,13 @@ def quantized_keys(reader, name: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: reader.get(k) for k in reader.keys() if k.startswith(prefix)}
 
 
+def quantized_shape(reader, name: str) -> tuple[int, int]:
+    """``(out_features, in_features)`` of target ``name``, from its quant state alone."""
+    import bitsandbytes.functional as bnbF
+
+    return tuple(bnbF.QuantState.from_dict(quantized_keys(reader, name), device="cpu").shape)
+
+
 def dequantized(reader, name: str) -> torch.Tensor:
     """deq(Q(W_res)) of target ``name`` as the Linear4bit computes with it, fp32 ``(out, in)``."""
     import bitsandbytes.functional as bnbF
@@ -215,8 +222,15 @@ class MergedLayer:
     """max |W_merged(fp32) − W_merged(dtype)|: the only rounding merge introduces."""
 
 
-def merged_state_dict(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtype, targets: list[str], progress: bool = True):
-    """The plain model's state dict in ``dtype`` and one :class:`MergedLayer` per target."""
+def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtype, targets: list[str], progress: bool = True):
+    """The plain model's tensors, produced one at a time: ``(specs, produce, layers)``.
+
+    ``specs`` maps each key to a ``meta`` tensor of its final shape and ``dtype``, in the
+    prepared checkpoint's order; ``produce(key)`` reads (and for a target, dequantizes and
+    merges) that one tensor, and appends the target's :class:`MergedLayer` to ``layers``. A
+    writer that calls it key by key (:func:`qcorda.io.write_shards`) holds one layer at a time,
+    never the merged model.
+    """
     from tqdm.auto import tqdm
 
     from .io import CheckpointReader
@@ -225,25 +239,38 @@ def merged_state_dict(prepared: str | Path, adapter: AdapterSpec, dtype: torch.d
     conv1d, needed = plain_layout(plain_config(prepared, dtype))
     target_set = set(targets)
     quant_suffix = tuple(f"{t}.weight." for t in targets)
-    state: dict[str, torch.Tensor] = {}
-    layers: list[MergedLayer] = []
+    specs: dict[str, torch.Tensor] = {}
     for key in reader.keys():
-        if key.startswith(quant_suffix) or key.removesuffix(".weight") in target_set:
+        if key.startswith(quant_suffix):
             continue
-        t = reader.get(key)
-        state[key] = t.to(dtype) if t.is_floating_point() else t
-    for name in tqdm(targets, desc=f"merge -> {str(dtype).removeprefix('torch.')}", unit="layer", disable=not progress):
+        name = key.removesuffix(".weight")
+        if name in target_set:
+            out_f, in_f = quantized_shape(reader, name)
+            shape = (in_f, out_f) if name in conv1d else (out_f, in_f)
+            specs[key] = torch.empty(shape, dtype=dtype, device="meta")
+        else:
+            shape, st_dtype = reader.spec(key)
+            specs[key] = torch.empty(shape, dtype=dtype if st_dtype.is_floating_point else st_dtype, device="meta")
+    missing = sorted(needed - set(specs))
+    if missing:
+        raise ConfigError(f"PREPARED {prepared}: the checkpoint lacks {', '.join(missing[:3])}; re-run qcorda prepare")
+    layers: list[MergedLayer] = []
+    bar = tqdm(total=len(targets), desc=f"merge -> {str(dtype).removeprefix('torch.')}", unit="layer", disable=not progress)
+
+    def produce(key: str) -> torch.Tensor:
+        name = key.removesuffix(".weight")
+        if name not in target_set:
+            t = reader.get(key)
+            return t.to(dtype) if t.is_floating_point() else t
         B, A = adapter.factors(name)
         s = adapter.scaling(name)
         W = merged_weight(dequantized(reader, name), B, A, s)
         out = W.to(dtype)
         layers.append(MergedLayer(name, tuple(W.shape), s, (s * B @ A).norm().item(), (W - out.float()).abs().max().item()))
-        state[f"{name}.weight"] = (out.T if name in conv1d else out).contiguous()
-        del W
-    missing = sorted(needed - set(state))
-    if missing:
-        raise ConfigError(f"PREPARED {prepared}: the checkpoint lacks {', '.join(missing[:3])}; re-run qcorda prepare")
-    return state, layers
+        bar.update()
+        return (out.T if name in conv1d else out).contiguous()
+
+    return specs, produce, layers, bar
 
 
 # --------------------------------------------------------------------------- command
@@ -309,7 +336,7 @@ def merge(
 ) -> MergeResult:
     """Write the merged plain HF model to ``out`` (atomically) and, unless ``verify`` is None,
     compare it with the trained 4-bit + adapter model (saved as ``qcorda_verify.json``)."""
-    from .io import atomic_dir, check_out_dir, write_checkpoint
+    from .io import atomic_dir, check_out_dir, write_shards
     from .prepare import read_manifest, resolve_device
 
     t0 = time.perf_counter()
@@ -322,10 +349,9 @@ def merge(
     check_adapter(prepared, manifest, spec, read_adapter(prepared / "adapter_init", "PREPARED/adapter_init"))
     targets = list(manifest["targets"])
     with atomic_dir(out, overwrite) as tmp:
-        state, layers = merged_state_dict(prepared, spec, torch_dtype, targets, progress)
-        config = plain_config(prepared, torch_dtype)
-        write_checkpoint(tmp, state, config, _generation_config(prepared))
-        del state
+        specs, produce, layers, bar = merged_tensors(prepared, spec, torch_dtype, targets, progress)
+        write_shards(tmp, specs, produce, plain_config(prepared, torch_dtype), _generation_config(prepared))
+        bar.close()
         _copy_tokenizer(prepared, tmp)
         info = {
             "format": "qcorda.merge/1",

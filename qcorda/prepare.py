@@ -445,7 +445,7 @@ def save_prepared(peft_model, out: str | Path, tokenizer=None, overwrite: bool =
         peft_model.save_pretrained(tmp / "adapter_init")
         stable_adapter_config(tmp / "adapter_init")
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         (tmp / "qcorda.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
     return Path(out)
 
@@ -468,6 +468,17 @@ def read_manifest(prepared: str | Path, flag: str = "PREPARED") -> dict:
     if data.get("format") != FORMAT:
         raise ConfigError(f"{flag} {prepared}: qcorda.json has format {data.get('format')!r}, expected {FORMAT}")
     return data
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """``tokenizer.save_pretrained`` without the truncation and padding of its last call: a fast
+    tokenizer keeps them in its backend and would write them into ``tokenizer.json`` (calibration's
+    max_length baked into the saved tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # transformers sets both again on every call, so clearing them changes no encoding
+        backend.no_truncation()
+        backend.no_padding()
+    tokenizer.save_pretrained(str(directory))
 
 
 def load_prepared(prepared: str | Path, adapter: str | Path | None = None, is_trainable: bool = True, device: str | None = None):

@@ -29,15 +29,18 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -127,6 +130,19 @@ class Checkpoint:
                 start = j
         return torch.cat(parts)
 
+    def blocks(self, key: str, dtype: torch.dtype | None = None, max_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
+        """``tensor`` as consecutive row blocks of about ``max_bytes`` each, floats cast (via fp32)
+        to ``dtype``: a 262k-row embedding is copied to the output without ever being whole in memory."""
+        shape, _ = self.spec(key)
+        row = 4 * math.prod(shape[1:]) if shape else 0
+        if not shape or shape[0] * row <= max_bytes:
+            parts = [self.get(key)]
+        else:
+            step = max(1, max_bytes // max(row, 1))
+            parts = (_slice(self.key_file[key], key, a, a + step) for a in range(0, shape[0], step))
+        for t in parts:
+            yield t.float().to(dtype) if dtype is not None and t.is_floating_point() else t
+
     def get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
@@ -141,6 +157,13 @@ class Checkpoint:
                 f"{self.flag} {self.path}: tensor {key} cannot be read from {self.key_file[key].name} ({e}); "
                 "the file is corrupted: fetch or save the model again"
             ) from e
+
+
+def _slice(file: Path, key: str, a: int, b: int) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:  # closed at once, as in Checkpoint.get
+        return f.get_slice(key)[a:b]
 
 
 def _header_digest(f: Path) -> str:
@@ -329,7 +352,8 @@ def _same_manifest(work: Path, manifest: dict) -> bool:
         return False
 
 
-def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan, cfg, covariance, trust_remote_code, progress) -> Covariances:
+def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan, cfg, covariance, trust_remote_code, progress,
+                 spill: Path | None = None, tok_dir: Path | None = None) -> Covariances:
     """The covariances: from ``--covariance`` (checked against this model, targets and samples)
     or collected one decoder block at a time from the checkpoint (:mod:`qcorda.blockwise`);
     a model that is not a plain stack of blocks runs whole, in fp32."""
@@ -345,18 +369,21 @@ def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan
     expect = {"model": fingerprint, "targets": targets}
     if cfg.calib.data is not None:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if tok_dir is not None:  # saved now for the output, so it is never loaded again on top of the layers
+            tok.save_pretrained(str(tok_dir))
         texts = calibration_texts(cfg, tok)
         full = covariance_manifest(model_id, None, targets, cfg, texts, fingerprint=fingerprint)
         expect.update({k: full[k] for k in ("data_hash", "n_samples", "max_length")})
     if covariance is not None:
-        return Covariances.load(covariance, expect=expect)
+        return Covariances.load(covariance, expect=expect, lazy=True)
     if cfg.calib.data is None:
         raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
     # all-padding batches carry no activations; the collector reports data that is padding throughout
     batches = [b for b in token_batches(tok, texts, cfg.calib.max_length, cfg.calib.batch_size) if b["attention_mask"].any()]
+    del tok  # the walk needs only the token ids; Gemma-3's 262k-entry tokenizer holds ~330 MB
     try:
         return collect_blockwise(skel, ckpt.get, batches, targets, getattr(torch, cfg.cov_dtype), resolve_device(cfg.device),
-                                 progress, manifest=full, get_rows=ckpt.rows)
+                                 progress, manifest=full, get_rows=ckpt.rows, spill=spill)
     except NotBlockwise as e:
         print(f"qcorda prepare: covariance by a whole-model forward ({e})", file=sys.stderr)
     model, tok = load_model(str(path), trust_remote_code)
@@ -398,94 +425,129 @@ def stream_prepare(
     device = resolve_device(cfg.device)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype)
 
-    # Everything that can reject the input runs before the first byte is written.
-    covs: Covariances | None = None
-    calib_key = None
-    if cfg.method in CALIBRATED:
-        calib_key = {"data": cfg.calib.data, "covariance": _file_digest(covariance) if covariance else None}
-    manifest = work_manifest(model, ckpt, cfg, plan, calib_key)
-    work = partial_dir(out)
-    cached = work / "covariance.safetensors"
-    if cfg.method in CALIBRATED:
-        if _same_manifest(work, manifest) and cached.exists():
-            try:
-                covs = Covariances.load(cached, expect={"targets": list(plan.targets)}, flag="work directory")
-            except ConfigError:
-                covs = None
-        if covs is None:
-            covs = _calibration(model, path, config, skel, ckpt, plan, cfg, covariance, trust_remote_code, progress)
-        unknown = [t for t in plan.targets if t not in covs.members]
-        if unknown:
-            raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")
+    # Calibration saves the tokenizer (loaded there anyway) and spills each block's finished
+    # covariances (21.9 GB at 7B, more than the rest of prepare together) to a scratch directory
+    # beside --out; both move into the resumable work directory once it exists. A run killed
+    # before that leaves the scratch directory, and the next run starts by removing it.
+    scratch = out.parent / f".{out.name}.scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, scratch, True)
+        # Everything that can reject the input runs before the first byte is written.
+        covs: Covariances | None = None
+        tok_dir = spill = None
+        calib_key = None
+        if cfg.method in CALIBRATED:
+            calib_key = {"data": cfg.calib.data, "covariance": _file_digest(covariance) if covariance else None}
+        manifest = work_manifest(model, ckpt, cfg, plan, calib_key)
+        work = partial_dir(out)
+        cached = work / "covariance.safetensors"
+        if cfg.method in CALIBRATED:
+            if _same_manifest(work, manifest) and cached.exists():
+                try:
+                    covs = Covariances.load(cached, expect={"targets": list(plan.targets)}, flag="work directory", lazy=True)
+                except ConfigError:
+                    covs = None
+            if covs is None:
+                tok_dir, spill = scratch / "tokenizer", scratch / "covariance"
+                for d in (tok_dir, spill):
+                    d.mkdir(parents=True)
+                covs = _calibration(model, path, config, skel, ckpt, plan, cfg, covariance, trust_remote_code, progress, spill, tok_dir)
+            unknown = [t for t in plan.targets if t not in covs.members]
+            if unknown:
+                raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")
 
-    work, resumed = open_work_dir(out, manifest, log)
-    try:
-        if covs is not None:
-            if not cached.exists():
-                _save_covariance(covs, cached)
-            if save_covariance:
+        work, resumed = open_work_dir(out, manifest, log)
+        try:
+            if covs is not None:
+                if not cached.exists():
+                    _save_covariance(covs, cached)  # one matrix in memory at a time
+                covs = Covariances.load(cached, flag="work directory", lazy=True)  # read back layer by layer
+            if tok_dir is not None:
+                shutil.rmtree(work / "tokenizer", ignore_errors=True)
+                os.replace(tok_dir, work / "tokenizer")
+            shutil.rmtree(scratch, ignore_errors=True)  # the spilled blocks are in the cached file now
+            if covs is not None and save_covariance:
                 _save_covariance(covs, Path(save_covariance))
 
-        results = []
-        done = 0
-        delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-        bar = tqdm(list(enumerate(plan.targets)), desc=f"prepare {cfg.method} r={cfg.rank}", unit="layer", disable=not progress)
-        for i, name in bar:
-            f = _layer_file(work, i)
-            if f.exists():
-                got = read_layer(f)
-                if got is not None and got[1].name == name:
-                    results.append(got[1])
-                    done += 1
-                    continue
-                f.unlink()
-            W = ckpt.get(f"{name}.weight")
-            W = (W.T if name in plan.conv1d else W).to(device=device, dtype=torch.float32)
-            cov = covs.of(name) if covs is not None else None
-            split, q, result = prepare_layer(W, cfg, name, cov)
-            bias = ckpt.get(f"{name}.bias").float() if name in plan.has_bias else None
-            sd = linear4bit(q, bias, compute_dtype).state_dict()
-            tensors = {**sd, "lora_A": split.A, "lora_B": split.B}
-            meta = {"result": asdict(result), "keys": list(sd)}
-            save_tensors_atomic(f, tensors, metadata={"qcorda": json.dumps(meta)})
-            results.append(result)
-            del W, split, q, sd, tensors
-            bar.set_postfix(err=f"{result.rel_err:.3f}")
-            if delay:
-                time.sleep(delay)
+            results = []
+            done = 0
+            delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+            bar = tqdm(list(enumerate(plan.targets)), desc=f"prepare {cfg.method} r={cfg.rank}", unit="layer", disable=not progress)
+            for i, name in bar:
+                f = _layer_file(work, i)
+                if f.exists():
+                    got = read_layer(f)
+                    if got is not None and got[1].name == name:
+                        results.append(got[1])
+                        done += 1
+                        continue
+                    f.unlink()
+                W = ckpt.get(f"{name}.weight")
+                W = (W.T if name in plan.conv1d else W).to(device=device, dtype=torch.float32)
+                cov = covs.of(name) if covs is not None else None
+                split, q, result = prepare_layer(W, cfg, name, cov)
+                bias = ckpt.get(f"{name}.bias").float() if name in plan.has_bias else None
+                sd = linear4bit(q, bias, compute_dtype).state_dict()
+                tensors = {**sd, "lora_A": split.A, "lora_B": split.B}
+                meta = {"result": asdict(result), "keys": list(sd)}
+                save_tensors_atomic(f, tensors, metadata={"qcorda": json.dumps(meta)})
+                results.append(result)
+                del W, split, q, sd, tensors
+                bar.set_postfix(err=f"{result.rel_err:.3f}")
+                if delay:
+                    time.sleep(delay)
 
-        calibration = None
-        if covs is not None:
-            calibration = dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=cfg.calib.data)
-        covs = None  # the covariances are done with: free them before the output shards are assembled
-        report = PrepareReport(
-            config=cfg,
-            model=model,
-            targets=plan.targets,
-            layers=tuple(replace(r, seconds=0.0) for r in results),
-            calibration=calibration,
-            compute_dtype=str(compute_dtype).removeprefix("torch."),
-            seconds=0.0,
-            versions=_versions(),
-        )
-        with atomic_dir(out, overwrite) as tmp:
-            _assemble(tmp, path, ckpt, config, skel, plan, cfg, work, compute_dtype, report, trust_remote_code)
-            timings = {"seconds": time.perf_counter() - t_start, "resumed_layers": done,
-                       "layers": {r.name: r.seconds for r in results}}
-            write_text_atomic(tmp / "timings.json", json.dumps(timings, indent=1))
-    except (ConfigError, DecompositionError):
-        # a problem of the input: the arguments must change, so this work can never be resumed
+            calibration = None
+            if covs is not None:
+                calibration = dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=cfg.calib.data)
+            covs = None  # the covariances are done with: free them before the output shards are assembled
+            _return_freed_memory()
+            report = PrepareReport(
+                config=cfg,
+                model=model,
+                targets=plan.targets,
+                layers=tuple(replace(r, seconds=0.0) for r in results),
+                calibration=calibration,
+                compute_dtype=str(compute_dtype).removeprefix("torch."),
+                seconds=0.0,
+                versions=_versions(),
+            )
+            with atomic_dir(out, overwrite) as tmp:
+                _assemble(tmp, path, ckpt, config, skel, plan, cfg, work, compute_dtype, report, trust_remote_code, work / "tokenizer")
+                timings = {"seconds": time.perf_counter() - t_start, "resumed_layers": done,
+                           "layers": {r.name: r.seconds for r in results}}
+                write_text_atomic(tmp / "timings.json", json.dumps(timings, indent=1))
+        except (ConfigError, DecompositionError):
+            # a problem of the input: the arguments must change, so this work can never be resumed
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ConfigError(
+                    f"--out {out}: no space left on the device ({e.strerror}); nothing was written to {out}. "
+                    f"Free space, then rerun the same command: finished layers in {work} are reused"
+                ) from e
+            raise
         shutil.rmtree(work, ignore_errors=True)
-        raise
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ConfigError(
-                f"--out {out}: no space left on the device ({e.strerror}); nothing was written to {out}. "
-                f"Free space, then rerun the same command: finished layers in {work} are reused"
-            ) from e
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-    return replace(report, layers=tuple(results), seconds=time.perf_counter() - t_start)
+        return replace(report, layers=tuple(results), seconds=time.perf_counter() - t_start)
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
+
+    The covariances are hundreds of 1–16 MB blocks, below glibc's adaptive mmap threshold, so
+    once freed they stay in its heap: RSS would stay at the covariance peak through assembly,
+    where the tokenizer load then stacks on top of it (Gemma-3-270M: 1.45 GB peak, 1.09 GB
+    with the trim)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _check_out_vs_source(out: Path, source: Path) -> None:
@@ -508,8 +570,9 @@ def _save_covariance(covs: Covariances, path: Path) -> None:
 
 
 def _assemble(tmp: Path, path: Path, ckpt: Checkpoint, config, skel, plan: Plan, cfg: InitConfig, work: Path,
-              compute_dtype: torch.dtype, report, trust_remote_code: bool) -> None:
-    """Write the prepared HF directory into ``tmp`` from the layer files and the source shards."""
+              compute_dtype: torch.dtype, report, trust_remote_code: bool, tok_dir: Path | None = None) -> None:
+    """Write the prepared HF directory into ``tmp`` from the layer files and the source shards
+    (the tokenizer from ``tok_dir`` when calibration already saved it there)."""
     from safetensors import safe_open
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -539,21 +602,12 @@ def _assemble(tmp: Path, path: Path, ckpt: Checkpoint, config, skel, plan: Plan,
                 specs[f"{mod}.{lk}"] = layer_specs[lk]
                 source[f"{mod}.{lk}"] = ("layer", index[mod], lk)
 
-    def fetch(keys: list[str]) -> dict:
-        out = {}
-        by_layer: dict[int, list] = {}
-        for k in keys:
-            src = source[k]
-            if src[0] == "ckpt":
-                t = ckpt.get(src[1])
-                out[k] = t.float().to(compute_dtype) if t.is_floating_point() else t
-            else:
-                by_layer.setdefault(src[1], []).append((k, src[2]))
-        for i, items in by_layer.items():
-            with safe_open(str(_layer_file(work, i)), framework="pt") as f:
-                for k, lk in items:
-                    out[k] = f.get_tensor(lk)
-        return out
+    def produce(k: str):
+        src = source[k]
+        if src[0] == "ckpt":
+            return ckpt.blocks(src[1], specs[k].dtype)
+        with safe_open(str(_layer_file(work, src[1])), framework="pt") as f:
+            return f.get_tensor(src[2])
 
     config.quantization_config = bnb_config(compute_dtype, skip_modules=["lm_head"])
     config.use_cache = False
@@ -562,9 +616,13 @@ def _assemble(tmp: Path, path: Path, ckpt: Checkpoint, config, skel, plan: Plan,
         generation = GenerationConfig.from_pretrained(str(path))
     except OSError:
         generation = GenerationConfig.from_model_config(config) if config._get_generation_parameters() else None
-    write_shards(tmp, specs, fetch, config, generation)
+    write_shards(tmp, specs, produce, config, generation)
     _write_adapter(tmp / "adapter_init", skel, plan, cfg, work)
-    AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code).save_pretrained(tmp)
+    if tok_dir is not None and tok_dir.is_dir() and any(tok_dir.iterdir()):
+        for f in tok_dir.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    else:
+        AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code).save_pretrained(tmp)
     (tmp / "qcorda.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
 
 

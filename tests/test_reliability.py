@@ -84,23 +84,28 @@ def test_nan_activations_in_memory_prepare(tok):
 
 
 def test_disk_full_during_merge_leaves_nothing(setup, tmp_path, monkeypatch):
-    import safetensors.torch as st
-
+    import qcorda.io as qio
     from qcorda.merge import merge
 
     _, prep, trained = setup
-    real = st.save_file
+    real = qio.write_safetensors
 
-    def full_disk(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full_disk(path, specs, produce, metadata=None):  # a few tensors land, then the disk is full
+        written = []
 
-    monkeypatch.setattr(st, "save_file", full_disk)
+        def produce_until_full(key):
+            written.append(key)
+            if len(written) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return produce(key)
+
+        return real(path, specs, produce_until_full, metadata)
+
+    monkeypatch.setattr(qio, "write_safetensors", full_disk)
     with pytest.raises(OSError, match="No space left"):
         merge(prep, tmp_path / "out", trained, verify=None, progress=False)
     assert tree(tmp_path) == []
-    monkeypatch.setattr(st, "save_file", real)
+    monkeypatch.setattr(qio, "write_safetensors", real)
     merge(prep, tmp_path / "out", trained, verify=None, progress=False)
     assert tree(tmp_path)[0] == "out"
 
@@ -146,3 +151,48 @@ def test_prepare_writes_only_under_out(tmp_path, capsys):
                  "--calib-fields", "question,answer", "--calib-samples", "4", "--calib-max-length", "32"]) == 0
     new = sorted(set(tree(tmp_path)) - set(before))
     assert new and all(n.startswith("work/out") for n in new), new
+
+
+def test_streamed_safetensors_reads_back_as_save_file_writes_it(tmp_path):
+    """qcorda.io.write_safetensors (tensor by tensor, piece by piece) against safetensors itself."""
+    from safetensors.torch import load_file, save_file
+
+    from qcorda.io import write_safetensors, write_shards
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "emb": torch.randn(1000, 24, generator=g),
+        "half": torch.randn(7, 5, generator=g).to(torch.bfloat16),
+        "fp16": torch.randn(3, generator=g).half(),
+        "packed": torch.randint(0, 255, (333, 1), dtype=torch.uint8, generator=g),
+        "ids": torch.arange(5, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 4),
+    }
+    specs = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
+
+    def produce(key):  # the big one in uneven row blocks, the rest whole
+        t = tensors[key]
+        return iter(t.split(300)) if key == "emb" else t
+
+    write_safetensors(tmp_path / "ours.safetensors", specs, produce, metadata={"format": "pt"})
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    ours, ref = load_file(str(tmp_path / "ours.safetensors")), load_file(str(tmp_path / "ref.safetensors"))
+    assert ours.keys() == ref.keys() == tensors.keys()
+    for k in tensors:
+        assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
+
+    # a producer that disagrees with the header is refused, never written as something else
+    with pytest.raises(ValueError, match="emb was produced as 9600 bytes, its header says 96000"):
+        write_safetensors(tmp_path / "short.safetensors", specs, lambda k: tensors[k][:100] if k == "emb" else tensors[k])
+    with pytest.raises(ValueError, match="half was produced as torch.float32"):
+        write_safetensors(tmp_path / "dtype.safetensors", specs, lambda k: tensors[k].float() if k == "half" else tensors[k])
+
+    # sharded: the index maps every key, and each shard holds only its keys
+    (tmp_path / "sharded").mkdir()
+    assert len(write_shards(tmp_path / "sharded", specs, produce, max_shard_size=40_000)) > 1
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(tensors)
+    for k, f in index.items():
+        assert torch.equal(load_file(str(tmp_path / "sharded" / f))[k], tensors[k])

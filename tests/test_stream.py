@@ -63,15 +63,17 @@ def _x(tok):
 @pytest.mark.parametrize("method", ["qlora", "qpissa", "qcorda-ipm", "qcorda-cal"])
 def test_streamed_equals_in_memory(method, llama, tok, tmp_path):
     cfg = _cfg(method, alpha=8.0)
+    (tmp_path / ".s.scratch" / "covariance").mkdir(parents=True)  # left by a run killed while calibrating
     stream_prepare(str(llama), cfg, tmp_path / "s", progress=False)
     model, t = load_model(str(llama))
     save_prepared(prepare(model, cfg, tokenizer=t, progress=False), tmp_path / "m", t)
     hs, hm = hashes(tmp_path / "s"), hashes(tmp_path / "m")
-    for f in ("model.safetensors", "config.json", "adapter_init/adapter_model.safetensors", "adapter_init/adapter_config.json"):
+    for f in ("model.safetensors", "config.json", "adapter_init/adapter_model.safetensors", "adapter_init/adapter_config.json",
+              "tokenizer.json", "tokenizer_config.json"):  # calibrated methods copy the tokenizer calibration saved
         assert hs[f] == hm[f], f
     x = _x(tok)
     assert torch.equal(load_prepared(tmp_path / "s")(**x).logits, load_prepared(tmp_path / "m")(**x).logits)
-    assert leftovers(tmp_path, tmp_path / "s") == ["s"]  # the work dir is gone
+    assert leftovers(tmp_path, tmp_path / "s") == ["s"]  # the work dir and the stale scratch are gone
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -141,25 +143,37 @@ def test_other_arguments_restart_the_work(llama, tmp_path, monkeypatch, capsys):
 def test_disk_full_leaves_nothing_under_the_target(fail_at, llama, tmp_path, monkeypatch):
     import safetensors.torch as st
 
-    real = st.save_file
+    import qcorda.io as qio
+
+    real_save, real_write = st.save_file, qio.write_safetensors
     count = []
 
-    def full_disk(tensors, filename, metadata=None):
+    def disk_full_at(filename):  # the fail_at-th file written: half of it, then the disk is full
         count.append(filename)
         if len(count) == fail_at:
-            with open(filename, "wb") as f:  # half a file, then the disk is full
+            with open(filename, "wb") as f:
                 f.write(b"\0" * 100)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(st, "save_file", full_disk)
+    def save_file(tensors, filename, metadata=None):  # layer files
+        disk_full_at(filename)
+        return real_save(tensors, filename, metadata=metadata)
+
+    def write_safetensors(path, specs, produce, metadata=None):  # the assembled model shards
+        disk_full_at(path)
+        return real_write(path, specs, produce, metadata)
+
+    monkeypatch.setattr(st, "save_file", save_file)
+    monkeypatch.setattr(qio, "write_safetensors", write_safetensors)
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"no space left on the device.*rerun the same command"):
         stream_prepare(str(llama), _cfg("qpissa"), out, progress=False)
+    assert len(count) == fail_at and (Path(count[-1]).name == "model.safetensors") == (fail_at == 15)
     assert not out.exists()
     assert leftovers(tmp_path, out) == [partial_dir(out).name]  # only the resumable work dir
     assert not [p for p in partial_dir(out).rglob("*") if ".tmp-" in p.name]
-    monkeypatch.setattr(st, "save_file", real)
+    monkeypatch.setattr(st, "save_file", real_save)
+    monkeypatch.setattr(qio, "write_safetensors", real_write)
     stream_prepare(str(llama), _cfg("qpissa"), out, progress=False)
     stream_prepare(str(llama), _cfg("qpissa"), tmp_path / "ref", progress=False)
     assert hashes(out) == hashes(tmp_path / "ref")
