@@ -8,23 +8,26 @@ beside the target::
 
     .OUT.partial/
         manifest.json            what the run depends on (model files, config, calibration)
-        covariance.safetensors   the calibration covariances (calibrated methods)
+        covariance.safetensors   the calibration covariances (calibrated methods), read one at a time
+        tokenizer/               the tokenizer, saved while calibration had it loaded
         layers/00012.safetensors one finished target: its Linear4bit tensors, lora_A, lora_B
 
 A rerun with the same arguments continues from the finished layers (each layer file
 is renamed into place only when complete). At the end the HF directory (4-bit
 residual with ``quantization_config``, ``adapter_init/``, tokenizer, ``qcorda.json``)
-is assembled one shard at a time into a temporary directory and renamed to ``OUT``.
+is written tensor by tensor (:func:`qcorda.io.write_safetensors`; the embeddings in 64 MB row
+blocks) into a temporary directory and renamed to ``OUT``.
 Every layer uses a seed derived from its name, so a resumed run writes the same bytes
 as an uninterrupted one. Wall-clock timings go to ``timings.json``, the one file that
 differs between runs.
 
-Peak memory ≈ one fp32 copy of the largest target and its decomposition workspace, its
-covariance, and one output shard. Calibration (the ``qcorda-*`` methods) walks the model
-one decoder block at a time (:mod:`qcorda.blockwise`): its peak is the embeddings, then the
-hidden states of the calibration batches + one fp32 block. It is skipped when
-``--covariance`` is given or a previous attempt already saved the covariances in the work
-directory.
+Peak memory ≈ one fp32 copy of the largest target and its decomposition workspace, and its
+covariance. Calibration (the ``qcorda-*`` methods) walks the model one decoder block at a
+time (:mod:`qcorda.blockwise`): its peak is the embedding rows of the calibration tokens, then
+the hidden states of the calibration batches + one fp32 block + that block's covariances,
+which are spilled to ``.OUT.scratch/`` as each block finishes and gathered into the work
+directory's file one matrix at a time. It is skipped when ``--covariance`` is given or a
+previous attempt already saved the covariances in the work directory.
 """
 
 from __future__ import annotations

@@ -191,7 +191,10 @@ def _cli(model, out, *extra, env=None):
 def test_killed_then_rerun_is_byte_identical(sig, deep_llama, tmp_path):
     out, ref = tmp_path / "out", tmp_path / "ref"
     args, env = _cli(deep_llama, out, env={"QCORDA_TEST_LAYER_DELAY": "0.25"})
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # SIGINT back to its default in the child: a runner started in the background (`cmd &` in a
+    # script) hands SIG_IGN down, and Python then never turns SIGINT into KeyboardInterrupt
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     layers = partial_dir(out) / "layers"
     deadline = time.time() + 240
     try:
