@@ -63,11 +63,7 @@ def small_recipe(tmp: Path, arch: dict) -> Path:
     cfg = dict(hidden_size=arch["hidden"], intermediate_size=arch["intermediate"], num_hidden_layers=arch["layers"],
                num_attention_heads=arch["heads"], num_key_value_heads=arch["kv_heads"], vocab_size=arch["vocab"],
                tie_word_embeddings=arch["tied_embeddings"])
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny.config("llama", **cfg), dtype=torch.float32).save_pretrained(model_dir)
+    tiny.model("llama", **cfg).save_pretrained(model_dir)  # seed 0, fp32
     tiny.tokenizer().save_pretrained(model_dir)
     recipe = {
         "output_dir": str(tmp / "run"), "model": str(model_dir),
@@ -134,8 +130,6 @@ def child(recipe_path: str, overrides: list[str], steps: int, device: str) -> di
     import trl  # noqa: F401
 
     warm_up(recipe_path, overrides, prepared)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     base = _rss("VmRSS")
     model, _, _ = prepared_model(recipe, progress=False)
     train_ds, _ = datasets_of(recipe, tok)

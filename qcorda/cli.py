@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .io import OutputExistsError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, OutputExistsError) as e:
         print(f"qcorda {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -185,3 +185,10 @@ def token_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: 
         chunk = list(texts[i : i + batch_size])
         enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def calibration_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> tuple[Iterator[dict], int]:
+    """:func:`token_batches` without the all-padding ones (they carry no activations; a collector
+    reports data that is padding throughout), and the number of batches at most (progress bars)."""
+    batches = (b for b in token_batches(tokenizer, texts, max_length, batch_size) if b["attention_mask"].any())
+    return batches, -(-len(texts) // batch_size)

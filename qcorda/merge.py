@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -222,17 +223,16 @@ class MergedLayer:
     """max |W_merged(fp32) − W_merged(dtype)|: the only rounding merge introduces."""
 
 
-def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtype, targets: list[str], progress: bool = True):
+def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtype, targets: list[str],
+                   on_layer: Callable[[], object] = lambda: None):
     """The plain model's tensors, produced one at a time: ``(specs, produce, layers)``.
 
     ``specs`` maps each key to a ``meta`` tensor of its final shape and ``dtype``, in the
     prepared checkpoint's order; ``produce(key)`` reads (and for a target, dequantizes and
-    merges) that one tensor, and appends the target's :class:`MergedLayer` to ``layers``. A
-    writer that calls it key by key (:func:`qcorda.io.write_shards`) holds one layer at a time,
-    never the merged model.
+    merges) that one tensor, appends the target's :class:`MergedLayer` to ``layers`` and calls
+    ``on_layer()``. A writer that calls it key by key (:func:`qcorda.io.write_shards`) holds one
+    layer at a time, never the merged model.
     """
-    from tqdm.auto import tqdm
-
     from .io import CheckpointReader
 
     reader = CheckpointReader(prepared, "model", "PREPARED")
@@ -255,7 +255,6 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
     if missing:
         raise ConfigError(f"PREPARED {prepared}: the checkpoint lacks {', '.join(missing[:3])}; re-run qcorda prepare")
     layers: list[MergedLayer] = []
-    bar = tqdm(total=len(targets), desc=f"merge -> {str(dtype).removeprefix('torch.')}", unit="layer", disable=not progress)
 
     def produce(key: str) -> torch.Tensor:
         name = key.removesuffix(".weight")
@@ -267,10 +266,10 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
         W = merged_weight(dequantized(reader, name), B, A, s)
         out = W.to(dtype)
         layers.append(MergedLayer(name, tuple(W.shape), s, (s * B @ A).norm().item(), (W - out.float()).abs().max().item()))
-        bar.update()
+        on_layer()
         return (out.T if name in conv1d else out).contiguous()
 
-    return specs, produce, layers, bar
+    return specs, produce, layers
 
 
 # --------------------------------------------------------------------------- command
@@ -336,6 +335,8 @@ def merge(
 ) -> MergeResult:
     """Write the merged plain HF model to ``out`` (atomically) and, unless ``verify`` is None,
     compare it with the trained 4-bit + adapter model (saved as ``qcorda_verify.json``)."""
+    from tqdm.auto import tqdm
+
     from .io import atomic_dir, check_out_dir, write_shards
     from .prepare import read_manifest, resolve_device
 
@@ -349,9 +350,9 @@ def merge(
     check_adapter(prepared, manifest, spec, read_adapter(prepared / "adapter_init", "PREPARED/adapter_init"))
     targets = list(manifest["targets"])
     with atomic_dir(out, overwrite) as tmp:
-        specs, produce, layers, bar = merged_tensors(prepared, spec, torch_dtype, targets, progress)
-        write_shards(tmp, specs, produce, plain_config(prepared, torch_dtype), _generation_config(prepared))
-        bar.close()
+        with tqdm(total=len(targets), desc=f"merge -> {dtype}", unit="layer", disable=not progress) as bar:
+            specs, produce, layers = merged_tensors(prepared, spec, torch_dtype, targets, bar.update)
+            write_shards(tmp, specs, produce, plain_config(prepared, torch_dtype), _generation_config(prepared))
         _copy_tokenizer(prepared, tmp)
         info = {
             "format": "qcorda.merge/1",

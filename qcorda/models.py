@@ -20,9 +20,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QCORDA_CACHE", Path.home() / ".cache" / "qcorda"))
 
 
+def gemma3_270m_dir() -> Path:
+    """Where the cached fp32 HF directory of Gemma-3-270M lives (it may not exist yet)."""
+    return cache_dir() / "gemma3-270m-fp32"
+
+
 def gemma3_270m() -> Path:
     """Path of the cached fp32 HF directory of Gemma-3-270M, converting it on first use."""
-    out = cache_dir() / "gemma3-270m-fp32"
+    out = gemma3_270m_dir()
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     try:

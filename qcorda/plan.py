@@ -42,10 +42,10 @@ from .config import ConfigError
 from .recipe import ArchConfig, Recipe
 
 GB = 1024**3
-#: The projections of one decoder block: name → (out_features, in_features) as functions of the arch.
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: The projections of one decoder block → the submodule that holds them.
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+PROJECTIONS = tuple(_PARENT)
 #: NF4 per-tensor constants: fp32 offset (4 B) + 16-entry fp32 NF4 code + 256-entry fp32 8-bit code.
 NF4_TENSOR_CONSTANTS = 4 + 16 * 4 + 256 * 4
 BLOCKSIZE = 64
@@ -270,9 +270,9 @@ def read_model_config(model: str | None) -> dict | None:
     hub id already in the local HF cache; None when it cannot be read offline (nothing is downloaded)."""
     if not model:
         return None
-    from .models import GEMMA3_270M, cache_dir
+    from .models import GEMMA3_270M, gemma3_270m_dir
 
-    path = cache_dir() / "gemma3-270m-fp32" if model == GEMMA3_270M else Path(model)
+    path = gemma3_270m_dir() if model == GEMMA3_270M else Path(model)
     data = None
     if (path / "config.json").is_file():
         data = json.loads((path / "config.json").read_text())

@@ -248,13 +248,11 @@ def covariance_manifest(model_id: str, model: torch.nn.Module | None, targets: l
 def collect_covariances(model, tokenizer, targets: list[str], cfg: InitConfig, model_id: str = "", progress: bool = True) -> Covariances:
     """C = XᵀX/n for every target group on ``cfg.calib``."""
     from . import covariance
-    from .data import token_batches
+    from .data import calibration_batches
 
     texts = calibration_texts(cfg, tokenizer)
     manifest = covariance_manifest(model_id, model, targets, cfg, texts)
-    # all-padding batches carry no activations; collect() reports data that is padding throughout
-    batches = (b for b in token_batches(tokenizer, texts, cfg.calib.max_length, cfg.calib.batch_size) if b["attention_mask"].any())
-    n_batches = -(-len(texts) // cfg.calib.batch_size)
+    batches, n_batches = calibration_batches(tokenizer, texts, cfg.calib.max_length, cfg.calib.batch_size)
     dtype = getattr(torch, cfg.cov_dtype)
     return covariance.collect(model, batches, targets, dtype, progress=progress, total=n_batches, manifest=manifest)
 

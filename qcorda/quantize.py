@@ -86,8 +86,7 @@ def linear4bit(q: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dty
     )
     if bias is not None:
         layer.bias = torch.nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
-    layer.support_avx512bf16_for_cpu = False  # see keep_dequantize_path
-    return layer
+    return keep_dequantize_path(layer)
 
 
 def keep_dequantize_path(model: torch.nn.Module) -> torch.nn.Module:
@@ -136,7 +135,7 @@ def set_quant_storage(model: torch.nn.Module, dtype: torch.dtype) -> int:
         w = module.weight
         if w.data.dtype != dtype:
             flat = w.data.reshape(-1).view(torch.uint8)
-            if flat.numel() % torch.empty((), dtype=dtype).element_size():
+            if flat.numel() % dtype.itemsize:
                 raise ValueError(f"a 4-bit weight of {flat.numel()} bytes cannot be stored as {dtype}")
             w.data = flat.view(dtype).reshape(-1, 1)
         w.quant_storage = dtype

@@ -21,6 +21,12 @@ Optim = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_to
 QuantStorage = Literal["auto", "uint8", "bfloat16", "float16", "float32"]
 
 
+def _one_of(key: str, value, options) -> None:
+    """Refuse ``value`` unless it is one of the ``Literal`` ``options``, naming the recipe key."""
+    if value not in get_args(options):
+        raise ConfigError(f"{key} must be one of {', '.join(get_args(options))}; got {value!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Training (and evaluation) records and how they become prompt/completion pairs."""
@@ -43,8 +49,7 @@ class DataConfig:
     """Number of evaluation records; 0 disables evaluation. Recipe: ``data.eval_limit``."""
 
     def __post_init__(self) -> None:
-        if self.template not in get_args(Template):
-            raise ConfigError(f"data.template must be one of alpaca, plain, chat; got {self.template!r}")
+        _one_of("data.template", self.template, Template)
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"data.limit must be positive or null, got {self.limit}")
         if self.eval_limit < 0:
@@ -106,10 +111,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be a positive integer, got {v!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
-        if self.optim not in get_args(Optim):
-            raise ConfigError(f"train.optim must be one of {', '.join(get_args(Optim))}; got {self.optim!r}")
-        if self.quant_storage not in get_args(QuantStorage):
-            raise ConfigError(f"train.quant_storage must be one of {', '.join(get_args(QuantStorage))}; got {self.quant_storage!r}")
+        _one_of("train.optim", self.optim, Optim)
+        _one_of("train.quant_storage", self.quant_storage, QuantStorage)
         if self.bf16 not in (True, False, "auto"):
             raise ConfigError(f"train.bf16 must be true, false or auto; got {self.bf16!r}")
         if self.eval_steps is not None and self.eval_steps <= 0:

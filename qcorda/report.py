@@ -351,7 +351,7 @@ def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progres
     from tqdm.auto import tqdm
 
     from . import covariance
-    from .data import token_batches
+    from .data import calibration_batches
     from .prepare import collect_covariances, resolve_device
     from .targets import check_rank, find_targets, weight_of
     from .quantize import nf4_roundtrip
@@ -381,9 +381,8 @@ def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progres
     for s in config.eval_data:
         key = ("eval", tuple(targets), s, config.eval_samples, config.eval_max_length)
         if key not in cache:
-            batches = (b for b in token_batches(tokenizer, texts[s], config.eval_max_length, config.eval_batch_size) if b["attention_mask"].any())
-            cache[key] = covariance.collect(model, batches, targets, torch.float32, progress=progress,
-                                            total=-(-len(texts[s]) // config.eval_batch_size), manifest={"data": s})
+            batches, n = calibration_batches(tokenizer, texts[s], config.eval_max_length, config.eval_batch_size)
+            cache[key] = covariance.collect(model, batches, targets, torch.float32, progress=progress, total=n, manifest={"data": s})
         eval_covs.append(cache[key])
     eva = {}
     if "qeva" in config.methods:

@@ -32,7 +32,6 @@ previous attempt already saved the covariances in the work directory.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -363,7 +362,7 @@ def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan
     from transformers import AutoTokenizer
 
     from .blockwise import NotBlockwise, collect_blockwise
-    from .data import token_batches
+    from .data import calibration_batches
     from .prepare import calibration_texts, collect_covariances, covariance_manifest, load_model, model_fingerprint, resolve_device
 
     targets = list(plan.targets)
@@ -381,8 +380,7 @@ def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan
         return Covariances.load(covariance, expect=expect, lazy=True)
     if cfg.calib.data is None:
         raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
-    # all-padding batches carry no activations; the collector reports data that is padding throughout
-    batches = [b for b in token_batches(tok, texts, cfg.calib.max_length, cfg.calib.batch_size) if b["attention_mask"].any()]
+    batches = list(calibration_batches(tok, texts, cfg.calib.max_length, cfg.calib.batch_size)[0])
     del tok  # the walk needs only the token ids; Gemma-3's 262k-entry tokenizer holds ~330 MB
     try:
         return collect_blockwise(skel, ckpt.get, batches, targets, getattr(torch, cfg.cov_dtype), resolve_device(cfg.device),
@@ -434,8 +432,7 @@ def stream_prepare(
     # before that leaves the scratch directory, and the next run starts by removing it.
     scratch = out.parent / f".{out.name}.scratch"
     shutil.rmtree(scratch, ignore_errors=True)
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(shutil.rmtree, scratch, True)
+    try:
         # Everything that can reject the input runs before the first byte is written.
         covs: Covariances | None = None
         tok_dir = spill = None
@@ -534,6 +531,8 @@ def stream_prepare(
             raise
         shutil.rmtree(work, ignore_errors=True)
         return replace(report, layers=tuple(results), seconds=time.perf_counter() - t_start)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _return_freed_memory() -> None:

@@ -136,10 +136,10 @@ def quant_storage_dtype(recipe: Recipe, model):
     return getattr(torch, q)
 
 
-def apply_quant_storage(recipe: Recipe, model) -> str:
+def apply_quant_storage(recipe: Recipe, model) -> None:
     """Store the NF4 bytes as ``train.quant_storage``; under FSDP also give the adapter that dtype,
     since FSDP flattens each wrapped unit into one tensor of one dtype (PEFT's FSDP-QLoRA does the
-    same; the fp32 init is then rounded to the compute dtype). Returns the storage dtype's name."""
+    same; the fp32 init is then rounded to the compute dtype)."""
     from .quantize import set_quant_storage
 
     dtype = quant_storage_dtype(recipe, model)
@@ -148,7 +148,6 @@ def apply_quant_storage(recipe: Recipe, model) -> str:
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.data = p.data.to(dtype)
-    return str(dtype).removeprefix("torch.")
 
 
 def use_bf16(recipe: Recipe) -> bool:
@@ -319,22 +318,19 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         "trainable_params": trainable,
     }
     meta = {"quantization_config": quantization_config_of(trainer.model), "world_size": trainer.args.world_size}
-    adapter = save_adapter(recipe, trainer.model, prepared, {**summary, **meta}) if trainer.is_world_process_zero() else Path(recipe.output_dir) / "adapter"
+    adapter = save_adapter(recipe, trainer.model, prepared, {**summary, **meta}) if trainer.is_world_process_zero() else out / "adapter"
     return TrainResult(adapter=adapter, prepared=prepared, seconds=time.perf_counter() - t0,
                        adapter_sha256=adapter_fingerprint(trainer.model), **summary)
 
 
 def adapter_fingerprint(model) -> str:
     """sha256 over the trainable parameters' bytes in name order (ranks of a data-parallel run agree)."""
+    import torch
+
     h = hashlib.sha256()
     for n, p in sorted(model.named_parameters()):
         if p.requires_grad:
             h.update(n.encode())
-            h.update(p.detach().cpu().contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
+            h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8

@@ -1,4 +1,5 @@
-"""Shared setup for the merge / to-lora tests: a prepared tiny model and a 'trained' adapter."""
+"""Shared test setup: a prepared tiny model and a 'trained' adapter (merge / to-lora tests), and
+the scripts under eval/ loaded as modules."""
 
 from __future__ import annotations
 
@@ -40,3 +41,14 @@ def edited_adapter(trained, out, **config_updates):
     cfg.update(config_updates)
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     return out
+
+
+def eval_script(name: str):
+    """``eval/NAME.py`` loaded as a module (eval/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "eval" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

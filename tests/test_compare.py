@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiny
-from qcorda.config import CalibConfig, ConfigError, InitConfig
+from qcorda.config import CalibConfig, InitConfig
 from qcorda.report import (
     CompareConfig, compare, effective_weight, final_hidden, layer_errors, ppl_and_kl, scored_batches, write_report,
 )

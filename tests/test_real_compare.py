@@ -8,11 +8,12 @@ on 2 idle CPU cores (covariances ≈ 3 min, full-SVD decompositions of 5 methods
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from export_helpers import eval_script
 
 pytestmark = pytest.mark.slow
 
@@ -20,18 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "eval" / "results" / "compare_golden.json"
 
 
-def _golden_module():
-    spec = importlib.util.spec_from_file_location("golden_compare", ROOT / "eval" / "golden_compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def measured(gemma_path):
     from qcorda.prepare import load_model
 
-    golden = _golden_module()
+    golden = eval_script("golden_compare")
     model, tok = load_model(str(gemma_path))
     return golden.measure(model, tok, list(golden.REFERENCE), progress=False)
 

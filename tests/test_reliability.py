@@ -16,7 +16,7 @@ import torch
 import tiny
 from export_helpers import prepared_and_trained
 from qcorda.cli import main
-from qcorda.config import CalibConfig, ConfigError, InitConfig
+from qcorda.config import CalibConfig, InitConfig
 from qcorda.decompose import DecompositionError
 
 
@@ -113,7 +113,7 @@ def test_disk_full_during_merge_leaves_nothing(setup, tmp_path, monkeypatch):
 def test_trust_remote_code_is_off_by_default():
     import inspect
 
-    from qcorda import cli, prepare, stream
+    from qcorda import prepare, stream
 
     root = Path(__file__).resolve().parents[1] / "qcorda"
     assert [str(p) for p in root.rglob("*.py") if re.search(r"trust_remote_code\s*=\s*True", p.read_text())] == []

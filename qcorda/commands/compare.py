@@ -12,7 +12,7 @@ from .common import add_init_arguments, csv, init_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..report import DEFAULT_EVAL, DEFAULT_METHODS, DEFAULT_RANKS, CompareConfig
+    from ..report import DEFAULT_EVAL, DEFAULT_METHODS, DEFAULT_RANKS, CompareConfig, default_init
 
     d = CompareConfig.__dataclass_fields__
     p.add_argument("model", nargs="?", default="gemma-3-270m", help="HF model directory, hub id, or gemma-3-270m (default)")
@@ -30,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"].default)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     add_init_arguments(p, method=False, rank=False)
-    # the reference setup (see qcorda.report.default_init)
-    p.set_defaults(calib_data="gsm8k-train", calib_fields=("question", "answer"), calib_samples=64, calib_max_length=256, svd="randomized")
+    i = default_init()  # the reference setup
+    p.set_defaults(calib_data=i.calib.data, calib_fields=i.calib.fields, calib_samples=i.calib.samples,
+                   calib_max_length=i.calib.max_length, svd=i.svd)
 
 
 def parse_ranks(value: str) -> tuple[int, ...]:
@@ -59,16 +60,13 @@ def run(args) -> int:
     from ..config import ConfigError
     from ..decompose import DecompositionError
     from ..data import load_records
-    from ..io import OutputExistsError, check_out_dir
+    from ..io import check_out_dir
     from ..prepare import load_model
     from ..report import compare, summary_table, write_report
     from ..table import print_table
 
     cfg = config_from_args(args)  # bad flags fail before the model loads
-    try:
-        check_out_dir(args.out, args.overwrite)
-    except OutputExistsError as e:
-        raise ConfigError(str(e)) from e
+    check_out_dir(args.out, args.overwrite)
     for source in cfg.eval_data:  # a missing eval set fails before the model loads
         load_records(source, "test", "--eval-data")
     model, tok = load_model(args.model, args.trust_remote_code)

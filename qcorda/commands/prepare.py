@@ -21,14 +21,11 @@ def run(args) -> int:
 
     from ..config import CALIBRATED, ConfigError
     from ..decompose import DecompositionError
-    from ..io import OutputExistsError, check_out_dir
+    from ..io import check_out_dir
     from ..stream import STREAMED, stream_prepare
 
     cfg = init_config(args)
-    try:
-        check_out_dir(args.out, args.overwrite)
-    except OutputExistsError as e:
-        raise ConfigError(str(e)) from e
+    check_out_dir(args.out, args.overwrite)
     if cfg.method not in CALIBRATED and (args.calib_data or args.covariance):
         warnings.warn(f"--method {cfg.method} uses no calibration data; --calib-data/--covariance are ignored", stacklevel=1)
     if cfg.method in CALIBRATED and not (args.calib_data or args.covariance):
