@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from .config import ConfigError
-from .covariance import NO_TOKENS, Accumulator, Covariances
+from .covariance import NO_TOKENS, Accumulator, Covariances, masks_of
 
 
 class NotBlockwise(Exception):
@@ -151,6 +151,7 @@ def collect_blockwise(
     dec_prefix = f"{dec_name}." if dec_name else ""
     acc = Accumulator(dtype, device)
     n_tokens = n_samples = 0
+    n_heldout: int | None = None
     spilled: dict[str, tuple[Path, str]] = {}
 
     # 1. embeddings → block inputs and per-block arguments, one forward per batch
@@ -158,22 +159,24 @@ def collect_blockwise(
     _materialize(skeleton, decoder, dec_prefix, get, device, {compact[0]: compact[1]} if compact else None)
     decoder.eval()
     hidden: list[torch.Tensor] = []
-    masks: list[torch.Tensor] = []
+    masks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     block_args: list[dict[int, tuple]] = []
     with torch.inference_mode():
         for batch in tqdm(batches, desc="covariance: embeddings", unit="batch", disable=not progress):
             ids = batch["input_ids"] if compact is None else compact[2][batch["input_ids"]]
             ids = ids.to(device)
-            mask = batch["attention_mask"].to(device)
+            mask, held = masks_of(batch, device)
             calls.clear()
-            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            decoder(input_ids=ids, attention_mask=mask.long(), use_cache=False)
             if len(calls) != len(blocks) or [c[0] for c in calls] != list(range(len(blocks))):
                 raise NotBlockwise("the decoder does not call each block once, in order")
             hidden.append(calls[0][1])
             block_args.append({i: (a, k) for i, _, a, k in calls})
-            masks.append(mask.bool())
+            masks.append((mask, held))
             n_tokens += int(mask.sum())
             n_samples += ids.shape[0]
+            if held is not None:
+                n_heldout = (n_heldout or 0) + int(held.sum())
     calls.clear()
     if n_tokens == 0:
         raise ConfigError(NO_TOKENS)
@@ -193,7 +196,7 @@ def collect_blockwise(
             acc.start_pass()
             try:
                 for b in range(len(hidden)):
-                    acc.mask = masks[b]
+                    acc.mask, acc.held_mask = masks[b]
                     args, kwargs = block_args[b][i]
                     out = block(hidden[b], *args, **kwargs)
                     hidden[b] = out[0] if isinstance(out, tuple) else out
@@ -205,6 +208,7 @@ def collect_blockwise(
             if spill is not None:  # this block's groups are complete: to disk, out of memory
                 groups = list(dict.fromkeys(g for t in mine if (g := acc.group_of.get(t)) in acc.sums))
                 file = Path(spill) / f"block-{i:05d}.safetensors"
-                save_file({f"cov.{g}": m.cpu() for g, m in acc.pop_final(groups, n_tokens).items()}, str(file))
-                spilled.update({g: (file, f"cov.{g}") for g in groups})
-    return acc.result(targets, n_tokens, n_samples, manifest, spilled)
+                finished = acc.pop_final(groups, n_tokens, n_heldout)
+                save_file({k: m.cpu() for k, m in finished.items()}, str(file))
+                spilled.update({k: (file, k) for k in finished})
+    return acc.result(targets, n_tokens, n_samples, manifest, spilled, n_heldout)

@@ -10,18 +10,25 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 Method = Literal[
-    "qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal",
+    "qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera",
     "lora", "qdora", "qeva", "qolora",
 ]
 METHODS: tuple[str, ...] = get_args(Method)
 
-#: Methods whose adapter init needs activation covariances.
-CALIBRATED: frozenset[str] = frozenset({"qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qeva"})
+#: Methods whose adapter init needs the input covariances C of the targets.
+COVARIANCE: frozenset[str] = frozenset({"qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"})
+#: Methods whose adapter init reads calibration text: the covariance methods, and EVA (which
+#: reads activations itself through PEFT and needs no covariance).
+CALIBRATED: frozenset[str] = COVARIANCE | {"qeva"}
 #: Baselines whose adapter init PEFT computes (:mod:`qcorda.baselines`): 16-bit LoRA, DoRA,
 #: EVA, OLoRA. ``qeva`` reads activations itself (PEFT's EVA), it needs no covariance file.
 BASELINES: frozenset[str] = frozenset({"lora", "qdora", "qeva", "qolora"})
 #: Methods that iterate quantization and a low-rank fit; ``iters`` applies to them.
 ITERATIVE: frozenset[str] = frozenset({"loftq", "qpissa", "qcorda-cal"})
+#: ``iters="auto"``: the most alternations tried, and which calibration records are held out to choose
+#: among them (record i is held out when i % HELDOUT_EVERY == HELDOUT_EVERY − 1, i.e. 1/8 of them).
+AUTO_MAX_ITERS = 8
+HELDOUT_EVERY = 8
 
 SvdSolver = Literal["full", "randomized"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -79,9 +86,15 @@ class InitConfig:
     alpha: float | None = None
     """LoRA alpha; the adapter is scaled by s = alpha / r. Default r (s = 1), as in the
     PiSSA and CorDA recipes. CLI: ``--alpha``."""
-    iters: int | None = None
+    iters: int | Literal["auto"] | None = None
     """Alternations of NF4 quantization and low-rank fit for ``loftq`` (default 5),
-    ``qpissa`` (default 1, plain PiSSA) and ``qcorda-cal`` (default 5). CLI: ``--iters``."""
+    ``qpissa`` (default 1, plain PiSSA) and ``qcorda-cal`` (default 5). ``auto``: per layer, the
+    iterate (up to ``AUTO_MAX_ITERS``) with the lowest activation error on held-out calibration
+    records (every ``HELDOUT_EVERY``-th), fitted on the others; needs calibration data. CLI: ``--iters``."""
+    cal_start: Literal["ipm", "zero"] = "ipm"
+    """Where ``qcorda-cal`` starts: ``ipm``, the CorDA-IPM split (the adapter holds the principal
+    components, large B and A), or ``zero``, B·A = 0 (the activation-norm LoftQ: the adapter holds
+    only the quantization error, small as in QLoRA; its first iteration is ``qera``). CLI: ``--cal-start``."""
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     """Module-name patterns to adapt: exact names, suffixes (``q_proj``), globs
     (``*.mlp.*``) or regexes (``re:...``). ``all-linear``: every Linear/Conv1D in the
@@ -117,12 +130,17 @@ class InitConfig:
             raise ConfigError(f"--rank must be a positive integer, got {self.rank!r}")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"--alpha must be positive, got {self.alpha!r}")
-        if self.iters is not None and self.iters < 1:
-            raise ConfigError(f"--iters must be at least 1, got {self.iters}")
-        if self.iters is not None and self.iters > 1 and self.method not in ITERATIVE:
+        if self.iters == "auto":
+            if self.method not in ITERATIVE:
+                raise ConfigError(f"--iters auto applies to {', '.join(sorted(ITERATIVE))}; method {self.method!r} does not iterate")
+        elif self.iters is not None and (not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1):
+            raise ConfigError(f"--iters must be a positive integer or auto, got {self.iters!r}")
+        elif self.iters is not None and self.iters > 1 and self.method not in ITERATIVE:
             raise ConfigError(
                 f"--iters applies to {', '.join(sorted(ITERATIVE))}; method {self.method!r} does not iterate"
             )
+        if self.cal_start not in ("ipm", "zero"):
+            raise ConfigError(f"--cal-start must be ipm or zero, got {self.cal_start!r}")
         if not self.target_modules:
             raise ConfigError("--target-modules is empty; give patterns such as q_proj,v_proj or all-linear")
         if not self.ridge > 0:
@@ -149,10 +167,24 @@ class InitConfig:
 
     @property
     def n_iters(self) -> int:
+        """Alternations to run (with ``iters="auto"``: the most that are tried)."""
+        if self.iters == "auto":
+            return AUTO_MAX_ITERS
         if self.iters is not None:
             return self.iters
         return {"loftq": 5, "qcorda-cal": 5}.get(self.method, 1)
 
     @property
+    def heldout_every(self) -> int | None:
+        """Every how many calibration records one is held out (``iters="auto"``), else None."""
+        return HELDOUT_EVERY if self.iters == "auto" else None
+
+    @property
+    def needs_covariance(self) -> bool:
+        """The split needs the targets' input covariances (CorDA, qcorda-cal, QERA, or ``iters="auto"``)."""
+        return self.method in COVARIANCE or self.iters == "auto"
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.method in CALIBRATED
+        """The init reads calibration text (every covariance method, and EVA)."""
+        return self.method in CALIBRATED or self.needs_covariance

@@ -2,6 +2,9 @@
 
 Forward pre-hooks read each target's input ``(batch, seq, in_features)``, drop the
 padding positions with the attention mask, and accumulate XᵀX in fp32 (or fp64).
+Batches may mark records as held out (``batch["heldout"]``, ``(batch,)`` bool, every
+``HELDOUT_EVERY``-th record, for ``--iters auto``): their X_hᵀX_h is accumulated a second
+time, apart, so that C_h and C_fit = (n·C − n_h·C_h)/(n − n_h) come out of one pass.
 Layers that read the same tensor (q/k/v, gate/up) share one accumulator, found on
 the first batch by tensor identity. Results are saved as safetensors with a manifest
 (model, targets, samples, tokens, data hash) so they can be reused across ranks
@@ -22,7 +25,11 @@ from .config import ConfigError
 from .decompose import DecompositionError
 
 FORMAT = "qcorda.covariance/1"
+#: Key prefixes in a covariance file (and in a spilled block): C over every record, C_h over the held-out ones.
+COV, HELD = "cov.", "held."
 NO_TOKENS = "the calibration data tokenizes to nothing (every position is padding); check --calib-data and --calib-fields"
+NO_HELDOUT = ("the held-out calibration records (every 8th) hold no tokens; --iters auto needs at least 8 calibration "
+              "records (--calib-samples)")
 
 
 @dataclass(frozen=True)
@@ -38,21 +45,48 @@ class Covariances:
     """Non-padding tokens accumulated."""
     manifest: dict = field(default_factory=dict)
     """model, targets, n_samples, max_length, data_hash, dtype: what this was built from."""
+    heldout: Mapping[str, torch.Tensor] | None = None
+    """group → C_h = X_hᵀX_h / n_h over the held-out records alone (``manifest["heldout_every"]``),
+    when they were marked; else None."""
+    n_heldout: int = 0
+    """Non-padding tokens of the held-out records (included in ``n_tokens``)."""
 
     def of(self, target: str) -> torch.Tensor:
+        """C over every calibration record ``(in_features, in_features)``."""
         return self.matrices[self.members[target]]
+
+    def heldout_of(self, target: str) -> torch.Tensor:
+        """C_h over the held-out records."""
+        if self.heldout is None:
+            raise ConfigError(
+                "the covariances have no held-out part (--iters auto needs one); recompute them with --iters auto "
+                "instead of reusing --covariance"
+            )
+        return self.heldout[self.members[target]]
+
+    def fit_of(self, target: str) -> torch.Tensor:
+        """C_fit over the records that are not held out: (n·C − n_h·C_h) / (n − n_h)."""
+        n, nh = self.n_tokens, self.n_heldout
+        return (self.of(target).double() * n - self.heldout_of(target).double() * nh).div_(n - nh).float()
 
     def save(self, path: str | Path) -> None:
         """Write every matrix to one safetensors file, one matrix in memory at a time."""
         from .io import write_safetensors
 
-        meta = {"format": FORMAT, "members": self.members, "n_tokens": self.n_tokens, "manifest": self.manifest}
+        meta = {"format": FORMAT, "members": self.members, "n_tokens": self.n_tokens, "manifest": self.manifest,
+                "n_heldout": self.n_heldout}
+        parts = {COV: self.matrices, **({HELD: self.heldout} if self.heldout is not None else {})}
         specs = {}
-        for g in self.matrices:
-            n = self.matrices.shape_of(g)[0] if isinstance(self.matrices, OnDisk) else self.matrices[g].shape[0]
-            specs[f"cov.{g}"] = torch.empty(n, n, dtype=torch.float32, device="meta")
-        write_safetensors(path, specs, lambda k: self.matrices[k[len("cov."):]].float().contiguous().cpu(),
-                          metadata={"qcorda": json.dumps(meta)})
+        for prefix, mats in parts.items():
+            for g in mats:
+                n = mats.shape_of(g)[0] if isinstance(mats, OnDisk) else mats[g].shape[0]
+                specs[prefix + g] = torch.empty(n, n, dtype=torch.float32, device="meta")
+
+        def produce(key: str) -> torch.Tensor:
+            prefix = HELD if key.startswith(HELD) else COV
+            return parts[prefix][key[len(prefix):]].float().contiguous().cpu()
+
+        write_safetensors(path, specs, produce, metadata={"qcorda": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path, expect: dict | None = None, flag: str = "--covariance", lazy: bool = False) -> "Covariances":
@@ -69,10 +103,13 @@ class Covariances:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("qcorda", "{}"))
-                if lazy:
-                    mats = OnDisk({k[len("cov."):]: (path, k) for k in f.keys()}, flag)
-                else:
-                    mats = {k[len("cov."):]: f.get_tensor(k) for k in f.keys()}
+                parts = {}
+                for prefix in (COV, HELD):
+                    keys = [k for k in f.keys() if k.startswith(prefix)]
+                    if lazy:
+                        parts[prefix] = OnDisk({k[len(prefix):]: (path, k) for k in keys}, flag)
+                    else:
+                        parts[prefix] = {k[len(prefix):]: f.get_tensor(k) for k in keys}
         except Exception as e:
             raise ConfigError(f"{flag} {path}: not a readable safetensors covariance file ({e}); delete it and recompute") from e
         if meta.get("format") != FORMAT:
@@ -84,7 +121,8 @@ class Covariances:
                     f"{flag} {path} was built for a different {key} ({_short(manifest.get(key))} vs {_short(want)}); "
                     "delete it or pass the matching model, targets and calibration data"
                 )
-        return cls(mats, meta["members"], int(meta["n_tokens"]), manifest)
+        held = parts[HELD] if len(parts[HELD]) else None
+        return cls(parts[COV], meta["members"], int(meta["n_tokens"]), manifest, held, int(meta.get("n_heldout", 0)))
 
 
 class OnDisk(Mapping):
@@ -123,20 +161,31 @@ def _short(v) -> str:
     return s if len(s) < 80 else s[:77] + "..."
 
 
+def masks_of(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention mask of ``batch`` and the mask of its held-out records' tokens, ``(batch, seq)``
+    bool each (the second None when the batch marks no held-out records)."""
+    mask = batch["attention_mask"].to(device).bool()
+    rows = batch.get("heldout")
+    return mask, (None if rows is None else mask & rows.to(device).bool()[:, None])
+
+
 class Accumulator:
     """XᵀX per target group, fed by forward pre-hooks on the targets.
 
     Targets that read the same tensor object (q/k/v, gate/up) are put in one group on
     the first batch of a pass (:meth:`start_pass`), by tensor identity, and only the
     group's first member accumulates afterwards. Padding positions are dropped with the
-    attention mask of the current batch (:attr:`mask`, ``(batch, seq)`` bool).
+    attention mask of the current batch (:attr:`mask`, ``(batch, seq)`` bool). With
+    :attr:`held_mask` set, the held-out tokens' X_hᵀX_h is accumulated apart as well.
     """
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype, self.device = dtype, device
         self.sums: dict[str, torch.Tensor] = {}
+        self.held_sums: dict[str, torch.Tensor] = {}
         self.group_of: dict[str, str] = {}
         self.mask: torch.Tensor | None = None
+        self.held_mask: torch.Tensor | None = None
         self._first, self._last_x, self._last_group = True, None, None
 
     def start_pass(self) -> None:
@@ -145,6 +194,12 @@ class Accumulator:
 
     def end_batch(self) -> None:
         self._first, self._last_x = False, None
+
+    def _add(self, sums: dict[str, torch.Tensor], name: str, X: torch.Tensor) -> None:
+        acc = sums.get(name)
+        if acc is None:
+            acc = sums[name] = torch.zeros(X.shape[1], X.shape[1], dtype=self.dtype, device=self.device)
+        acc.addmm_(X.T, X)  # fused in-place XᵀX update, no (n, n) temporary
 
     def hook(self, module: torch.nn.Module, name: str):
         """Register the pre-hook of target ``name`` on ``module``; returns the handle."""
@@ -171,30 +226,35 @@ class Accumulator:
                     f"layer {name}: the model produces NaN/Inf activations on the calibration data; "
                     "check the model's dtype (load it in float32) and the calibration text"
                 )
-            acc = self.sums.get(name)
-            if acc is None:
-                acc = self.sums[name] = torch.zeros(X.shape[1], X.shape[1], dtype=self.dtype, device=self.device)
-            acc.addmm_(X.T, X)  # fused in-place XᵀX update, no (n, n) temporary
+            self._add(self.sums, name, X)
+            if self.held_mask is not None and self.held_mask.any():
+                self._add(self.held_sums, name, x[self.held_mask].to(device=self.device, dtype=self.dtype))
 
         return module.register_forward_pre_hook(hook)
 
-    def pop_final(self, groups: list[str], n_tokens: int) -> dict[str, torch.Tensor]:
-        """C = XᵀX / n of ``groups``, taken out of the accumulator one at a time (never two
-        copies of every C), as fp32 tensors a caller can use outside inference mode."""
+    def pop_final(self, groups: list[str], n_tokens: int, n_heldout: int | None = None) -> dict[str, torch.Tensor]:
+        """``{COV + g: XᵀX / n}`` of ``groups`` (and ``{HELD + g: X_hᵀX_h / n_h}`` when ``n_heldout``
+        is given), taken out of the accumulator one at a time (never two copies of every C), as
+        fp32 tensors a caller can use outside inference mode."""
         if n_tokens == 0:
             raise ConfigError(NO_TOKENS)
+        if n_heldout == 0:
+            raise ConfigError(NO_HELDOUT)
+        parts = [(COV, self.sums, n_tokens)] + ([(HELD, self.held_sums, n_heldout)] if n_heldout is not None else [])
         matrices = {}
         for g in groups:
-            s = self.sums.pop(g)
-            with torch.inference_mode(s.is_inference()):  # the sums were made under inference mode
-                s = s.div_(n_tokens).float()
-            matrices[g] = s.clone() if s.is_inference() else s
+            for prefix, sums, n in parts:
+                s = sums.pop(g)
+                with torch.inference_mode(s.is_inference()):  # the sums were made under inference mode
+                    s = s.div_(n).float()
+                matrices[prefix + g] = s.clone() if s.is_inference() else s
         return matrices
 
     def result(self, targets: list[str], n_tokens: int, n_samples: int, manifest: dict | None,
-               spilled: dict[str, tuple[Path, str]] | None = None) -> "Covariances":
-        """The :class:`Covariances` of ``targets``; ``spilled``: groups already written to files
-        (``group → (file, key)``, see :meth:`pop_final`), which then stay there (:class:`OnDisk`)."""
+               spilled: dict[str, tuple[Path, str]] | None = None, n_heldout: int | None = None) -> "Covariances":
+        """The :class:`Covariances` of ``targets``; ``spilled``: matrices already written to files
+        (``file key → (file, key)``, keys as :meth:`pop_final` makes them), which then stay there
+        (:class:`OnDisk`). ``n_heldout``: held-out tokens, when held-out records were marked."""
         if n_tokens == 0:
             raise ConfigError(NO_TOKENS)
         missing = [t for t in targets if t not in self.group_of]
@@ -203,10 +263,13 @@ class Accumulator:
         if spilled:
             if self.sums:
                 raise RuntimeError(f"groups {', '.join(list(self.sums)[:3])} were neither spilled nor kept")
-            matrices = OnDisk(spilled, "covariance spill")
+            parts = {p: OnDisk({k[len(p):]: v for k, v in spilled.items() if k.startswith(p)}, "covariance spill") for p in (COV, HELD)}
         else:
-            matrices = self.pop_final(list(self.sums), n_tokens)
-        return Covariances(matrices, dict(self.group_of), n_tokens, dict(manifest or {}, n_samples=n_samples, n_tokens=n_tokens))
+            found = self.pop_final(list(self.sums), n_tokens, n_heldout)
+            parts = {p: {k[len(p):]: v for k, v in found.items() if k.startswith(p)} for p in (COV, HELD)}
+        manifest = dict(manifest or {}, n_samples=n_samples, n_tokens=n_tokens)
+        held = parts[HELD] if n_heldout is not None else None
+        return Covariances(parts[COV], dict(self.group_of), n_tokens, manifest, held, n_heldout or 0)
 
 
 def collect(
@@ -232,22 +295,23 @@ def collect(
     acc = Accumulator(dtype, device)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     handles = [acc.hook(model.get_submodule(t), t) for t in targets]
-    n_tokens = 0
-    n_samples = 0
+    n_tokens = n_samples = 0
+    n_heldout: int | None = None
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, total=total, desc="covariance", unit="batch", disable=not progress):
                 ids = batch["input_ids"].to(next(model.parameters()).device)
-                mask = batch["attention_mask"].to(ids.device)
-                acc.mask = mask.bool()
-                decoder(input_ids=ids, attention_mask=mask)
+                acc.mask, acc.held_mask = masks_of(batch, ids.device)
+                decoder(input_ids=ids, attention_mask=acc.mask.long())
                 acc.end_batch()
-                n_tokens += int(mask.sum())
+                n_tokens += int(acc.mask.sum())
                 n_samples += ids.shape[0]
+                if acc.held_mask is not None:
+                    n_heldout = (n_heldout or 0) + int(acc.held_mask.sum())
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return acc.result(targets, n_tokens, n_samples, manifest)
+    return acc.result(targets, n_tokens, n_samples, manifest, n_heldout=n_heldout)

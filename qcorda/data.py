@@ -177,18 +177,29 @@ def examples_hash(examples: Iterable[Example]) -> str:
     return h.hexdigest()
 
 
-def token_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> Iterator[dict]:
-    """Right-padded batches ``{"input_ids", "attention_mask"}`` of ``(batch, seq)`` tensors."""
+def token_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
+                  heldout_every: int | None = None) -> Iterator[dict]:
+    """Right-padded batches ``{"input_ids", "attention_mask"}`` of ``(batch, seq)`` tensors.
+
+    The padding side is set on every call: tokenizers differ (Gemma's pads on the left), and
+    the scoring code counts positions from the left. ``heldout_every`` k: records i with
+    i % k == k − 1 are marked held out (``"heldout"``, ``(batch,)`` bool)."""
+    import torch
+
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for i in range(0, len(texts), batch_size):
         chunk = list(texts[i : i + batch_size])
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length, padding_side="right")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if heldout_every:
+            batch["heldout"] = torch.tensor([(i + j) % heldout_every == heldout_every - 1 for j in range(len(chunk))])
+        yield batch
 
 
-def calibration_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> tuple[Iterator[dict], int]:
+def calibration_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
+                        heldout_every: int | None = None) -> tuple[Iterator[dict], int]:
     """:func:`token_batches` without the all-padding ones (they carry no activations; a collector
     reports data that is padding throughout), and the number of batches at most (progress bars)."""
-    batches = (b for b in token_batches(tokenizer, texts, max_length, batch_size) if b["attention_mask"].any())
+    batches = (b for b in token_batches(tokenizer, texts, max_length, batch_size, heldout_every) if b["attention_mask"].any())
     return batches, -(-len(texts) // batch_size)

@@ -11,22 +11,39 @@ Methods
 - CorDA: SVD of W·C = UΣVᵀ, B = U_r√Σ_r, A = √Σ_r (VᵀC⁻¹)_r. IPM keeps the largest r
   components, KPM the smallest. C is damped (C + λ·mean(diag C)·I) until Cholesky
   succeeds; C⁻¹ is applied by a Cholesky solve, never formed.
-- LoftQ: alternate deq(Q(W − s·BA)) and B·A = best rank-r fit of W − deq(Q).
-- qcorda-cal: like LoftQ, but the fit minimizes ‖(E − BA)·L‖_F with C = L·Lᵀ, the
-  error seen by the calibration activations (SVD of E·L, mapped back through L⁻¹).
+- LoftQ: alternate Q_t = Q(W − s·B_{t−1}A_{t−1}) and B_tA_t = best rank-r fit of W − deq(Q_t).
+- QERA (QERA-exact, CLoQ, EoRA): Q = Q(W) once, B·A = the best rank-r fit of W − deq(Q)
+  in the activation norm ‖(·)L‖_F with C = L·Lᵀ (SVD of E·L, mapped back through L⁻¹).
+- qcorda-cal: like LoftQ, but every fit is QERA's activation-norm fit; it starts from the
+  CorDA-IPM split (``start="ipm"``) or from B·A = 0 (``start="zero"``: iteration 1 is QERA).
 
-Every function here is pure: tensors in, a frozen :class:`Split` out.
+The iterative methods keep the codes their last fit was made for (:attr:`Split.codes`): the
+stored residual is Q_T, and s·B_T·A_T is the optimal rank-r fit of W − deq(Q_T) in the
+method's norm. Quantizing W − s·B_T·A_T once more would leave the new rounding error
+uncorrected. With a held-out covariance (``iters="auto"``) every iterate is scored on
+held-out activations and the best one is kept.
+
+Every split is *balanced*: component i has ‖B_i‖ = ‖A_i‖ (columns of B, rows of A), so the
+factors do not depend on the scale of the activations (CorDA's C⁻¹ would otherwise move it
+all into A).
+
+Every function here is pure: tensors in, a frozen :class:`Split` out; the quantizer is passed in.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
+if TYPE_CHECKING:
+    from .quantize import Quantizer
+
 Which = Literal["top", "bottom"]
+#: A covariance whose mean diagonal is below this carries no activations (all-zero inputs).
+VANISHING = 1e-20
 
 
 class DecompositionError(RuntimeError):
@@ -45,6 +62,13 @@ class Split:
     """Final ridge λ (relative to mean(diag C)) for data-driven splits, else None."""
     sigma: torch.Tensor | None = None
     """The r singular values the split was built from (of W, W·C or E·L), fp32."""
+    codes: object | None = None
+    """Iterative methods: the quantized residual Q_T that B·A was fitted to (what ``Quantizer.quantize``
+    returns, e.g. an ``NF4Weight``); it is stored as is. None: the caller quantizes W − s·B·A."""
+    iters: int | None = None
+    """Iterative methods: the number of alternations T of the kept iterate."""
+    heldout: tuple[float, ...] | None = None
+    """With ``iters="auto"``: the held-out activation error tr(E_t·C_h·E_tᵀ) of every iterate t."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +93,23 @@ def residual(weight: torch.Tensor, split: Split, scaling: float) -> torch.Tensor
     return weight.float() - low_rank_term(split, scaling)
 
 
-def _from_factors(U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor, scaling: float, damping=None) -> Split:
-    """B = U√S/√s, A = √S·Vᵀ/√s, so that s·B·A = U·diag(S)·Vᵀ."""
-    root = (S.clamp_min(0) / scaling).sqrt()
+def _from_factors(U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor, scaling: float, damping=None, orthonormal: bool = True) -> Split:
+    """Balanced factors with s·B·A = U·diag(S)·Vᵀ, U ``(m, r)`` orthonormal, Vᵀ ``(r, n)``.
+
+    ``orthonormal`` rows of Vᵀ (PiSSA, LoftQ): B = U√S/√s, A = √S·Vᵀ/√s, already balanced.
+    Other rows (CorDA's (VᵀC⁻¹)_i, whose norms n_i go as 1/scale(C), and the activation fit's
+    (VᵀL⁻¹)_i): B_i = U_i·√(S_i·n_i/s), A_i = Vᵀ_i·√(S_i/(n_i·s)), so ‖B_i‖ = ‖A_i‖ = √(S_i·n_i/s)
+    and the split no longer depends on the scale of the activations.
+    """
+    S = S.clamp_min(0)
+    norms = torch.ones_like(S)
+    if not orthonormal:
+        norms = torch.linalg.vector_norm(Vt, dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    root_b = (S * norms / scaling).sqrt()
+    root_a = (S / (norms * scaling)).sqrt()
     return Split(
-        B=(U * root).contiguous(),
-        A=(root[:, None] * Vt).contiguous(),
+        B=(U * root_b).contiguous(),
+        A=(root_a[:, None] * Vt).contiguous(),
         damping=damping,
         sigma=S.clone(),
     )
@@ -123,7 +158,14 @@ def damp(C: torch.Tensor, ridge: float = 0.01, max_steps: int = 6, name: str = "
     C = C.float()
     if not torch.isfinite(C).all():
         raise DecompositionError(f"{name}: the input covariance has NaN/Inf entries; the model's activations overflow")
-    scale = C.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
+    scale = C.diagonal().mean()
+    if abs(float(scale)) <= VANISHING:
+        raise DecompositionError(
+            f"{name}: the layer's inputs are zero on the calibration data (its covariance vanishes, mean diagonal "
+            f"{float(scale):.3g}), so no data-driven split exists; leave the layer out of --target-modules or "
+            "calibrate on other data (--calib-data)"
+        )
+    scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
     eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     lam = ridge
     for _ in range(max_steps + 1):
@@ -162,14 +204,19 @@ def corda_split(weight: torch.Tensor, cov: DampedCovariance, r: int, scaling: fl
     """
     U, S, Vt = _svd(weight.float() @ cov.C, r, which, **_svd_defaults(svd_kw))
     VtCinv = torch.cholesky_solve(Vt.T.contiguous(), cov.L).T  # (VᵀC⁻¹)_r; C is symmetric
-    return _from_factors(U, S, VtCinv, scaling, damping=cov.damping)
+    return _from_factors(U, S, VtCinv, scaling, damping=cov.damping, orthonormal=False)
 
 
 def activation_fit(E: torch.Tensor, cov: DampedCovariance, r: int, scaling: float, **svd_kw) -> Split:
     """argmin over rank-r M of ‖(E − M)·L‖_F with C = L·Lᵀ: M = U_rΣ_rV_rᵀL⁻¹, SVD of E·L."""
     U, S, Vt = svd_top(E.float() @ cov.L, r, **_svd_defaults(svd_kw))
     VtLinv = torch.linalg.solve_triangular(cov.L.T, Vt.T.contiguous(), upper=True).T
-    return _from_factors(U, S, VtLinv, scaling, damping=cov.damping)
+    return _from_factors(U, S, VtLinv, scaling, damping=cov.damping, orthonormal=False)
+
+
+def activation_error(E: torch.Tensor, C: torch.Tensor) -> float:
+    """‖E·L‖²_F = tr(E·C·Eᵀ) for E ``(out_features, in_features)``, C = L·Lᵀ ``(in_features, in_features)``."""
+    return float(((E @ C.to(E)) * E).sum())
 
 
 def alternate(
@@ -177,21 +224,47 @@ def alternate(
     start: Split | None,
     iters: int,
     scaling: float,
-    roundtrip: Callable[[torch.Tensor], torch.Tensor],
+    quantizer: "Quantizer",
     fit: Callable[[torch.Tensor], Split],
+    heldout: torch.Tensor | None = None,
+    start_is_iterate: bool = False,
 ) -> Split:
-    """LoftQ-style alternation, ``iters`` times: D = deq(Q(W − s·BA)); B·A = fit(W − D).
+    """LoftQ-style alternation: for t = 1..iters, Q_t = Q(W − s·B_{t−1}A_{t−1}) and B_tA_t = fit(W − deq(Q_t)).
 
-    ``start`` None begins from B·A = 0 (LoftQ). The caller quantizes the final
-    W − s·B·A once more, so the stored residual is consistent with the last fit.
+    ``start`` None begins from B·A = 0 (LoftQ, QERA). Returns B_TA_T with ``codes`` = Q_T, the
+    codes it was fitted to, which the caller stores as they are.
+
+    ``heldout`` ``(in_features, in_features)``: a covariance of held-out activations. Every
+    iterate's stored error E_t = W − deq(Q_t) − s·B_tA_t is scored by tr(E_t·C_h·E_tᵀ) and the
+    lowest one is kept (its T in ``iters``, all scores in ``heldout``): the error of the
+    stored model is not monotone in t. ``start_is_iterate``: ``start`` (with its residual
+    quantized) is iterate 1 and the alternations are 2..iters+1 (``qpissa``: T = 1 is PiSSA).
     """
     W = weight.float()
-    split = start
-    for _ in range(iters):
+    split, t0 = start, 2 if start_is_iterate else 1
+    best: Split | None = None
+    scores: list[float] = []
+    if start_is_iterate and heldout is not None:
+        assert start is not None
+        codes = quantizer.quantize(residual(W, start, scaling))
+        scores.append(activation_error(W - quantizer.dequantize(codes) - low_rank_term(start, scaling), heldout))
+        best = replace(start, codes=codes, iters=1)
+    for t in range(t0, t0 + iters):
         R = W if split is None else residual(W, split, scaling)
-        split = fit(W - roundtrip(R))
+        codes = quantizer.quantize(R)
+        D = quantizer.dequantize(codes)
+        del R
+        split = replace(fit(W - D), codes=codes, iters=t)
+        if heldout is not None:
+            scores.append(activation_error(W - D - low_rank_term(split, scaling), heldout))
+            if best is None or scores[-1] < min(scores[:-1]):
+                best = split
+        del D
     assert split is not None
-    return split
+    if heldout is None:
+        return split
+    assert best is not None
+    return replace(best, heldout=tuple(scores))
 
 
 def _svd_defaults(kw: dict) -> dict:
@@ -211,7 +284,9 @@ def decompose(
     *,
     cov: DampedCovariance | None = None,
     iters: int = 1,
-    roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    quantizer: "Quantizer | None" = None,
+    heldout: torch.Tensor | None = None,
+    start: Literal["ipm", "zero"] = "ipm",
     seed: int = 0,
     solver: str = "full",
     oversample: int = 16,
@@ -219,8 +294,11 @@ def decompose(
 ) -> Split:
     """The front door: the split that ``method`` makes of ``weight`` ``(out_features, in_features)``.
 
-    ``cov`` is required by the ``qcorda-*`` methods, ``roundtrip`` (deq∘Q, NF4) by the
-    iterative ones (``loftq``, ``qcorda-cal``, ``qpissa`` with iters > 1).
+    ``cov`` (the damped calibration covariance) is required by ``qcorda-*`` and ``qera``;
+    ``quantizer`` by the iterative methods (``loftq``, ``qcorda-cal``, ``qera``, ``qpissa`` with
+    iters > 1), whose split carries the codes to store. ``iters``: alternations (``qpissa``:
+    1 + alternations); with ``heldout`` (a held-out covariance) it is the maximum and the best
+    iterate on held-out activations is kept. ``start``: where ``qcorda-cal`` starts.
     """
     W = weight.float()
     if not torch.isfinite(W).all():
@@ -231,21 +309,24 @@ def decompose(
     if method == "qmilora":
         return svd_split(W, r, scaling, "bottom")
     if method in ("qpissa", "loftq"):
-        start = svd_split(W, r, scaling, "top", **svd_kw) if method == "qpissa" else None
+        first = svd_split(W, r, scaling, "top", **svd_kw) if method == "qpissa" else None
         n = iters - 1 if method == "qpissa" else iters
         if n <= 0:
-            assert start is not None
-            return start
-        _need(roundtrip, method, "roundtrip")
-        return alternate(W, start, n, scaling, roundtrip, lambda E: svd_split(E, r, scaling, "top", **svd_kw))
-    if method in ("qcorda-ipm", "qcorda-kpm", "qcorda-cal"):
+            assert first is not None
+            return first
+        _need(quantizer, method, "quantizer")
+        fit = lambda E: svd_split(E, r, scaling, "top", **svd_kw)  # noqa: E731
+        return alternate(W, first, n, scaling, quantizer, fit, heldout, start_is_iterate=method == "qpissa")
+    if method in ("qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"):
         _need(cov, method, "cov")
-        which: Which = "bottom" if method == "qcorda-kpm" else "top"
-        start = corda_split(W, cov, r, scaling, which, **svd_kw)
-        if method != "qcorda-cal":
-            return start
-        _need(roundtrip, method, "roundtrip")
-        return alternate(W, start, iters, scaling, roundtrip, lambda E: activation_fit(E, cov, r, scaling, **svd_kw))
+        if method in ("qcorda-ipm", "qcorda-kpm"):
+            return corda_split(W, cov, r, scaling, "bottom" if method == "qcorda-kpm" else "top", **svd_kw)
+        _need(quantizer, method, "quantizer")
+        fit = lambda E: activation_fit(E, cov, r, scaling, **svd_kw)  # noqa: E731
+        if method == "qera":  # one activation-norm fit to the error of Q(W)
+            return alternate(W, None, 1, scaling, quantizer, fit)
+        first = corda_split(W, cov, r, scaling, "top", **svd_kw) if start == "ipm" else None
+        return alternate(W, first, iters, scaling, quantizer, fit, heldout)
     raise ValueError(f"unknown method {method!r}")
 
 

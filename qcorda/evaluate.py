@@ -270,25 +270,21 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size
     from transformers import StoppingCriteriaList
 
     pattern = re.compile(stop) if stop else None
-    side = tok.padding_side
-    tok.padding_side = "left"  # generation continues from the last column: pad on the left
     dev = _device(model)
     out: list[str] = []
-    try:
-        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-            enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(dev)
-            width = enc["input_ids"].shape[1]
-            criteria = StoppingCriteriaList([_StopAfter(tok, width, pattern)]) if pattern else None
-            gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                stopping_criteria=criteria, pad_token_id=tok.pad_token_id,
-                temperature=None, top_p=None, top_k=None,
-            )
-            for text in tok.batch_decode(gen[:, width:], skip_special_tokens=True):
-                m = pattern.search(text) if pattern else None
-                out.append(text[: m.end()] if m else text)
-    finally:
-        tok.padding_side = side
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
+        # generation continues from the last column: pad on the left, whatever the tokenizer's default
+        enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="left").to(dev)
+        width = enc["input_ids"].shape[1]
+        criteria = StoppingCriteriaList([_StopAfter(tok, width, pattern)]) if pattern else None
+        gen = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+            stopping_criteria=criteria, pad_token_id=tok.pad_token_id,
+            temperature=None, top_p=None, top_k=None,
+        )
+        for text in tok.batch_decode(gen[:, width:], skip_special_tokens=True):
+            m = pattern.search(text) if pattern else None
+            out.append(text[: m.end()] if m else text)
     return out
 
 

@@ -3,9 +3,10 @@
 For every target layer W ``(out_features, in_features)``:
 
 1. the split W = W_res + s·B·A is computed in fp32 from the original weights
-   (:mod:`qcorda.decompose`), with the layer's input covariance for CorDA;
-2. W_res is quantized once by bitsandbytes (NF4, double quantization, blocksize 64)
-   and the layer becomes a ``Linear4bit`` holding exactly those bits;
+   (:mod:`qcorda.decompose`), with the layer's input covariance for CorDA, QERA and qcorda-cal;
+2. W_res is quantized by bitsandbytes (NF4, double quantization, blocksize 64) and the layer
+   becomes a ``Linear4bit`` holding exactly those bits: for the iterative methods the codes
+   Q_T their last fit was made for, for the others NF4(W − s·B·A);
 3. PEFT wraps the model with LoRA (r, alpha, the same targets) and B, A are copied in.
 
 The result is a ``PeftModel`` ready to train in memory. :func:`save_prepared` writes
@@ -20,18 +21,21 @@ import json
 import time
 import weakref
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .config import BASELINES, CALIBRATED, ConfigError, InitConfig
+from .config import BASELINES, COVARIANCE, ConfigError, InitConfig
 from .covariance import Covariances
 from .decompose import DampedCovariance, DecompositionError, Split, damp, decompose, low_rank_term, residual
 from .quantize import NF4Weight, bnb_config, dequantize_nf4, keep_dequantize_path, linear4bit, nf4_roundtrip, quantize_nf4
 from .targets import check_rank, find_targets, weight_of
 
-FORMAT = "qcorda.prepared/1"
+#: Version 2: the iterative methods store the codes their adapter was fitted to (Q_T), not
+#: NF4(W − s·B_T·A_T). Version-1 directories are still valid models and are read as they are.
+FORMAT = "qcorda.prepared/2"
+READABLE_FORMATS = ("qcorda.prepared/1", FORMAT)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class LayerResult:
     damping: float | None
     """Final ridge λ of the layer's covariance (data-driven methods)."""
     seconds: float
+    iters: int | None = None
+    """Iterative methods: the alternations T of the stored iterate (chosen per layer with ``--iters auto``)."""
 
     @property
     def rel_err(self) -> float:
@@ -88,7 +94,7 @@ def _config_json(cfg: InitConfig) -> dict:
     d["target_modules"] = list(cfg.target_modules)
     d["calib"]["fields"] = list(cfg.calib.fields)
     d["lora_alpha"] = cfg.lora_alpha
-    d["iters"] = cfg.n_iters
+    d["iters"] = cfg.iters if cfg.iters == "auto" else cfg.n_iters
     return d
 
 
@@ -109,13 +115,25 @@ def layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def split_layer(weight: torch.Tensor, cfg: InitConfig, name: str, cov: torch.Tensor | None) -> Split:
-    """The fp32 split of one layer's weight ``(out_features, in_features)`` by ``cfg.method``."""
+def split_layer(weight: torch.Tensor, cfg: InitConfig, name: str, covs: Covariances | None) -> Split:
+    """The fp32 split of one layer's weight ``(out_features, in_features)`` by ``cfg.method``.
+
+    ``covs``: the calibration covariances (methods with ``cfg.needs_covariance``). With
+    ``iters="auto"`` the split is fitted on C_fit and its iterate chosen on C_h, the held-out records.
+    """
+    from .quantize import NF4
+
     damped: DampedCovariance | None = None
-    if cfg.method in CALIBRATED:
-        if cov is None:
+    heldout = None
+    if cfg.needs_covariance:
+        if covs is None:
             raise ConfigError(f"method {cfg.method} needs calibration data for layer {name}; pass --calib-data")
-        damped = damp(cov.to(weight.device), cfg.ridge, cfg.max_damping_steps, name)
+        if cfg.heldout_every:
+            C, heldout = covs.fit_of(name), covs.heldout_of(name).to(weight.device)
+        else:
+            C = covs.of(name)
+        if cfg.method in COVARIANCE:
+            damped = damp(C.to(weight.device), cfg.ridge, cfg.max_damping_steps, name)
     try:
         return decompose(
             cfg.method,
@@ -124,7 +142,9 @@ def split_layer(weight: torch.Tensor, cfg: InitConfig, name: str, cov: torch.Ten
             cfg.scaling,
             cov=damped,
             iters=cfg.n_iters,
-            roundtrip=nf4_roundtrip,
+            quantizer=NF4,
+            heldout=heldout,
+            start=cfg.cal_start,
             seed=layer_seed(cfg.seed, name),
             solver=cfg.svd,
             oversample=cfg.svd_oversample,
@@ -134,15 +154,19 @@ def split_layer(weight: torch.Tensor, cfg: InitConfig, name: str, cov: torch.Ten
         raise DecompositionError(f"{name}: {e}") if not str(e).startswith(name) else e
 
 
-def prepare_layer(weight: torch.Tensor, cfg: InitConfig, name: str, cov: torch.Tensor | None) -> tuple[Split, NF4Weight, LayerResult]:
-    """Split, quantize W_res = W − s·B·A, and measure the error against plain NF4."""
+def prepare_layer(weight: torch.Tensor, cfg: InitConfig, name: str, covs: Covariances | None) -> tuple[Split, NF4Weight, LayerResult]:
+    """Split, quantize, and measure the error against plain NF4.
+
+    The stored codes are the split's own (iterative methods: Q_T, which B_T·A_T was fitted to)
+    or NF4(W − s·B·A)."""
     t0 = time.perf_counter()
     W = weight.float()
-    split = split_layer(W, cfg, name, cov)
-    q = quantize_nf4(residual(W, split, cfg.scaling))
+    split = split_layer(W, cfg, name, covs)
+    q = split.codes if split.codes is not None else quantize_nf4(residual(W, split, cfg.scaling))
+    split = replace(split, codes=None)  # the codes travel as q; the split keeps only B and A
     err = (W - dequantize_nf4(q) - low_rank_term(split, cfg.scaling)).pow(2).sum().item()
     qlora_err = (W - nf4_roundtrip(W)).pow(2).sum().item()
-    result = LayerResult(name, tuple(W.shape), err, qlora_err, split.damping, time.perf_counter() - t0)
+    result = LayerResult(name, tuple(W.shape), err, qlora_err, split.damping, time.perf_counter() - t0, split.iters)
     return split, q, result
 
 
@@ -242,7 +266,15 @@ def covariance_manifest(model_id: str, model: torch.nn.Module | None, targets: l
         "n_samples": len(texts),
         "max_length": cfg.calib.max_length,
         "dtype": cfg.cov_dtype,
+        "heldout_every": cfg.heldout_every,
     }
+
+
+def covariance_expectations(cfg: InitConfig, manifest: dict) -> dict:
+    """The keys of ``manifest`` that a reused covariance file must match for ``cfg``: the
+    held-out split only matters when ``cfg`` uses it (a file with one serves every method)."""
+    keys = ["model", "targets", "data_hash", "n_samples", "max_length"] + (["heldout_every"] if cfg.heldout_every else [])
+    return {k: manifest[k] for k in keys if k in manifest}
 
 
 def collect_covariances(model, tokenizer, targets: list[str], cfg: InitConfig, model_id: str = "", progress: bool = True) -> Covariances:
@@ -252,7 +284,7 @@ def collect_covariances(model, tokenizer, targets: list[str], cfg: InitConfig, m
 
     texts = calibration_texts(cfg, tokenizer)
     manifest = covariance_manifest(model_id, model, targets, cfg, texts)
-    batches, n_batches = calibration_batches(tokenizer, texts, cfg.calib.max_length, cfg.calib.batch_size)
+    batches, n_batches = calibration_batches(tokenizer, texts, cfg.calib.max_length, cfg.calib.batch_size, cfg.heldout_every)
     dtype = getattr(torch, cfg.cov_dtype)
     return covariance.collect(model, batches, targets, dtype, progress=progress, total=n_batches, manifest=manifest)
 
@@ -341,11 +373,12 @@ def prepare(
     compute_dtype = resolve_compute_dtype(config.compute_dtype)
 
     covs: Covariances | None = None
-    if config.method in CALIBRATED:
+    if config.needs_covariance:
         if isinstance(calib, Covariances):
             covs = calib
         elif calib is not None:
-            covs = Covariances.load(calib, expect={"targets": list(targets)})
+            expect = {"targets": list(targets), **({"heldout_every": config.heldout_every} if config.heldout_every else {})}
+            covs = Covariances.load(calib, expect=expect)
         else:
             if tokenizer is None:
                 raise ConfigError("calibration needs a tokenizer; pass tokenizer= or a model path")
@@ -364,8 +397,7 @@ def prepare(
     for name in bar:
         module = model.get_submodule(name)
         W = weight_of(module).detach().to(device=device, dtype=torch.float32)
-        cov = covs.of(name) if covs is not None else None
-        split, q, result = prepare_layer(W, config, name, cov)
+        split, q, result = prepare_layer(W, config, name, covs)
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         _set_module(model, name, linear4bit(q, bias, compute_dtype))
         splits[name] = split
@@ -463,8 +495,11 @@ def read_manifest(prepared: str | Path, flag: str = "PREPARED") -> dict:
     if not path.exists():
         raise ConfigError(f"{flag} {prepared}: not a qcorda prepared directory (no qcorda.json); run qcorda prepare first")
     data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise ConfigError(f"{flag} {prepared}: qcorda.json has format {data.get('format')!r}, expected {FORMAT}")
+    if data.get("format") not in READABLE_FORMATS:
+        raise ConfigError(
+            f"{flag} {prepared}: qcorda.json has format {data.get('format')!r}, this qcorda reads "
+            f"{', '.join(READABLE_FORMATS)}; prepare the model again with this version"
+        )
     return data
 
 

@@ -10,6 +10,7 @@ against the very weights that training will see.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -56,6 +57,21 @@ def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
 def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     """deq(Q(weight)): what a Linear4bit holding ``weight`` multiplies by."""
     return dequantize_nf4(quantize_nf4(weight))
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """How a residual is stored: ``quantize(W) -> codes`` and ``dequantize(codes) -> W``.
+
+    The iterative splits of :mod:`qcorda.decompose` call it and hand back the codes of
+    their last fit, so that exactly those codes are stored."""
+
+    quantize: Callable[[torch.Tensor], object]
+    dequantize: Callable[[object], torch.Tensor]
+
+
+#: NF4 + double quantization, blocksize 64: the quantizer of ``Linear4bit`` and of every qcorda residual.
+NF4 = Quantizer(quantize_nf4, dequantize_nf4)
 
 
 def linear4bit(q: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.nn.Module:

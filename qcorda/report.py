@@ -42,7 +42,7 @@ import torch
 from .config import BASELINES, CALIBRATED, ITERATIVE, METHODS, CalibConfig, ConfigError, InitConfig
 
 #: The methods of the default report (issue 3); baselines (lora, qolora, ...) on request.
-DEFAULT_METHODS: tuple[str, ...] = ("qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal")
+DEFAULT_METHODS: tuple[str, ...] = ("qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera")
 DEFAULT_RANKS: tuple[int, ...] = (16, 64)
 DEFAULT_EVAL: tuple[str, ...] = ("gsm8k-test", "wikitext2")
 #: Methods whose W_eff does not depend on the rank (B = 0 at init): their model is scored once.
@@ -146,15 +146,18 @@ class LayerErrors:
 
 def layer_errors(W: torch.Tensor, W_eff: torch.Tensor, covs: Sequence[torch.Tensor]) -> LayerErrors:
     """The three error figures of E = W − W_eff; ``covs`` are ``(in_features, in_features)``."""
+    from .decompose import activation_error
+
     E = W.float() - W_eff.float()
-    act = tuple(float(((E @ C.to(E)) * E).sum()) for C in covs)
+    act = tuple(activation_error(E, C) for C in covs)
     return LayerErrors(float(E.pow(2).sum()), float(torch.linalg.svdvals(E).sum()), act)
 
 
-def effective_weight(W: torch.Tensor, cfg: InitConfig, name: str, cov: torch.Tensor | None, eva_A: torch.Tensor | None = None):
+def effective_weight(W: torch.Tensor, cfg: InitConfig, name: str, covs, eva_A: torch.Tensor | None = None):
     """``(W_eff, LayerResult)``: the weight the initialized layer computes with, by ``prepare``'s code.
 
-    NF4 methods: deq(Q(W − s·B·A)) + s·B·A. ``lora``: W in ``compute_dtype`` + s·B·A.
+    NF4 methods: deq(Q_stored) + s·B·A. ``lora``: W in ``compute_dtype`` + s·B·A. ``covs``: the
+    calibration :class:`~qcorda.covariance.Covariances` (methods that need them), else None.
     """
     from .decompose import low_rank_term
 
@@ -174,7 +177,7 @@ def effective_weight(W: torch.Tensor, cfg: InitConfig, name: str, cov: torch.Ten
         from .prepare import prepare_layer
         from .quantize import dequantize_nf4
 
-        split, q, result = prepare_layer(W, cfg, name, cov)
+        split, q, result = prepare_layer(W, cfg, name, covs)
         base = dequantize_nf4(q)
     return base + low_rank_term(split, cfg.scaling), result
 
@@ -229,11 +232,13 @@ def eval_texts(source: str, samples: int, tokenizer) -> list[str]:
 
 def scored_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int, n_tokens: int) -> list[dict]:
     """Right-padded batches whose scored positions (next-token predictions) total ``n_tokens``
-    (or all there are): records in order, the last one cut short."""
+    (or all there are): records in order, the last one cut short. The padding side is set by
+    :func:`qcorda.data.token_batches`, whatever the tokenizer's default (Gemma pads on the left)."""
     from .data import token_batches
 
-    out, left = [], n_tokens
+    out, left, available = [], n_tokens, 0
     for b in token_batches(tokenizer, texts, max_length, batch_size):
+        available += int((b["attention_mask"].sum(1) - 1).clamp_min(0).sum())
         if left <= 0:
             break
         mask = b["attention_mask"].clone()
@@ -246,6 +251,9 @@ def scored_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size:
         if keep_rows.any():
             width = int(mask[keep_rows].sum(1).max())
             out.append({"input_ids": b["input_ids"][keep_rows, :width], "attention_mask": mask[keep_rows, :width]})
+    scored = sum(int((b["attention_mask"].sum(1) - 1).sum()) for b in out)
+    if scored != min(n_tokens, available):  # a padding-side mistake scored 308 of 512 tokens once
+        raise RuntimeError(f"scored {scored} tokens, expected {min(n_tokens, available)} of the {n_tokens} requested")
     return out
 
 
@@ -372,8 +380,8 @@ def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progres
     t = time.perf_counter()
     cache = {} if cache is None else cache
     calib = None
-    if any(m in CALIBRATED and m not in BASELINES for m in config.methods):
-        key = ("calib", tuple(targets), repr(config.init.calib), config.init.cov_dtype)
+    if any(config.method_config(m, r).needs_covariance for m in config.methods for r in config.ranks):
+        key = ("calib", tuple(targets), repr(config.init.calib), config.init.cov_dtype, config.init.heldout_every)
         if key not in cache:
             cache[key] = collect_covariances(model, tokenizer, targets, config.init, model_id, progress)
         calib = cache[key]
@@ -422,8 +430,7 @@ def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progres
             errs: dict[str, LayerErrors] = {}
             for n in targets:
                 W = original[n].to(device=device, dtype=torch.float32)
-                cov = calib.of(n) if calib is not None and method in CALIBRATED else None
-                W_eff, _ = effective_weight(W, cfg, n, cov, eva.get(rank, {}).get(n))
+                W_eff, _ = effective_weight(W, cfg, n, calib if cfg.needs_covariance else None, eva.get(rank, {}).get(n))
                 errs[n] = layer_errors(W, W_eff, [c.of(n).to(device) for c in eval_covs])
                 with torch.no_grad():
                     weight_of(modules[n]).copy_(W_eff.to(original[n]))
@@ -515,7 +522,9 @@ def markdown(report: CompareReport) -> str:
         f"{', '.join(map(str, report.config['ranks']))}; alpha {init.get('alpha') or 'r'}; SVD {init.get('svd')}; "
         f"calibration {calib.get('data')} ({calib.get('samples')} records, ≤ {calib.get('max_length')} tokens), ridge {init.get('ridge')}.",
         f"Held-out eval sets: {', '.join(report.eval_sets)} ({report.config['eval_samples']} records each for C_eval; "
-        f"{report.config['eval_tokens']} scored tokens each for perplexity and KL).",
+        f"scored tokens for perplexity and KL: " + ", ".join(
+            f"{report.original.get('n_tokens' + suffix(i, k), 0)} of {s}" for i, (s, k) in enumerate(zip(report.eval_sets, keys))
+        ) + f", {report.config['eval_tokens']} requested each).",
         "",
         "Errors are squared Frobenius (weight, activation ‖E·L‖², C_eval = L·Lᵀ) or nuclear (Σσ(E)), summed over the "
         "layers and divided by qlora's (plain NF4) on the same layers: qlora = 1, lower is better. "

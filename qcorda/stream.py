@@ -46,14 +46,16 @@ from typing import Iterator
 
 import torch
 
-from .config import CALIBRATED, ConfigError, InitConfig
+from .config import ConfigError, InitConfig
 from .covariance import Covariances
 from .decompose import DecompositionError
 
-PARTIAL_FORMAT = "qcorda.partial/1"
+#: Version 2: layer files of iterative methods hold Q_T (see ``qcorda.prepare.FORMAT``); a work
+#: directory of an older version is never resumed, its layers would mix two definitions.
+PARTIAL_FORMAT = "qcorda.partial/2"
 #: Methods whose output is an NF4 residual plus a plain LoRA A/B (what this writer knows how
 #: to store); other methods go through the in-memory ``prepare`` + ``save_prepared``.
-STREAMED: frozenset[str] = frozenset({"qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal"})
+STREAMED: frozenset[str] = frozenset({"qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"})
 #: Test hook: seconds to sleep after each finished layer (makes kill-and-resume tests reliable).
 DELAY_ENV = "QCORDA_TEST_LAYER_DELAY"
 
@@ -295,11 +297,16 @@ def open_work_dir(out: Path, manifest: dict, log=print) -> tuple[Path, bool]:
             old = json.loads(mf.read_text())
         except (OSError, ValueError):
             old = None
-        if not isinstance(old, dict) or old.get("format") != PARTIAL_FORMAT:
+        fmt = old.get("format") if isinstance(old, dict) else None
+        if not isinstance(fmt, str) or not fmt.startswith("qcorda.partial/"):
             raise ConfigError(f"--out: {work} exists but is not a qcorda work directory; remove it and rerun")
         if old == manifest:
             return work, True
-        log(f"qcorda prepare: {work} holds work for other arguments; starting over", file=sys.stderr)
+        if fmt != PARTIAL_FORMAT:
+            log(f"qcorda prepare: {work} was left by another qcorda version ({fmt}, this one writes {PARTIAL_FORMAT}); "
+                "its layers are not reused, starting over", file=sys.stderr)
+        else:
+            log(f"qcorda prepare: {work} holds work for other arguments; starting over", file=sys.stderr)
         shutil.rmtree(work)
     (work / "layers").mkdir(parents=True)
     write_text_atomic(work / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
@@ -320,8 +327,8 @@ def read_layer(path: Path):
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["qcorda"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        r = meta["result"]
-        return tensors, LayerResult(r["name"], tuple(r["shape"]), r["err"], r["qlora_err"], r["damping"], r["seconds"]), meta["keys"]
+        r = dict(meta["result"], shape=tuple(meta["result"]["shape"]))
+        return tensors, LayerResult(**r), meta["keys"]
     except Exception:
         return None
 
@@ -363,24 +370,25 @@ def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan
 
     from .blockwise import NotBlockwise, collect_blockwise
     from .data import calibration_batches
-    from .prepare import calibration_texts, collect_covariances, covariance_manifest, load_model, model_fingerprint, resolve_device
+    from .prepare import (calibration_texts, collect_covariances, covariance_expectations, covariance_manifest, load_model,
+                          model_fingerprint, resolve_device)
 
     targets = list(plan.targets)
     floats = [k for k in plan.order if ckpt.spec(k)[1] in ("F64", "F32", "F16", "BF16")]
     fingerprint = model_fingerprint(skel_config, ckpt.first_rows, floats)
-    expect = {"model": fingerprint, "targets": targets}
+    expect = {"model": fingerprint, "targets": targets, **({"heldout_every": cfg.heldout_every} if cfg.heldout_every else {})}
     if cfg.calib.data is not None:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         if tok_dir is not None:  # saved now for the output, so it is never loaded again on top of the layers
             tok.save_pretrained(str(tok_dir))
         texts = calibration_texts(cfg, tok)
         full = covariance_manifest(model_id, None, targets, cfg, texts, fingerprint=fingerprint)
-        expect.update({k: full[k] for k in ("data_hash", "n_samples", "max_length")})
+        expect = covariance_expectations(cfg, full)
     if covariance is not None:
         return Covariances.load(covariance, expect=expect, lazy=True)
     if cfg.calib.data is None:
         raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
-    batches = list(calibration_batches(tok, texts, cfg.calib.max_length, cfg.calib.batch_size)[0])
+    batches = list(calibration_batches(tok, texts, cfg.calib.max_length, cfg.calib.batch_size, cfg.heldout_every)[0])
     del tok  # the walk needs only the token ids; Gemma-3's 262k-entry tokenizer holds ~330 MB
     try:
         return collect_blockwise(skel, ckpt.get, batches, targets, getattr(torch, cfg.cov_dtype), resolve_device(cfg.device),
@@ -437,12 +445,12 @@ def stream_prepare(
         covs: Covariances | None = None
         tok_dir = spill = None
         calib_key = None
-        if cfg.method in CALIBRATED:
+        if cfg.needs_covariance:
             calib_key = {"data": cfg.calib.data, "covariance": _file_digest(covariance) if covariance else None}
         manifest = work_manifest(model, ckpt, cfg, plan, calib_key)
         work = partial_dir(out)
         cached = work / "covariance.safetensors"
-        if cfg.method in CALIBRATED:
+        if cfg.needs_covariance:
             if _same_manifest(work, manifest) and cached.exists():
                 try:
                     covs = Covariances.load(cached, expect={"targets": list(plan.targets)}, flag="work directory", lazy=True)
@@ -485,8 +493,7 @@ def stream_prepare(
                     f.unlink()
                 W = ckpt.get(f"{name}.weight")
                 W = (W.T if name in plan.conv1d else W).to(device=device, dtype=torch.float32)
-                cov = covs.of(name) if covs is not None else None
-                split, q, result = prepare_layer(W, cfg, name, cov)
+                split, q, result = prepare_layer(W, cfg, name, covs)
                 bias = ckpt.get(f"{name}.bias").float() if name in plan.has_bias else None
                 sd = linear4bit(q, bias, compute_dtype).state_dict()
                 tensors = {**sd, "lora_A": split.A, "lora_B": split.B}

@@ -61,6 +61,17 @@ def test_blockwise_equals_whole_model(arch, tok, tmp_path):
     back = Covariances.load(tmp_path / "cov.safetensors")
     assert back.members == block.members and all(torch.equal(back.matrices[g], block.matrices[g]) for g in block.matrices)
 
+    # held-out records (--iters auto) are accumulated apart in both walks, spilled or not
+    marked = list(token_batches(tok, TEXTS, 64, 3, heldout_every=2))
+    whole_h = collect(model, marked, targets, progress=False)
+    spill_h = tmp_path / "spill_h"
+    spill_h.mkdir()
+    for kw in ({}, {"spill": spill_h}):
+        block_h = collect_blockwise(skel, ckpt.get, marked, targets, progress=False, get_rows=ckpt.rows, **kw)
+        assert block_h.n_heldout == whole_h.n_heldout > 0
+        for t in targets:
+            torch.testing.assert_close(block_h.heldout_of(t), whole_h.heldout_of(t), atol=1e-5, rtol=1e-5, msg=f"{arch} {t}")
+
 
 def test_gemma_layer_types_matter(tok, tmp_path):
     """The equality above is not vacuous: the global layer's inputs change with its mask/rotary."""

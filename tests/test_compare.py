@@ -121,6 +121,22 @@ def test_scored_batches_and_streamed_kl(tok):
     assert ref_ppl == pytest.approx(math.exp(nll / 77), rel=1e-4)  # the same figure evaluate.py gives
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_scored_token_count_does_not_depend_on_the_padding_side(tok, side):
+    """Gemma's tokenizer pads on the left; the default compare once scored 308 of 512 tokens."""
+    import copy
+
+    from qcorda.report import eval_texts
+
+    t = copy.deepcopy(tok)
+    t.padding_side = side
+    texts = eval_texts("gsm8k-test", 6, t)
+    assert len({len(t(x)["input_ids"]) for x in texts[:4]}) > 1  # the first batch is padded
+    for n in (77, 400):
+        h, y = final_hidden(tiny.model("llama"), scored_batches(t, texts, 256, 4, n))
+        assert y.shape[0] == h.shape[0] == n
+
+
 def test_report_files(run, tmp_path):
     _, _, report = run
     out = write_report(report, tmp_path / "rep")

@@ -61,3 +61,30 @@ def test_all_padding_is_an_error(tok):
     batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}
     with pytest.raises(ConfigError, match="tokenizes to nothing"):
         collect(model, [batch], find_targets(model, ("q_proj",)), progress=False)
+
+
+TEXTS6 = TEXTS + ["James writes a 3-page letter to 2 friends twice a week.", "Betty is saving money for a wallet.", "Julie is reading a 120-page book."]
+
+
+def test_heldout_records_are_accumulated_apart(tok, tmp_path):
+    """--iters auto: every 2nd record held out here; C, C_h and C_fit equal separate collections."""
+    model = tiny.model("llama")
+    targets = find_targets(model, ("all-linear",))
+    both = collect(model, token_batches(tok, TEXTS6, 64, 4, heldout_every=2), targets, progress=False)
+    full = collect(model, token_batches(tok, TEXTS6, 64, 4), targets, progress=False)
+    held = collect(model, token_batches(tok, TEXTS6[1::2], 64, 4), targets, progress=False)
+    fit = collect(model, token_batches(tok, TEXTS6[0::2], 64, 4), targets, progress=False)
+    assert both.n_tokens == full.n_tokens and both.n_heldout == held.n_tokens
+    assert full.heldout is None
+    for t in targets:
+        torch.testing.assert_close(both.of(t), full.of(t), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(both.heldout_of(t), held.of(t), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(both.fit_of(t), fit.of(t), atol=1e-5, rtol=1e-4)
+    both.save(tmp_path / "c.safetensors")
+    for lazy in (False, True):
+        back = Covariances.load(tmp_path / "c.safetensors", lazy=lazy)
+        assert back.n_heldout == both.n_heldout
+        for t in targets:
+            assert torch.equal(back.heldout_of(t), both.heldout_of(t)) and torch.equal(back.of(t), both.of(t))
+    with pytest.raises(ConfigError, match="no held-out part"):
+        full.heldout_of(targets[0])

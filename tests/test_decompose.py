@@ -14,9 +14,9 @@ from qcorda.decompose import (
     svd_split,
     svd_top,
 )
-from qcorda.quantize import nf4_roundtrip
+from qcorda.quantize import NF4, nf4_roundtrip
 
-METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal"]
+METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"]
 
 
 def _weight(out=48, inp=64, seed=0):
@@ -35,7 +35,7 @@ def _cov(d=64, n=400, seed=1):
 def test_fp32_reconstruction(method, alpha_over_r):
     W, C = _weight(), _cov()
     r, s = 8, alpha_over_r
-    split = decompose(method, W, r, s, cov=damp(C), iters=3, roundtrip=nf4_roundtrip)
+    split = decompose(method, W, r, s, cov=damp(C), iters=3, quantizer=NF4)
     assert split.B.shape == (48, r) and split.A.shape == (r, 64)
     torch.testing.assert_close(residual(W, split, s) + low_rank_term(split, s), W, atol=1e-5, rtol=0)
 
@@ -84,10 +84,10 @@ def test_loftq_and_cal_reduce_quantized_error():
     def err(split):
         return (W - nf4_roundtrip(residual(W, split, 1.0)) - low_rank_term(split, 1.0))
 
-    lq = decompose("loftq", W, 8, 1.0, iters=5, roundtrip=nf4_roundtrip)
+    lq = decompose("loftq", W, 8, 1.0, iters=5, quantizer=NF4)
     assert err(lq).pow(2).sum() < 0.9 * plain
     ipm = decompose("qcorda-ipm", W, 8, 1.0, cov=dc)
-    cal = decompose("qcorda-cal", W, 8, 1.0, cov=dc, iters=5, roundtrip=nf4_roundtrip)
+    cal = decompose("qcorda-cal", W, 8, 1.0, cov=dc, iters=5, quantizer=NF4)
     act = lambda E: (E @ dc.L).pow(2).sum()
     assert act(err(cal)) < act(err(ipm))
 
@@ -127,3 +127,130 @@ def test_qlora_split_is_peft_default_and_seeded():
     assert torch.equal(a.A, b.A) and not a.B.any()
     assert a.A.abs().max() <= 1 / 100**0.5 + 1e-6  # kaiming_uniform(a=√5) bound 1/√in
     assert not torch.equal(a.A, decompose("qlora", W, 4, 1.0, seed=6).A)
+
+
+# --------------------------------------------------------------------------- kept codes (issue 14)
+
+ITERATIVE_CASES = [  # (method, iters, start): the iterative splits and the previous iterate's arguments
+    ("loftq", 3, "ipm"),
+    ("qpissa", 3, "ipm"),
+    ("qcorda-cal", 3, "ipm"),
+    ("qcorda-cal", 3, "zero"),
+    ("qera", 1, "ipm"),
+]
+
+
+def _codes_bytes(q):
+    return q.packed.view(-1).tolist(), q.quant_state.absmax.view(-1).tolist()
+
+
+def _previous(method, W, r, s, dc, iters, start):
+    """s·B_{T−1}·A_{T−1}: the split the last codes were quantized from (zero before the first)."""
+    if method == "qera" or (iters == 1 and (method == "loftq" or start == "zero")):
+        return torch.zeros_like(W)
+    if method == "qcorda-cal" and iters == 1:
+        return low_rank_term(corda_split(W, dc, r, s, "top"), s)
+    return low_rank_term(decompose(method, W, r, s, cov=dc, iters=iters - 1, quantizer=NF4, start=start), s)
+
+
+@pytest.mark.parametrize("method,iters,start", ITERATIVE_CASES)
+def test_iterative_splits_keep_the_codes_their_adapter_was_fitted_to(method, iters, start):
+    from qcorda.quantize import dequantize_nf4, quantize_nf4
+
+    W, C, r, s = _weight(96, 128), _cov(128), 8, 2.0
+    dc = damp(C)
+    split = decompose(method, W, r, s, cov=dc, iters=iters, quantizer=NF4, start=start)
+    assert split.codes is not None and split.iters == iters
+    # the stored codes are bitsandbytes' quantize_4bit of the previous residual, byte for byte
+    expect = quantize_nf4(W - _previous(method, W, r, s, dc, iters, start))
+    assert _codes_bytes(split.codes) == _codes_bytes(expect)
+    # and s·B·A is the optimal rank-r fit of W − deq(Q_stored) in the method's norm
+    E = W - dequantize_nf4(split.codes)
+    fit = svd_split(E, r, s) if method in ("loftq", "qpissa") else activation_fit(E, dc, r, s)
+    torch.testing.assert_close(low_rank_term(split, s), low_rank_term(fit, s), atol=1e-6, rtol=1e-5)
+
+
+def test_kept_codes_beat_requantizing_the_last_residual():
+    """The defect: quantizing W − s·B_T·A_T again leaves the new rounding error uncorrected, and it
+    is largest where the activations are (here 4 outlier input channels, as in LLMs)."""
+    from qcorda.quantize import dequantize_nf4
+
+    g = torch.Generator().manual_seed(3)
+    d = 128
+    U, V = (torch.linalg.qr(torch.randn(d, d, generator=g))[0] for _ in range(2))
+    W = U @ torch.diag(torch.logspace(0.5, -1.5, d)) @ V.T / d**0.5
+    scale = torch.full((d,), 0.3)
+    scale[:4] = 30.0
+    X = torch.randn(4000, d, generator=g) * scale
+    dc = damp(X.T @ X / 4000)
+    act = lambda E: (E @ dc.L).pow(2).sum()
+    for iters in (1, 5):
+        split = decompose("qcorda-cal", W, 16, 1.0, cov=dc, iters=iters, quantizer=NF4, start="zero")
+        kept = W - dequantize_nf4(split.codes) - low_rank_term(split, 1.0)
+        requantized = W - nf4_roundtrip(residual(W, split, 1.0)) - low_rank_term(split, 1.0)
+        assert act(kept) < 0.7 * act(requantized)  # measured 0.27 (iters 1) and 0.66 (iters 5)
+
+
+def test_qera_with_identity_covariance_is_the_svd_of_the_quantization_error():
+    W = _weight(64, 96)
+    split = decompose("qera", W, 6, 1.0, cov=damp(torch.eye(96)), quantizer=NF4)
+    E = W - nf4_roundtrip(W)
+    torch.testing.assert_close(low_rank_term(split, 1.0), low_rank_term(svd_split(E, 6, 1.0), 1.0), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_qera_activation_error_is_never_above_plain_nf4(seed):
+    from qcorda.quantize import dequantize_nf4
+
+    W, C = _weight(64, 64, seed=seed), _cov(64, seed=seed + 10)
+    dc = damp(C)
+    split = decompose("qera", W, 4, 1.0, cov=dc, quantizer=NF4)
+    act = lambda E: (E @ dc.L).pow(2).sum()
+    assert act(W - dequantize_nf4(split.codes) - low_rank_term(split, 1.0)) <= act(W - nf4_roundtrip(W))
+
+
+@pytest.mark.parametrize("method", ["loftq", "qpissa", "qcorda-cal"])
+def test_auto_iterations_never_keep_an_iterate_worse_than_the_first(method):
+    from qcorda.decompose import activation_error
+    from qcorda.quantize import dequantize_nf4
+
+    W, r = _weight(96, 128, seed=4), 8
+    dc, held = damp(_cov(128, seed=5)), _cov(128, n=60, seed=6)  # fit and held-out covariances differ
+    split = decompose(method, W, r, 1.0, cov=dc, iters=6, quantizer=NF4, heldout=held)
+    assert len(split.heldout) == 6 and 1 <= split.iters <= 6
+    kept = activation_error(W - dequantize_nf4(split.codes) - low_rank_term(split, 1.0), held)
+    assert kept == pytest.approx(min(split.heldout), rel=1e-6)
+    assert kept <= split.heldout[0]
+    # the kept iterate is the one a fixed --iters T would store
+    fixed = decompose(method, W, r, 1.0, cov=dc, iters=split.iters, quantizer=NF4)
+    assert _codes_bytes(fixed.codes) == _codes_bytes(split.codes) if fixed.codes is not None else split.iters == 1
+
+
+# --------------------------------------------------------------------------- balanced factors (issue 15)
+
+
+@pytest.mark.parametrize("method", ["qpissa", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera", "loftq"])
+def test_factors_are_balanced_per_component(method):
+    W, C = _weight(), _cov()
+    split = decompose(method, W, 8, 2.0, cov=damp(C), iters=2, quantizer=NF4)
+    torch.testing.assert_close(split.B.norm(dim=0), split.A.norm(dim=1), rtol=1e-4, atol=1e-7)
+
+
+def test_balancing_keeps_the_product_and_removes_the_activation_scale():
+    """CorDA's A = √Σ(VᵀC⁻¹) grew as 1/c with C → c·C (‖A‖/‖B‖ 161 vs 1.6e-4 for c = 0.01 vs 1e4)."""
+    W, C = _weight(), _cov()
+    U, S, Vt = torch.linalg.svd(W @ damp(C).C, full_matrices=False)
+    unbalanced = U[:, :8] @ torch.diag(S[:8]) @ torch.cholesky_solve(Vt[:8].T.contiguous(), damp(C).L).T
+    split = corda_split(W, damp(C), 8, 1.0, "top")
+    rel = (low_rank_term(split, 1.0) - unbalanced).abs().max() / unbalanced.abs().max()
+    assert rel < 1e-5
+    ratios = []
+    for c in (0.01, 1e4):
+        sp = corda_split(W, damp(c * C), 8, 1.0, "top")
+        ratios.append(float(sp.A.norm() / sp.B.norm()))
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-3) and ratios[0] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_zero_covariance_names_the_layer():
+    with pytest.raises(DecompositionError, match="model.layers.1.mlp.down_proj: the layer's inputs are zero"):
+        damp(torch.zeros(16, 16), name="model.layers.1.mlp.down_proj")

@@ -7,11 +7,14 @@ import torch
 
 import tiny
 from qcorda.config import CalibConfig, ConfigError, InitConfig
-from qcorda.prepare import load_prepared, prepare, report_of, save_prepared
+from qcorda.decompose import activation_fit, damp, svd_split
+from qcorda.prepare import collect_covariances, load_prepared, prepare, report_of, save_prepared
 from qcorda.quantize import nf4_roundtrip
-from qcorda.targets import weight_of
+from qcorda.targets import find_targets, weight_of
 
-METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal"]
+METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"]
+#: Methods whose stored codes are the ones their last fit was made for (Q_T), not NF4(W − s·B·A).
+KEEP_CODES = {"loftq", "qpissa", "qcorda-cal", "qera"}
 CALIB = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=12, max_length=48, batch_size=4)
 
 
@@ -26,6 +29,13 @@ def _dequantized(lora_layer):
     return F.dequantize_4bit(w.data, w.quant_state)
 
 
+def _fit(method, E, cfg, covs, name):
+    """The method's own rank-r fit of the quantization error E ``(out, in)``."""
+    if method in ("loftq", "qpissa"):
+        return svd_split(E, cfg.rank, cfg.scaling)
+    return activation_fit(E, damp(covs.of(name), cfg.ridge), cfg.rank, cfg.scaling)
+
+
 def _inputs(tok):
     return tok(["Natalia sold clips to 48 of her friends in April.", "How many clips?"], return_tensors="pt", padding=True)
 
@@ -35,6 +45,7 @@ def test_init_equals_quantized_residual_plus_adapter(method, tok):
     original = tiny.model("llama")
     weights = {n: weight_of(m).detach().clone() for n, m in original.named_modules() if isinstance(m, torch.nn.Linear)}
     cfg = _cfg(method, alpha=8.0)  # s = 2: alpha != r must work
+    covs = collect_covariances(tiny.model("llama"), tok, find_targets(original, cfg.target_modules), cfg, progress=False)
     model = prepare(original, cfg, tokenizer=tok, progress=False)
     rep = report_of(model)
     assert len(rep.targets) == 14 and "lm_head" not in rep.targets
@@ -48,8 +59,13 @@ def test_init_equals_quantized_residual_plus_adapter(method, tok):
         # the 4-bit layer at init computes deq(Q(W_res)) + s·B·A ...
         x = torch.randn(3, W.shape[1])
         torch.testing.assert_close(layer(x), x @ (Wq + s * B @ A).T, atol=1e-5, rtol=1e-5)
-        # ... where W_res = W − s·B·A in fp32, quantized by bitsandbytes
-        torch.testing.assert_close(Wq, nf4_roundtrip(W - s * B @ A), atol=0, rtol=0)
+        if method in KEEP_CODES:
+            # ... where s·B·A is the optimal rank-r fit of W − deq(Q_stored) in the method's norm
+            fit = _fit(method, W - Wq, cfg, covs, name)
+            torch.testing.assert_close(s * B @ A, s * fit.B @ fit.A, atol=1e-5, rtol=1e-4)
+        else:
+            # ... where W_res = W − s·B·A in fp32, quantized by bitsandbytes
+            torch.testing.assert_close(Wq, nf4_roundtrip(W - s * B @ A), atol=0, rtol=0)
     layer_errs = {l.name: l for l in rep.layers}
     assert all(l.err > 0 and l.qlora_err > 0 for l in layer_errs.values())
     if method == "qlora":
@@ -120,3 +136,26 @@ def test_methods_are_deterministic(tok):
         a = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)(**x).logits
         b = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)(**x).logits
         assert torch.equal(a, b)
+
+
+def test_iters_auto_and_cal_start_are_recorded(tok, tmp_path):
+    cfg = _cfg("qcorda-cal", iters="auto", cal_start="zero")
+    model = prepare(tiny.model("llama"), cfg, tokenizer=tok, progress=False)
+    rep = report_of(model)
+    assert all(1 <= l.iters <= 8 for l in rep.layers)
+    assert rep.calibration["heldout_every"] == 8
+    meta = json.loads((save_prepared(model, tmp_path / "p", tok) / "qcorda.json").read_text())
+    assert meta["config"]["iters"] == "auto" and meta["config"]["cal_start"] == "zero"
+    assert [l["iters"] for l in meta["layers"]] == [l.iters for l in rep.layers]
+    fixed = report_of(prepare(tiny.model("llama"), _cfg("qcorda-cal", iters=3), tokenizer=tok, progress=False))
+    assert {l.iters for l in fixed.layers} == {3}
+
+
+def test_a_layer_with_zero_inputs_is_named(tok):
+    from qcorda.decompose import DecompositionError
+
+    model = tiny.model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight.zero_()  # attention output 0: o_proj sees zeros
+    with pytest.raises(DecompositionError, match=r"model\.layers\.1\.self_attn\.o_proj: the layer's inputs are zero"):
+        prepare(model, _cfg("qcorda-ipm"), tokenizer=tok, progress=False)

@@ -18,7 +18,7 @@ from qcorda.config import CalibConfig, ConfigError, InitConfig
 from qcorda.prepare import load_model, load_prepared, prepare, save_prepared
 from qcorda.stream import partial_dir, stream_prepare
 
-METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal"]
+METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"]
 CALIB = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=8, max_length=32, batch_size=4)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,9 +60,12 @@ def _x(tok):
     return tok(["Natalia sold clips to 48 of her friends in April.", "How many clips?"], return_tensors="pt", padding=True)
 
 
-@pytest.mark.parametrize("method", ["qlora", "qpissa", "qcorda-ipm", "qcorda-cal"])
-def test_streamed_equals_in_memory(method, llama, tok, tmp_path):
-    cfg = _cfg(method, alpha=8.0)
+@pytest.mark.parametrize("method,kw", [
+    ("qlora", {}), ("qpissa", {}), ("qcorda-ipm", {}), ("qcorda-cal", {}), ("qera", {}),
+    ("qcorda-cal", {"iters": "auto", "cal_start": "zero"}), ("loftq", {"iters": "auto"}),
+])
+def test_streamed_equals_in_memory(method, kw, llama, tok, tmp_path):
+    cfg = _cfg(method, alpha=8.0, **kw)
     (tmp_path / ".s.scratch" / "covariance").mkdir(parents=True)  # left by a run killed while calibrating
     stream_prepare(str(llama), cfg, tmp_path / "s", progress=False)
     model, t = load_model(str(llama))
@@ -114,6 +117,37 @@ def test_resume_after_crash_is_byte_identical(llama, tmp_path, monkeypatch):
     assert len(calls) == 14 - 5  # only the unfinished layers were computed
     assert hashes(out) == hashes(tmp_path / "ref")
     assert not partial_dir(out).exists()
+
+
+def test_work_of_an_older_format_is_never_resumed(llama, tmp_path, monkeypatch, capsys):
+    """Layers written before the kept-codes change (qcorda.partial/1) must not be mixed with new ones."""
+    import json
+
+    import qcorda.prepare as prep
+
+    orig, n = prep.prepare_layer, []
+
+    def crash(*a, **k):
+        n.append(1)
+        if len(n) > 4:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    cfg = _cfg("loftq")
+    monkeypatch.setattr(prep, "prepare_layer", crash)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        stream_prepare(str(llama), cfg, out, progress=False)
+    manifest = partial_dir(out) / "manifest.json"
+    old = dict(json.loads(manifest.read_text()), format="qcorda.partial/1")
+    manifest.write_text(json.dumps(old))  # as the previous qcorda left it
+    calls = []
+    monkeypatch.setattr(prep, "prepare_layer", lambda *a, **k: (calls.append(a[2]), orig(*a, **k))[1])
+    stream_prepare(str(llama), cfg, out, progress=False)
+    assert "another qcorda version (qcorda.partial/1" in capsys.readouterr().err
+    assert len(calls) == 14  # every layer computed again, none reused
+    stream_prepare(str(llama), cfg, tmp_path / "ref", progress=False)
+    assert hashes(out) == hashes(tmp_path / "ref")
 
 
 def test_other_arguments_restart_the_work(llama, tmp_path, monkeypatch, capsys):

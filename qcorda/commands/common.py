@@ -11,6 +11,16 @@ def csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def iters(value: str) -> int | str:
+    """``--iters``: a positive integer or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}") from None
+
+
 def add_init_arguments(p: argparse.ArgumentParser, method: bool = True, rank: bool = True) -> None:
     """Flags of :class:`InitConfig` and :class:`CalibConfig` (defaults come from the dataclasses).
     ``method``/``rank`` False: the verb takes several (``compare --methods --ranks``)."""
@@ -21,7 +31,9 @@ def add_init_arguments(p: argparse.ArgumentParser, method: bool = True, rank: bo
     if rank:
         g.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank r (default {d.rank})")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha, s = alpha/r (default r)")
-    g.add_argument("--iters", type=int, default=None, help="alternations for loftq (5), qpissa (1), qcorda-cal (5)")
+    g.add_argument("--iters", type=iters, default=None,
+                   help="alternations for loftq (5), qpissa (1), qcorda-cal (5); auto: chosen per layer on held-out calibration records")
+    g.add_argument("--cal-start", default=d.cal_start, help=f"where qcorda-cal starts: ipm or zero (default {d.cal_start})")
     g.add_argument("--target-modules", type=csv, default=d.target_modules, help="module patterns (default all-linear)")
     g.add_argument("--ridge", type=float, default=d.ridge, help=f"initial covariance damping λ (default {d.ridge})")
     g.add_argument("--max-damping-steps", type=int, default=d.max_damping_steps)
@@ -61,6 +73,7 @@ def init_config(args, method: str | None = None, rank: int | None = None) -> Ini
         rank=rank if rank is not None else args.rank,
         alpha=args.alpha,
         iters=args.iters,
+        cal_start=args.cal_start,
         target_modules=tuple(args.target_modules),
         ridge=args.ridge,
         max_damping_steps=args.max_damping_steps,

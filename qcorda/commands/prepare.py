@@ -26,15 +26,16 @@ def run(args) -> int:
 
     cfg = init_config(args)
     check_out_dir(args.out, args.overwrite)
-    if cfg.method not in CALIBRATED and (args.calib_data or args.covariance):
+    if not cfg.needs_calibration and (args.calib_data or args.covariance):
         warnings.warn(f"--method {cfg.method} uses no calibration data; --calib-data/--covariance are ignored", stacklevel=1)
-    if cfg.method in CALIBRATED and not (args.calib_data or args.covariance):
-        raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
+    if cfg.needs_calibration and not (args.calib_data or args.covariance):
+        what = f"--method {cfg.method}" if cfg.method in CALIBRATED else "--iters auto"
+        raise ConfigError(f"{what} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
     try:
         if cfg.method in STREAMED:
             report = stream_prepare(
                 args.model, cfg, args.out, args.overwrite,
-                covariance=args.covariance if cfg.method in CALIBRATED else None,
+                covariance=args.covariance if cfg.needs_covariance else None,
                 save_covariance=args.save_covariance, trust_remote_code=args.trust_remote_code,
             )
         else:
@@ -47,7 +48,6 @@ def run(args) -> int:
 
 def _in_memory(args, cfg):
     """Methods the streamed writer does not store (see ``qcorda.stream.STREAMED``)."""
-    from ..config import CALIBRATED
     from ..prepare import collect_covariances, load_model, prepare, report_of, save_prepared
     from ..targets import check_rank, find_targets
 
@@ -55,7 +55,7 @@ def _in_memory(args, cfg):
     targets = find_targets(model, cfg.target_modules)
     check_rank(model, targets, cfg.rank)
     calib = None
-    if cfg.method in CALIBRATED:
+    if cfg.needs_covariance:
         if args.covariance:
             calib = args.covariance
         else:
