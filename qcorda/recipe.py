@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from .config import CalibConfig, ConfigError, InitConfig
+from .lr import QLORA_LR
 
 Template = Literal["alpaca", "plain", "chat"]
 Optim = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
@@ -62,8 +63,13 @@ class TrainConfig:
 
     max_steps: int = 1000
     """Optimizer steps. Recipe: ``train.max_steps``."""
-    learning_rate: float = 2e-4
-    """Peak learning rate. Recipe: ``train.learning_rate``."""
+    learning_rate: float | Literal["auto"] = "auto"
+    """Peak learning rate, or ``auto``: the method's factor (:data:`qcorda.lr.LR_FACTORS`) times
+    ``base_learning_rate``. An explicit value more than 3x the method's recommended one is warned
+    about. Recipe: ``train.learning_rate``."""
+    base_learning_rate: float = QLORA_LR
+    """QLoRA's learning rate for this setup, which ``learning_rate: auto`` scales per method (2e-4:
+    QLoRA's on GPUs). Recipe: ``train.base_learning_rate``."""
     lr_scheduler: str = "cosine"
     """transformers scheduler name (cosine, linear, constant, constant_with_warmup). Recipe: ``train.lr_scheduler``."""
     warmup_ratio: float = 0.03
@@ -96,6 +102,15 @@ class TrainConfig:
     """Log the training loss every N steps. Recipe: ``train.logging_steps``."""
     seed: int = 0
     """Seed of data order and dropout. Recipe: ``train.seed``."""
+    stop_on_divergence: bool = True
+    """Stop when the loss is NaN/Inf or its smoothed value stays ``divergence_margin`` above the first
+    loss for ``divergence_patience`` logging steps; the adapter of the last good logging step is kept
+    (:mod:`qcorda.guard`). Recipe: ``train.stop_on_divergence``."""
+    divergence_margin: float = 0.25
+    """Allowed rise of the smoothed training loss above the first one, as a fraction of it. Recipe:
+    ``train.divergence_margin``."""
+    divergence_patience: int = 3
+    """Logging steps in a row above the margin before the run stops. Recipe: ``train.divergence_patience``."""
     quant_storage: QuantStorage = "auto"
     """Dtype the packed NF4 bytes are stored as (``bnb_4bit_quant_storage``; the bits are unchanged).
     auto: the compute dtype when accelerate runs FSDP (FSDP flattens each unit into one tensor of one
@@ -109,8 +124,14 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {v!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if self.learning_rate != "auto" and (isinstance(self.learning_rate, (str, bool)) or not self.learning_rate > 0):
+            raise ConfigError(f"train.learning_rate must be a positive number or auto, got {self.learning_rate!r}")
+        if isinstance(self.base_learning_rate, (str, bool)) or not self.base_learning_rate > 0:
+            raise ConfigError(f"train.base_learning_rate must be a positive number, got {self.base_learning_rate!r}")
+        if not self.divergence_margin > 0:
+            raise ConfigError(f"train.divergence_margin must be positive, got {self.divergence_margin}")
+        if not isinstance(self.divergence_patience, int) or self.divergence_patience <= 0:
+            raise ConfigError(f"train.divergence_patience must be a positive integer, got {self.divergence_patience!r}")
         _one_of("train.optim", self.optim, Optim)
         _one_of("train.quant_storage", self.quant_storage, QuantStorage)
         if self.bf16 not in (True, False, "auto"):
@@ -214,8 +235,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _convert(tp, value, where: str):
-    """Build dataclasses from dicts and tuples from lists, following the type hints."""
+    """Build dataclasses from dicts and tuples from lists, following the type hints; a float field
+    given as text such as ``1e-4`` (which YAML 1.1 reads as a string) becomes that float."""
     origin = get_origin(tp)
+    if isinstance(value, str) and (tp is float or float in get_args(tp)):
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):

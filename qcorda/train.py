@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
+from .guard import DivergenceGuard
+from .lr import lr_factor, lr_warning
 from .recipe import Recipe, recipe_dict
 
 TRAIN_FORMAT = "qcorda.train/1"
@@ -39,6 +41,8 @@ class TrainResult:
     eval_loss: float | None
     trainable_params: int
     seconds: float
+    learning_rate: float = 0.0
+    """The learning rate trained at (``learning_rate: auto`` resolved)."""
     adapter_sha256: str = ""
     """sha256 of the trained adapter's parameters (name order); every data-parallel rank prints the same."""
 
@@ -158,7 +162,36 @@ def use_bf16(recipe: Recipe) -> bool:
     return bool(recipe.train.bf16)
 
 
-def sft_config(recipe: Recipe, has_eval: bool):
+class TrainingDiverged(ConfigError):
+    """The divergence guard stopped the run (the message says why and what to change)."""
+
+
+def init_of(recipe: Recipe) -> tuple[str, str]:
+    """``(method, cal_start)`` of the recipe's model: from ``init:`` or the ``prepared:`` qcorda.json."""
+    if recipe.init is not None:
+        return recipe.init.method, recipe.init.cal_start
+    from .prepare import read_manifest
+
+    cfg = read_manifest(recipe.prepared, flag="prepared:")["config"]
+    return cfg["method"], cfg.get("cal_start", "ipm")  # format 1 had no cal_start: it started from IPM
+
+
+def learning_rate(recipe: Recipe) -> float:
+    """``train.learning_rate``, with ``auto`` resolved to the method's recommended learning rate
+    (:mod:`qcorda.lr`); an explicit rate far above it is warned about."""
+    t = recipe.train
+    method, cal_start = init_of(recipe)
+    if t.learning_rate == "auto":
+        return lr_factor(method, cal_start).factor * t.base_learning_rate
+    warning = lr_warning(method, float(t.learning_rate), t.base_learning_rate, cal_start)
+    if warning:
+        import warnings
+
+        warnings.warn(warning, stacklevel=2)
+    return float(t.learning_rate)
+
+
+def sft_config(recipe: Recipe, has_eval: bool, lr: float):
     import torch
     from trl import SFTConfig
 
@@ -166,7 +199,7 @@ def sft_config(recipe: Recipe, has_eval: bool):
     return SFTConfig(
         output_dir=str(Path(recipe.output_dir) / "checkpoints"),
         max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
+        learning_rate=lr,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=float(t.warmup_ratio),  # a float in [0, 1) is a ratio of max_steps
         per_device_train_batch_size=t.batch_size,
@@ -188,6 +221,7 @@ def sft_config(recipe: Recipe, has_eval: bool):
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the divergence guard, not be averaged away
         seed=t.seed,
         data_seed=t.seed,
         report_to="none",
@@ -198,9 +232,10 @@ def sft_config(recipe: Recipe, has_eval: bool):
     )
 
 
-def build_trainer(recipe: Recipe, peft_model, tokenizer, train_ds, eval_ds=None):
+def build_trainer(recipe: Recipe, peft_model, tokenizer, train_ds, eval_ds=None, lr: float | None = None, callbacks=()):
     """An ``SFTTrainer`` over ``peft_model`` whose trainable parameters are exactly the LoRA
-    matrices, with the dtypes and values ``prepare`` gave them."""
+    matrices, with the dtypes and values ``prepare`` gave them. ``lr``: the learning rate
+    (default: :func:`learning_rate` of the recipe)."""
     from trl import SFTTrainer
 
     if tokenizer.pad_token is None:
@@ -211,8 +246,9 @@ def build_trainer(recipe: Recipe, peft_model, tokenizer, train_ds, eval_ds=None)
     init = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     if not init:
         raise ConfigError("the prepared model has no trainable adapter (load it with is_trainable=True)")
-    trainer = SFTTrainer(model=peft_model, args=sft_config(recipe, eval_ds is not None), train_dataset=train_ds,
-                         eval_dataset=eval_ds, processing_class=tokenizer)
+    lr = learning_rate(recipe) if lr is None else lr
+    trainer = SFTTrainer(model=peft_model, args=sft_config(recipe, eval_ds is not None, lr), train_dataset=train_ds,
+                         eval_dataset=eval_ds, processing_class=tokenizer, callbacks=list(callbacks))
     if len(trainer.train_dataset) == 0:
         raise ConfigError(
             f"no training record has a completion token left within train.max_length={recipe.train.max_length}; "
@@ -286,8 +322,71 @@ def read_train_manifest(adapter: str | Path) -> dict:
     return meta
 
 
+def guard_callback(guard: DivergenceGuard):
+    """A ``TrainerCallback`` that feeds each logged loss to ``guard`` and stops training when the
+    guard says the run diverged. Before every logged step it copies the adapter to the CPU: the
+    parameters that produce that step's loss (the Trainer logs it after the step's update). The
+    copy of the last good logged step is ``snapshot``, taken after ``kept_step`` updates."""
+    from transformers import TrainerCallback
+
+    class GuardCallback(TrainerCallback):
+        reason: str | None = None
+        snapshot: dict | None = None
+        kept_step: int | None = None
+        _candidate: tuple | None = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            step = state.global_step + 1
+            if model is not None and (step == 1 or step % args.logging_steps == 0):
+                copy = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+                self._candidate = (state.global_step, copy)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs or self.reason is not None:
+                return
+            self.reason = guard.update(state.global_step, float(logs["loss"]))
+            if self.reason is not None:
+                control.should_training_stop = True
+            elif guard.last_good == state.global_step and self._candidate is not None:
+                self.kept_step, self.snapshot = self._candidate
+
+    return GuardCallback()
+
+
+def _stop_diverged(recipe: Recipe, trainer, callback, prepared: Path, lr: float) -> None:
+    """After a guard stop: put the last good adapter back, save it, remove the checkpoints written
+    after it (resuming from them would continue the divergence), and raise :class:`TrainingDiverged`."""
+    import shutil
+
+    method, cal_start = init_of(recipe)
+    advice = lr_factor(method, cal_start)
+    rec = advice.factor * recipe.train.base_learning_rate
+    kept = "nothing (it diverged at its first logged step)"
+    if callback.snapshot is not None and trainer.is_world_process_zero():
+        params = dict(trainer.model.named_parameters())
+        for n, t in callback.snapshot.items():
+            params[n].data.copy_(t.to(params[n].device))
+        step = callback.kept_step
+        diverged = {"reason": callback.reason, "kept_step": step, "learning_rate": lr, "recommended_lr": rec}
+        adapter = save_adapter(recipe, trainer.model, prepared, {"global_step": step, "diverged": diverged})
+        kept = f"the adapter after {step} steps, the last good one, in {adapter}"
+        ckpts = Path(recipe.output_dir) / "checkpoints"
+        for c in ckpts.glob("checkpoint-*") if ckpts.is_dir() else ():
+            if c.name.split("-")[-1].isdigit() and int(c.name.split("-")[-1]) > step:
+                shutil.rmtree(c)
+    raise TrainingDiverged(
+        f"training diverged: {callback.reason}. Method {method}"
+        + (f" (cal_start {cal_start})" if method == "qcorda-cal" else "")
+        + f", learning rate {lr:g}; recommended {rec:g} ({advice.factor:g} x train.base_learning_rate "
+        f"{recipe.train.base_learning_rate:g}; {advice.source}). Kept {kept}. Lower train.learning_rate or set it to "
+        "auto; train.stop_on_divergence=false trains on regardless"
+    )
+
+
 def train(recipe: Recipe, progress: bool = True) -> TrainResult:
-    """Run the recipe end to end; returns the :class:`TrainResult`."""
+    """Run the recipe end to end; returns the :class:`TrainResult`.
+
+    Raises :class:`TrainingDiverged` when the divergence guard (``train.stop_on_divergence``) stops it."""
     import time
 
     t0 = time.perf_counter()
@@ -296,7 +395,11 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     model, tok, prepared = prepared_model(recipe, progress)
     apply_quant_storage(recipe, model)
     train_ds, eval_ds = datasets_of(recipe, tok)
-    trainer = build_trainer(recipe, model, tok, train_ds, eval_ds)
+    lr = learning_rate(recipe)
+    t = recipe.train
+    guard = DivergenceGuard(margin=t.divergence_margin, patience=t.divergence_patience)
+    callbacks = [guard_callback(guard)] if t.stop_on_divergence else []
+    trainer = build_trainer(recipe, model, tok, train_ds, eval_ds, lr=lr, callbacks=callbacks)
     resume = resume_checkpoint(recipe)
     trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
@@ -304,6 +407,8 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         with open(out / "log.jsonl", "w") as f:
             for h in history:
                 f.write(json.dumps(h) + "\n")
+    if callbacks and callbacks[0].reason is not None:
+        _stop_diverged(recipe, trainer, callbacks[0], prepared, lr)
     eval_loss = None
     if eval_ds is not None:
         eval_loss = float(trainer.evaluate()["eval_loss"])
@@ -316,6 +421,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         "last_loss": losses[-1][1] if losses else None,
         "eval_loss": eval_loss,
         "trainable_params": trainable,
+        "learning_rate": lr,
     }
     meta = {"quantization_config": quantization_config_of(trainer.model), "world_size": trainer.args.world_size}
     adapter = save_adapter(recipe, trainer.model, prepared, {**summary, **meta}) if trainer.is_world_process_zero() else out / "adapter"

@@ -215,12 +215,12 @@ def test_prepared_equals_qcorda_merge_fp16_export(tok, tmp_path):
 
 
 def test_study_dequantized_base_computes_what_linear4bit_computes(tok, tmp_path):
-    """eval/study_forgetting.py trains over fp32 Linear layers holding deq(Q(W_res)): same logits and
+    """eval/study_finetune.py trains over fp32 Linear layers holding deq(Q(W_res)): same logits and
     same LoRA gradients as the NF4 Linear4bit base with fp32 compute."""
     from export_helpers import eval_script
     from qcorda.prepare import load_prepared, prepare, save_prepared
 
-    study = eval_script("study_forgetting")
+    study = eval_script("study_finetune")
     prepared = save_prepared(prepare(tiny.model("llama"), InitConfig(method="qpissa", rank=4, compute_dtype="float32"), tokenizer=tok, progress=False), tmp_path / "p", tok)
     ids, att, lab = encode_pairs(tok, ["Question: two plus two?", "Hi"], [" four, said she", " there"])
     outs = []

@@ -40,6 +40,22 @@ def test_recipe_loads_and_fits(path):
         assert path.stem.startswith(recipe.init.method)
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
+def test_recipe_learning_rate_is_auto_or_explained(path):
+    """Issue 15: the SVD inits diverged at QLoRA's learning rate; a recipe trains at its method's rate
+    (learning_rate: auto) or says why not."""
+    import warnings
+
+    from qcorda.train import learning_rate
+
+    recipe = load_recipe(path)
+    if recipe.train.learning_rate != "auto":
+        assert "explicit learning rate:" in path.read_text(), f"{path}: say why the learning rate is not auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # never more than 3x the method's recommended rate
+        learning_rate(recipe)
+
+
 def test_hub_recipes_cover_the_issue():
     recipes = [load_recipe(p) for p in RECIPES]
     by_gpu = {r.gpu_memory_gb for r in recipes}

@@ -111,3 +111,75 @@ def test_recipe_errors(tmp_path, prepared):
     with pytest.raises(ConfigError, match="not KEY=VALUE"):
         load_recipe(path, ["train.max_steps"])
     assert load_recipe(path, ["train.optim=paged_adamw_32bit"]).train.optim == "paged_adamw_32bit"
+
+
+# --------------------------------------------------------------------------- learning rates and the guard (issue 15)
+
+
+@pytest.mark.parametrize("method,cal_start,factor", [
+    ("qlora", "ipm", 1.0), ("loftq", "ipm", 1.0), ("qpissa", "ipm", 0.1), ("qcorda-ipm", "ipm", 0.1),
+    ("qcorda-cal", "ipm", 0.1), ("qcorda-cal", "zero", 1.0), ("qera", "ipm", 1.0),
+])
+def test_learning_rate_auto_resolves_per_method(tmp_path, method, cal_start, factor):
+    from qcorda.lr import LR_FACTORS, init_key
+    from qcorda.train import learning_rate
+
+    init = {"method": method, "rank": 4, "cal_start": cal_start, "calib": {"data": "gsm8k-train"}}
+    data = {"output_dir": str(tmp_path / "o"), "model": "m", "init": init, "train": {"learning_rate": "auto", "base_learning_rate": 3e-4}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert learning_rate(load_recipe(tmp_path / "r.yaml")) == pytest.approx(factor * 3e-4)
+    assert LR_FACTORS[init_key(method, cal_start)].source  # every figure says where it comes from
+
+
+def test_an_explicit_learning_rate_far_above_the_recommended_one_warns(tmp_path, prepared):
+    import warnings
+
+    from qcorda.train import learning_rate
+
+    path = _recipe(tmp_path, prepared)  # qpissa: recommended 0.1 x 2e-4 = 2e-5
+    with pytest.warns(UserWarning, match=r"train.learning_rate 0.0001 is 5x the recommended 2e-05 for qpissa"):
+        learning_rate(load_recipe(path, ["train.learning_rate=1e-4"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert learning_rate(load_recipe(path, ["train.learning_rate=6e-5"])) == 6e-5  # 3x: no warning
+        assert learning_rate(load_recipe(path, ["train.learning_rate=auto"])) == pytest.approx(2e-5)
+    with pytest.raises(ConfigError, match="train.learning_rate must be a positive number or auto"):
+        load_recipe(path, ["train.learning_rate=fast"])
+
+
+def test_guard_rules():
+    from qcorda.guard import DivergenceGuard
+
+    g = DivergenceGuard(margin=0.25, patience=3, smoothing=0.0)
+    assert [g.update(s, x) for s, x in enumerate([2.0, 2.4, 1.9, 2.6, 2.2], 1)] == [None] * 5  # noise within the margin
+    assert g.last_good == 5
+    assert g.update(6, 3.0) is None and g.update(7, 3.5) is None
+    assert "stayed above 2.500" in g.update(8, 4.0) and g.last_good == 5
+    assert "nan" in DivergenceGuard().update(1, float("nan"))
+
+
+def test_guard_stops_a_blowing_up_run_and_keeps_the_last_good_adapter(tmp_path, prepared):
+    """Adam moves every weight by ~lr per step: at lr 1e30 the logits overflow and the loss turns NaN."""
+    from qcorda.train import TrainingDiverged
+
+    recipe = load_recipe(_recipe(tmp_path, prepared, "blowup", learning_rate=1e30, max_steps=40, save_steps=1,
+                                 optim="adamw_torch", logging_steps=2))
+    with pytest.warns(UserWarning, match="recommended"), pytest.raises(TrainingDiverged) as e:
+        train(recipe, progress=False)
+    msg = str(e.value)
+    assert "training diverged: the training loss is nan" in msg and "qpissa" in msg and "recommended 2e-05" in msg
+    meta = read_train_manifest(tmp_path / "blowup" / "adapter")
+    kept = meta["diverged"]["kept_step"]
+    log = [json.loads(l) for l in (tmp_path / "blowup" / "log.jsonl").read_text().splitlines()]
+    assert max(h["step"] for h in log) < 10  # stopped within a few logging steps
+    ckpts = sorted(int(c.name.split("-")[1]) for c in (tmp_path / "blowup" / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == list(range(1, kept + 1))  # only the checkpoints up to the kept adapter remain
+    # the kept adapter loads, is finite, and is the one of checkpoint `kept` (or the init when kept is 0)
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "blowup" / "adapter" / "adapter_model.safetensors")
+    ref = tmp_path / "blowup" / "checkpoints" / f"checkpoint-{kept}" if kept else Path(prepared) / "adapter_init"
+    expect = load_file(ref / "adapter_model.safetensors")
+    assert adapter.keys() == expect.keys() and all(torch.equal(adapter[k], expect[k]) for k in adapter)
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    load_prepared(prepared, adapter=tmp_path / "blowup" / "adapter")

@@ -21,6 +21,7 @@ def run(args) -> int:
     rows = [
         ["steps", r.global_step],
         ["resumed from", r.resumed_from or "-"],
+        ["learning rate", r.learning_rate],
         ["loss", f"{fmt(r.first_loss)} -> {fmt(r.last_loss)}"],
         ["eval loss", r.eval_loss],
         ["trainable params", r.trainable_params],

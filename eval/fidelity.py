@@ -1,0 +1,132 @@
+"""Issue 14's measurements: kept codes, QERA, where qcorda-cal starts, and iterations chosen on held-out data.
+
+Gemma-3-270M, the default ``qcorda compare`` setup (calibration: first 64 GSM8K train records ≤ 256
+tokens, ridge 0.01, randomized top-r SVD; held-out C_eval from 32 records of gsm8k-test and of
+wikitext-2; perplexity and KL on 512 scored tokens of each), errors relative to plain NF4. Variants:
+
+- ``qlora``, ``loftq`` (5), ``qera``, ``qcorda-cal`` with ``--cal-start ipm`` and ``zero`` (5 iterations
+  each), and both with ``--iters auto`` (fitted on 7/8 of the calibration records, the iterate chosen per
+  layer on the other 1/8, up to 8);
+- ``auto, refit``: T chosen as above, then the split refitted with T iterations on the covariance of all
+  records (does the held-out eighth help the final fit?): activation errors only.
+
+Each variant's time is the wall time of its layers (split + quantization + error figures) and of
+its hidden states; the held-out split costs one more covariance collection (its own cache key).
+
+    PYTHONPATH=. python eval/fidelity.py [--ranks 64] [--out eval/results/fidelity]   # ~25 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qcorda.report import CompareConfig, aggregate, compare, default_init, layer_errors  # noqa: E402
+
+#: (label, method, InitConfig changes)
+VARIANTS = [
+    ("qlora", "qlora", {}),
+    ("loftq", "loftq", {}),
+    ("qera", "qera", {}),
+    ("cal ipm (5)", "qcorda-cal", {"cal_start": "ipm"}),
+    ("cal zero (5)", "qcorda-cal", {"cal_start": "zero"}),
+    ("cal ipm auto", "qcorda-cal", {"cal_start": "ipm", "iters": "auto"}),
+    ("cal zero auto", "qcorda-cal", {"cal_start": "zero", "iters": "auto"}),
+]
+KEYS = ("weight_err_rel", "nuclear_err_rel", "act_err_rel", "act_err_rel_wikitext2", "ppl", "ppl_wikitext2", "kl", "kl_wikitext2")
+
+
+def refit_variant(model, tok, rank: int, start: str, cache: dict) -> dict:
+    """``auto, refit``: per layer, T from ``--iters auto``, then T iterations fitted on all records."""
+    import torch
+
+    from qcorda.covariance import collect
+    from qcorda.data import calibration_batches
+    from qcorda.prepare import collect_covariances, prepare_layer, split_layer
+    from qcorda.quantize import nf4_roundtrip
+    from qcorda.decompose import low_rank_term
+    from qcorda.quantize import dequantize_nf4
+    from qcorda.report import eval_texts, set_key
+    from qcorda.targets import find_targets, weight_of
+
+    base = CompareConfig(ranks=(rank,))
+    auto = replace(base.init, method="qcorda-cal", rank=rank, cal_start=start, iters="auto")
+    targets = find_targets(model, auto.target_modules)
+    key = ("calib", tuple(targets), repr(auto.calib), auto.cov_dtype, auto.heldout_every)
+    covs = cache.get(key) or cache.setdefault(key, collect_covariances(model, tok, targets, auto, "gemma-3-270m", False))
+    evals = []
+    for s in base.eval_data:
+        ekey = ("eval", tuple(targets), s, base.eval_samples, base.eval_max_length)
+        if ekey not in cache:
+            batches, n = calibration_batches(tok, eval_texts(s, base.eval_samples, tok), base.eval_max_length, base.eval_batch_size)
+            cache[ekey] = collect(model, batches, targets, torch.float32, progress=False, total=n)
+        evals.append(cache[ekey])
+    errs, ref, iters = {}, {}, []
+    for n in targets:
+        W = weight_of(model.get_submodule(n)).detach().float()
+        T = split_layer(W, auto, n, covs).iters
+        iters.append(T)
+        split, q, _ = prepare_layer(W, replace(auto, iters=T), n, covs)  # iters=T: fitted on C of all records
+        W_eff = dequantize_nf4(q) + low_rank_term(split, auto.scaling)
+        errs[n] = layer_errors(W, W_eff, [c.of(n) for c in evals])
+        ref[n] = layer_errors(W, nf4_roundtrip(W), [c.of(n) for c in evals])
+    total = aggregate("qcorda-cal", rank, targets, errs, ref, [set_key(s) for s in base.eval_data])[-1]
+    return dict(total, iters_mean=sum(iters) / len(iters), iters_hist={t: iters.count(t) for t in sorted(set(iters))})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", default="64")
+    ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "fidelity"))
+    args = ap.parse_args()
+    import torch
+
+    from qcorda.prepare import load_model
+
+    torch.manual_seed(0)
+    ranks = tuple(int(r) for r in args.ranks.split(","))
+    model, tok = load_model("gemma-3-270m")
+    cache: dict = {}
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    rows = [r for r in saved.get("rows", []) if r["rank"] in ranks]  # resume: finished variants are kept
+    original = saved.get("original")
+    for label, method, change in VARIANTS:
+        if {(label, r) for r in ranks} <= {(x["variant"], x["rank"]) for x in rows}:
+            continue
+        cfg = CompareConfig(methods=(method,), ranks=ranks, init=replace(default_init(), method=method, **change))
+        t = time.perf_counter()
+        report = compare(model, tok, cfg, "gemma-3-270m", progress=True, cache=cache)
+        for r in report.totals():
+            rows.append({"variant": label, "rank": r["rank"], **{k: r.get(k) for k in KEYS},
+                         "seconds": time.perf_counter() - t, "timings": report.timings})
+        original = report.original
+        print(label, [(r["rank"], round(r["act_err_rel"], 4)) for r in report.totals()], f"{time.perf_counter() - t:.0f} s", flush=True)
+        _write(out, rows, original, time.perf_counter() - t0)
+    for start in ("ipm", "zero"):
+        for rank in ranks:
+            if any(x["variant"] == f"cal {start} auto, refit" and x["rank"] == rank for x in rows):
+                continue
+            t = time.perf_counter()
+            total = refit_variant(model, tok, rank, start, cache)
+            rows.append({"variant": f"cal {start} auto, refit", "rank": rank, **{k: total.get(k) for k in KEYS},
+                         "iters_mean": total["iters_mean"], "iters_hist": total["iters_hist"], "seconds": time.perf_counter() - t})
+            print(rows[-1], flush=True)
+            _write(out, rows, original, time.perf_counter() - t0)
+
+
+def _write(out: Path, rows: list[dict], original: dict, seconds: float) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "original": original, "seconds": seconds}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The divergence guard: stop a fine-tune whose loss blows up, and say where it was last good.
+
+Fed one training loss per logging step (the Trainer's loss is already the mean over the
+steps since the last log), it smooths the losses with an exponential moving average and
+reports divergence when a loss is NaN/Inf, or when the smoothed loss stays above
+``start × (1 + margin)`` for ``patience`` logging steps in a row, ``start`` being the first
+logged loss. ``last_good`` is the last step whose smoothed loss was within the limit: the
+adapter of that step is the one to keep.
+
+Pure Python (no torch): ``qcorda train`` wraps it in a Trainer callback, and the fine-tuning
+study feeds it from its own loop, so both stop by the same rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class DivergenceGuard:
+    """Watches a stream of (step, loss); :meth:`update` returns why training diverged, or None."""
+
+    margin: float = 0.25
+    """Allowed rise of the smoothed loss above the starting loss, as a fraction of it."""
+    patience: int = 3
+    """Logging steps in a row above the limit before the run is stopped."""
+    smoothing: float = 0.5
+    """EMA weight of the previous smoothed value (0: no smoothing)."""
+    start: float | None = None
+    """The first logged loss."""
+    smoothed: float | None = None
+    streak: int = 0
+    """Consecutive logging steps above the limit."""
+    last_good: int | None = None
+    """The last step whose smoothed loss was finite and within the limit."""
+
+    @property
+    def limit(self) -> float | None:
+        return None if self.start is None else self.start * (1 + self.margin)
+
+    def update(self, step: int, loss: float) -> str | None:
+        """Record the loss logged at ``step``; a sentence saying what happened when the run diverged."""
+        if not math.isfinite(loss):
+            return f"the training loss is {loss} at step {step}"
+        if self.start is None:
+            self.start = self.smoothed = loss
+            self.last_good = step
+            return None
+        self.smoothed = self.smoothing * self.smoothed + (1 - self.smoothing) * loss
+        if self.smoothed <= self.limit:
+            self.streak, self.last_good = 0, step
+            return None
+        self.streak += 1
+        if self.streak < self.patience:
+            return None
+        return (f"the smoothed training loss stayed above {self.limit:.3f} (the first loss {self.start:.3f} "
+                f"+ {self.margin:.0%}) for {self.streak} logging steps; {loss:.3f} at step {step}")

@@ -1,0 +1,83 @@
+"""Per-method learning rates: how far below QLoRA's each initialization should train.
+
+An adapter that starts holding the principal components of W (PiSSA, CorDA-IPM, qcorda-cal
+from IPM) has large B and A; the loss is far more curved along them, and at QLoRA's learning
+rate such adapters diverge (``eval/results/forgetting.md``: qpissa and qcorda-ipm at 5e-4; the
+PiSSA and LoftQ issue trackers report the same at 1e-4 to 2e-4). Adapters that hold only the
+quantization error or start at zero (QLoRA, LoftQ, QERA, qcorda-cal from zero) are small and
+train at QLoRA's rates. :data:`LR_FACTORS` gives each initialization its learning rate as a
+factor of QLoRA's, with the source of the figure; a recipe with ``learning_rate: auto`` trains
+at ``factor × base_learning_rate``.
+
+Torch-free: the CLI and the recipe reader import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: QLoRA's usual learning rate on GPUs (QLoRA paper, 7B–13B: 2e-4); ``base_learning_rate``'s default.
+QLORA_LR = 2e-4
+#: ``qcorda train`` warns when an explicit learning rate is more than this many times the recommended one.
+WARN_ABOVE = 3.0
+
+
+@dataclass(frozen=True)
+class LrFactor:
+    """A method's learning rate relative to QLoRA's, and where the figure comes from."""
+
+    factor: float
+    """Recommended lr = factor × QLoRA's (``base_learning_rate``)."""
+    source: str
+    """A measured figure of this repository (``eval/results/...``) or a paper."""
+
+
+_STUDY = "eval/results/finetune.md (Gemma-3-270M, r 16, best held-out GSM8K loss over the lr grid)"
+_PAPERS_PC = ("PiSSA and CorDA train every method at 2e-5 (0.1 of QLoRA's 2e-4); 'Learning Rate Matters' "
+              "(Lee et al. 2026) finds PiSSA's best lr ~10x below LoRA's")
+
+#: Keyed by :func:`init_key` (the method, and for qcorda-cal its start).
+LR_FACTORS: dict[str, LrFactor] = {
+    "qlora": LrFactor(1.0, "QLoRA (Dettmers et al. 2023): the reference, 2e-4 for 7B-13B"),
+    "lora": LrFactor(1.0, "LoRA init (B = 0), as QLoRA"),
+    "qdora": LrFactor(1.0, "DoRA (Liu et al. 2024) trains at LoRA's learning rate"),
+    "qeva": LrFactor(1.0, "EVA (Paischer et al. 2024): B = 0, LoRA's learning rate"),
+    "loftq": LrFactor(1.0, "LoftQ (Li et al. 2023): the adapter holds only the quantization error; QLoRA-like rates"),
+    "qera": LrFactor(1.0, "QERA (Zhang et al. 2025): the adapter holds only the quantization error, as LoftQ"),
+    "qcorda-cal:zero": LrFactor(1.0, "starts at B·A = 0 and holds only the quantization error, as LoftQ and QERA"),
+    "qmilora": LrFactor(1.0, "MiLoRA (Wang et al. 2024): the smallest singular components, trained at LoRA's rate"),
+    "qpissa": LrFactor(0.1, _PAPERS_PC),
+    "qolora": LrFactor(0.1, "OLoRA's factors are Q, R of W (principal-component size): by analogy with PiSSA"),
+    "qcorda-ipm": LrFactor(0.1, _PAPERS_PC),
+    "qcorda-kpm": LrFactor(0.1, "CorDA (Yang et al. 2024) trains KPM at 2e-5, 0.1 of QLoRA's"),
+    "qcorda-cal:ipm": LrFactor(0.1, "starts from the CorDA-IPM split (principal components), as qcorda-ipm"),
+}
+
+
+def init_key(method: str, cal_start: str | None = None) -> str:
+    """The :data:`LR_FACTORS` key of an initialization."""
+    return f"{method}:{cal_start or 'ipm'}" if method == "qcorda-cal" else method
+
+
+def lr_factor(method: str, cal_start: str | None = None) -> LrFactor:
+    """The recommended factor of ``method`` (``cal_start`` for qcorda-cal)."""
+    key = init_key(method, cal_start)
+    if key not in LR_FACTORS:
+        raise KeyError(f"no learning-rate advice for {key!r}")
+    return LR_FACTORS[key]
+
+
+def recommended_lr(method: str, base_lr: float = QLORA_LR, cal_start: str | None = None) -> float:
+    """factor × ``base_lr``: the learning rate ``learning_rate: auto`` trains ``method`` at."""
+    return lr_factor(method, cal_start).factor * base_lr
+
+
+def lr_warning(method: str, lr: float, base_lr: float = QLORA_LR, cal_start: str | None = None) -> str | None:
+    """A warning when ``lr`` is more than :data:`WARN_ABOVE` times ``method``'s recommended learning rate."""
+    advice = lr_factor(method, cal_start)
+    rec = advice.factor * base_lr
+    if lr <= WARN_ABOVE * rec:
+        return None
+    return (f"train.learning_rate {lr:g} is {lr / rec:.0f}x the recommended {rec:g} for {init_key(method, cal_start)} "
+            f"({advice.factor:g} x base_learning_rate {base_lr:g}; {advice.source}); such adapters tend to diverge: "
+            "set train.learning_rate: auto")
