@@ -182,7 +182,7 @@ def train_adapter(model, tok, examples, args, lr: float, seed: int, on_eval=None
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(args.warmup_ratio * args.steps), args.steps)
-    guard = DivergenceGuard(margin=args.margin, patience=args.patience)
+    guard = DivergenceGuard(margin=args.margin, patience=args.patience, start_window=args.patience)
     eos = tok.eos_token or ""
     losses, reason, kept = [], None, None
     good = {n: p.detach().clone() for n, p in params.items()}  # the adapter whose loss was last good
@@ -283,8 +283,9 @@ def write_report(out: Path, res: dict, args) -> None:
         f"- Training: {args.steps} steps x {args.batch_size} sequences (≤ {args.max_length} tokens, alpaca prompt, loss on the "
         f"answer + EOS) from the first {args.train_limit} GSM8K-train records, AdamW (fp32 states, no weight decay), cosine "
         f"schedule with {args.warmup_ratio:.0%} warmup, clipping {args.max_grad_norm}. The seed sets the data order, the same for every init.",
-        f"- Divergence guard (`qcorda.guard`, as in `qcorda train`): a NaN loss, or the smoothed loss more than {args.margin:.0%} "
-        f"above the first one for {args.patience} steps, stops the run; its last good adapter is measured, marked † (step).",
+        f"- Divergence guard (`qcorda.guard`, as in `qcorda train`): a NaN loss, or the smoothed loss (EMA 0.5) more than "
+        f"{args.margin:.0%} above the mean of the first {args.patience} losses for {args.patience} steps, stops the run; its last "
+        "good adapter is measured, marked † (the number of updates it had).",
         f"- Measured at init and after training: held-out GSM8K answer loss (NLL per token of the gold solutions of the first "
         f"{args.gsm8k_limit} test questions; also every {args.eval_every} steps for the curves), NQ-open gold-answer log-likelihood "
         f"(first {args.nq_limit} questions, mean per-token log-prob of the best accepted answer) and wikitext-2 perplexity "

@@ -3,8 +3,8 @@
 Fed one training loss per logging step (the Trainer's loss is already the mean over the
 steps since the last log), it smooths the losses with an exponential moving average and
 reports divergence when a loss is NaN/Inf, or when the smoothed loss stays above
-``start × (1 + margin)`` for ``patience`` logging steps in a row, ``start`` being the first
-logged loss. ``last_good`` is the last step whose smoothed loss was within the limit: the
+``start × (1 + margin)`` for ``patience`` logging steps in a row, ``start`` being the mean
+of the first ``start_window`` logged losses (one batch alone is too noisy a reference). ``last_good`` is the last step whose smoothed loss was within the limit: the
 adapter of that step is the one to keep.
 
 Pure Python (no torch): ``qcorda train`` wraps it in a Trainer callback, and the fine-tuning
@@ -27,8 +27,11 @@ class DivergenceGuard:
     """Logging steps in a row above the limit before the run is stopped."""
     smoothing: float = 0.5
     """EMA weight of the previous smoothed value (0: no smoothing)."""
+    start_window: int = 3
+    """Logged losses averaged into ``start``; only NaN/Inf stops the run before they are in."""
     start: float | None = None
-    """The first logged loss."""
+    """The mean of the first ``start_window`` logged losses."""
+    first: list | None = None
     smoothed: float | None = None
     streak: int = 0
     """Consecutive logging steps above the limit."""
@@ -43,16 +46,18 @@ class DivergenceGuard:
         """Record the loss logged at ``step``; a sentence saying what happened when the run diverged."""
         if not math.isfinite(loss):
             return f"the training loss is {loss} at step {step}"
+        self.smoothed = loss if self.smoothed is None else self.smoothing * self.smoothed + (1 - self.smoothing) * loss
         if self.start is None:
-            self.start = self.smoothed = loss
+            self.first = (self.first or []) + [loss]
+            if len(self.first) >= self.start_window:
+                self.start = sum(self.first) / len(self.first)
             self.last_good = step
             return None
-        self.smoothed = self.smoothing * self.smoothed + (1 - self.smoothing) * loss
         if self.smoothed <= self.limit:
             self.streak, self.last_good = 0, step
             return None
         self.streak += 1
         if self.streak < self.patience:
             return None
-        return (f"the smoothed training loss stayed above {self.limit:.3f} (the first loss {self.start:.3f} "
+        return (f"the smoothed training loss stayed above {self.limit:.3f} (the starting loss {self.start:.3f} "
                 f"+ {self.margin:.0%}) for {self.streak} logging steps; {loss:.3f} at step {step}")

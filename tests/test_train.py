@@ -150,11 +150,12 @@ def test_an_explicit_learning_rate_far_above_the_recommended_one_warns(tmp_path,
 def test_guard_rules():
     from qcorda.guard import DivergenceGuard
 
-    g = DivergenceGuard(margin=0.25, patience=3, smoothing=0.0)
-    assert [g.update(s, x) for s, x in enumerate([2.0, 2.4, 1.9, 2.6, 2.2], 1)] == [None] * 5  # noise within the margin
-    assert g.last_good == 5
-    assert g.update(6, 3.0) is None and g.update(7, 3.5) is None
-    assert "stayed above 2.500" in g.update(8, 4.0) and g.last_good == 5
+    g = DivergenceGuard(margin=0.25, patience=3, smoothing=0.0, start_window=3)
+    assert [g.update(s, x) for s, x in enumerate([1.6, 2.4, 2.0, 2.4, 1.9, 2.2], 1)] == [None] * 6  # noise within the margin
+    assert g.start == pytest.approx(2.0)
+    assert g.last_good == 6
+    assert g.update(7, 3.0) is None and g.update(8, 3.5) is None
+    assert "stayed above 2.500" in g.update(9, 4.0) and g.last_good == 6
     assert "nan" in DivergenceGuard().update(1, float("nan"))
 
 
