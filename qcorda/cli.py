@@ -18,7 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "plan": ("plan", "estimate the peak GPU memory of a recipe"),
     "merge": ("merge", "dequantize and export a merged fp16/bf16 model"),
     "to-lora": ("to_lora", "convert a trained adapter into a plain LoRA for the original base"),
-    "eval": ("evaluate", "GSM8K accuracy, NQ-open retention and perplexity"),
+    "eval": ("evaluate", "GSM8K accuracy, NQ-open retention and perplexity, or lm-evaluation-harness tasks"),
 }
 
 

@@ -483,11 +483,15 @@ def evaluate(model, tok, tasks: Sequence[str] = TASKS, limit: int | None = None,
     return results
 
 
-def write_results(path: str | Path, results: dict[str, TaskResult], meta: dict | None = None) -> Path:
-    """Write ``{"meta": ..., "tasks": {task: TaskResult}}`` atomically (temp file, then rename)."""
+def write_results(path: str | Path, results: dict[str, TaskResult], meta: dict | None = None, harness=None) -> Path:
+    """Write ``{"meta": ..., "tasks": {task: TaskResult}}`` atomically (temp file, then rename).
+    ``harness``: a :class:`qcorda.harness.HarnessResult`, written under ``harness`` (summary: ``harness``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta or {}, "summary": {t: r.summary() for t, r in results.items()}, "tasks": {t: r.to_json() for t, r in results.items()}}
+    if harness is not None:
+        doc["summary"]["harness"] = harness.summary()
+        doc["harness"] = harness.to_json()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
