@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from .checkpoint import Checkpoint, save_tensors
 from .config import ConfigError
 from .covariance import NO_TOKENS, Accumulator, Covariances, masks_of
 
@@ -139,7 +140,6 @@ def collect_blockwise(
     ``batches``: ``{"input_ids", "attention_mask"}`` of ``(batch, seq)``.
     Raises :class:`NotBlockwise` when the model is not a plain stack of blocks.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -152,7 +152,7 @@ def collect_blockwise(
     acc = Accumulator(dtype, device)
     n_tokens = n_samples = 0
     n_heldout: int | None = None
-    spilled: dict[str, tuple[Path, str]] = {}
+    spilled: dict[str, tuple[Checkpoint, str]] = {}
 
     # 1. embeddings → block inputs and per-block arguments, one forward per batch
     compact = _compact_embedding(decoder, batches, dec_prefix, get, get_rows)
@@ -208,7 +208,7 @@ def collect_blockwise(
             if spill is not None:  # this block's groups are complete: to disk, out of memory
                 groups = list(dict.fromkeys(g for t in mine if (g := acc.group_of.get(t)) in acc.sums))
                 file = Path(spill) / f"block-{i:05d}.safetensors"
-                finished = acc.pop_final(groups, n_tokens, n_heldout)
-                save_file({k: m.cpu() for k, m in finished.items()}, str(file))
-                spilled.update({k: (file, k) for k in finished})
+                save_tensors(file, acc.pop_final(groups, n_tokens, n_heldout))
+                ckpt = Checkpoint(file, flag="covariance spill", hint="the scratch directory was changed; rerun")
+                spilled.update({k: (ckpt, k) for k in ckpt.keys()})
     return acc.result(targets, n_tokens, n_samples, manifest, spilled, n_heldout)

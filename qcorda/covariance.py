@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .checkpoint import Checkpoint, meta_tensor, write_safetensors
 from .config import ConfigError
 from .decompose import DecompositionError
 
@@ -71,8 +72,6 @@ class Covariances:
 
     def save(self, path: str | Path) -> None:
         """Write every matrix to one safetensors file, one matrix in memory at a time."""
-        from .io import write_safetensors
-
         meta = {"format": FORMAT, "members": self.members, "n_tokens": self.n_tokens, "manifest": self.manifest,
                 "n_heldout": self.n_heldout}
         parts = {COV: self.matrices, **({HELD: self.heldout} if self.heldout is not None else {})}
@@ -80,7 +79,7 @@ class Covariances:
         for prefix, mats in parts.items():
             for g in mats:
                 n = mats.shape_of(g)[0] if isinstance(mats, OnDisk) else mats[g].shape[0]
-                specs[prefix + g] = torch.empty(n, n, dtype=torch.float32, device="meta")
+                specs[prefix + g] = meta_tensor((n, n), torch.float32)
 
         def produce(key: str) -> torch.Tensor:
             prefix = HELD if key.startswith(HELD) else COV
@@ -95,23 +94,18 @@ class Covariances:
         ``lazy``: leave the matrices on disk and read each when it is asked for (:class:`OnDisk`),
         so that a caller going layer by layer holds one covariance, not all of them.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"{flag} {path}: no such file")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("qcorda", "{}"))
-                parts = {}
-                for prefix in (COV, HELD):
-                    keys = [k for k in f.keys() if k.startswith(prefix)]
-                    if lazy:
-                        parts[prefix] = OnDisk({k[len(prefix):]: (path, k) for k in keys}, flag)
-                    else:
-                        parts[prefix] = {k[len(prefix):]: f.get_tensor(k) for k in keys}
-        except Exception as e:
+            ckpt = Checkpoint(path, flag=flag, hint="delete it and recompute")
+            meta = json.loads(ckpt.metadata().get("qcorda", "{}"))
+        except (ConfigError, ValueError) as e:
             raise ConfigError(f"{flag} {path}: not a readable safetensors covariance file ({e}); delete it and recompute") from e
+        parts: dict[str, Mapping[str, torch.Tensor]] = {}
+        for prefix in (COV, HELD):
+            where = {k[len(prefix):]: (ckpt, k) for k in ckpt.keys() if k.startswith(prefix)}
+            parts[prefix] = OnDisk(where) if lazy else {g: c.get(k) for g, (c, k) in where.items()}
         if meta.get("format") != FORMAT:
             raise ConfigError(f"{flag} {path}: not a qcorda covariance file; delete it and recompute")
         manifest = meta["manifest"]
@@ -126,28 +120,19 @@ class Covariances:
 
 
 class OnDisk(Mapping):
-    """group → C, read from safetensors files on each access (a fresh handle each time, so no
-    memory map keeps the pages resident). Immutable: ``{group: (file, key)}``."""
+    """group → C, read from safetensors on each access (:class:`qcorda.checkpoint.Checkpoint`: a fresh
+    handle each time, so no memory map keeps the pages resident). Immutable: ``{group: (checkpoint, key)}``."""
 
-    def __init__(self, where: dict[str, tuple[Path, str]], flag: str = "--covariance"):
-        self._where, self._flag = dict(where), flag
+    def __init__(self, where: dict[str, tuple[Checkpoint, str]]):
+        self._where = dict(where)
 
     def __getitem__(self, group: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file, key = self._where[group]
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return f.get_tensor(key)
-        except Exception as e:
-            raise ConfigError(f"{self._flag} {file}: covariance {key} cannot be read ({e}); delete the file and recompute") from e
+        ckpt, key = self._where[group]
+        return ckpt.get(key)
 
     def shape_of(self, group: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
-        file, key = self._where[group]
-        with safe_open(str(file), framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
+        ckpt, key = self._where[group]
+        return ckpt.spec(key)[0]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -251,9 +236,9 @@ class Accumulator:
         return matrices
 
     def result(self, targets: list[str], n_tokens: int, n_samples: int, manifest: dict | None,
-               spilled: dict[str, tuple[Path, str]] | None = None, n_heldout: int | None = None) -> "Covariances":
+               spilled: dict[str, tuple[Checkpoint, str]] | None = None, n_heldout: int | None = None) -> "Covariances":
         """The :class:`Covariances` of ``targets``; ``spilled``: matrices already written to files
-        (``file key → (file, key)``, keys as :meth:`pop_final` makes them), which then stay there
+        (``file key → (checkpoint, key)``, keys as :meth:`pop_final` makes them), which then stay there
         (:class:`OnDisk`). ``n_heldout``: held-out tokens, when held-out records were marked."""
         if n_tokens == 0:
             raise ConfigError(NO_TOKENS)
@@ -263,7 +248,7 @@ class Accumulator:
         if spilled:
             if self.sums:
                 raise RuntimeError(f"groups {', '.join(list(self.sums)[:3])} were neither spilled nor kept")
-            parts = {p: OnDisk({k[len(p):]: v for k, v in spilled.items() if k.startswith(p)}, "covariance spill") for p in (COV, HELD)}
+            parts = {p: OnDisk({k[len(p):]: v for k, v in spilled.items() if k.startswith(p)}) for p in (COV, HELD)}
         else:
             found = self.pop_final(list(self.sums), n_tokens, n_heldout)
             parts = {p: {k[len(p):]: v for k, v in found.items() if k.startswith(p)} for p in (COV, HELD)}

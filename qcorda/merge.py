@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .checkpoint import Checkpoint, write_shards
 from .config import ConfigError
 
 ADAPTER_PREFIX = "base_model.model."
@@ -32,6 +33,8 @@ TRAIN_MARKER = "qcorda_train.json"
 VERIFY_FILE = "qcorda_verify.json"
 MERGE_FILE = "qcorda_merge.json"
 DTYPES = ("float16", "bfloat16", "float32")
+ADAPTER_HINT = "it is corrupted: train or copy the adapter again"
+PREPARED_HINT = "it is corrupted: run qcorda prepare again"
 
 
 # --------------------------------------------------------------------------- adapter
@@ -67,17 +70,13 @@ class AdapterSpec:
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B ``(out, r)``, A ``(r, in)``) of layer ``name`` in fp32."""
-        from .io import CheckpointReader
-
-        reader = CheckpointReader(self.path, "adapter_model", "--adapter")
+        reader = Checkpoint(self.path, "adapter_model", "--adapter", ADAPTER_HINT)
         key = f"{ADAPTER_PREFIX}{name}"
         return reader.get(f"{key}.lora_B.weight").float(), reader.get(f"{key}.lora_A.weight").float()
 
 
 def read_adapter(path: str | Path, flag: str = "--adapter") -> AdapterSpec:
     """The LoRA config of a saved adapter; anything merge cannot represent exactly is refused."""
-    from .io import CheckpointReader
-
     path = Path(path)
     cfg_file = path / "adapter_config.json"
     if not cfg_file.exists():
@@ -95,10 +94,7 @@ def read_adapter(path: str | Path, flag: str = "--adapter") -> AdapterSpec:
     for key, what in unsupported.items():
         if cfg.get(key):
             raise ConfigError(f"{flag} {path}: adapters with {what} are not supported by merge/to-lora; train a plain LoRA adapter")
-    try:
-        reader = CheckpointReader(path, "adapter_model", flag)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{e}; save the adapter with safetensors (PEFT's default)") from e
+    reader = Checkpoint(path, "adapter_model", flag, ADAPTER_HINT)
     layers = []
     for k in reader.keys():
         if k.endswith(".lora_A.weight"):
@@ -230,12 +226,10 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
     ``specs`` maps each key to a ``meta`` tensor of its final shape and ``dtype``, in the
     prepared checkpoint's order; ``produce(key)`` reads (and for a target, dequantizes and
     merges) that one tensor, appends the target's :class:`MergedLayer` to ``layers`` and calls
-    ``on_layer()``. A writer that calls it key by key (:func:`qcorda.io.write_shards`) holds one
+    ``on_layer()``. A writer that calls it key by key (:func:`qcorda.checkpoint.write_shards`) holds one
     layer at a time, never the merged model.
     """
-    from .io import CheckpointReader
-
-    reader = CheckpointReader(prepared, "model", "PREPARED")
+    reader = Checkpoint(prepared, "model", "PREPARED", PREPARED_HINT)
     conv1d, needed = plain_layout(plain_config(prepared, dtype))
     target_set = set(targets)
     quant_suffix = tuple(f"{t}.weight." for t in targets)
@@ -337,7 +331,7 @@ def merge(
     compare it with the trained 4-bit + adapter model (saved as ``qcorda_verify.json``)."""
     from tqdm.auto import tqdm
 
-    from .io import atomic_dir, check_out_dir, write_shards
+    from .io import atomic_dir, check_out_dir
     from .prepare import read_manifest, resolve_device
 
     t0 = time.perf_counter()

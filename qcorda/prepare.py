@@ -464,14 +464,16 @@ def base_state_dict(peft_model) -> dict[str, torch.Tensor]:
 
 def save_prepared(peft_model, out: str | Path, tokenizer=None, overwrite: bool = False, report: PrepareReport | None = None) -> Path:
     """Write the prepared directory atomically (see the module docstring for its layout)."""
-    from .io import atomic_dir, write_checkpoint
+    from .checkpoint import dedupe_tied, write_shards
+    from .io import atomic_dir
 
     report = report or report_of(peft_model)
     if report is None:
         raise ValueError("save_prepared needs a model returned by qcorda.prepare (or report=)")
     with atomic_dir(out, overwrite) as tmp:
         base = peft_model.get_base_model()
-        write_checkpoint(tmp, base_state_dict(peft_model), base.config, getattr(base, "generation_config", None))
+        sd = dedupe_tied(base_state_dict(peft_model))
+        write_shards(tmp, sd, sd.__getitem__, base.config, getattr(base, "generation_config", None))
         peft_model.save_pretrained(tmp / "adapter_init")
         stable_adapter_config(tmp / "adapter_init")
         if tokenizer is not None:

@@ -46,6 +46,7 @@ from typing import Iterator
 
 import torch
 
+from .checkpoint import Checkpoint, file_fingerprint, meta_tensor, save_tensors, write_shards
 from .config import ConfigError, InitConfig
 from .covariance import Covariances
 from .decompose import DecompositionError
@@ -67,114 +68,6 @@ def partial_dir(out: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- source
-
-
-class Checkpoint:
-    """The tensors of an HF model directory's safetensors shards, read one at a time."""
-
-    def __init__(self, path: Path, flag: str = "MODEL"):
-        from safetensors import safe_open
-
-        self.path, self.flag = path, flag
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-            hint = f" (it has {', '.join(pickles[:2])}: pickle files, which qcorda never loads)" if pickles else ""
-            raise ConfigError(
-                f"{flag} {path}: no *.safetensors weights{hint}; convert the checkpoint to safetensors "
-                "(model.save_pretrained(dir, safe_serialization=True)) and pass that directory"
-            )
-        self.key_file: dict[str, Path] = {}
-        self.headers: dict[str, str] = {}
-        self._open: dict[Path, object] = {}
-        for f in files:
-            try:
-                h = safe_open(str(f), framework="pt")
-                keys = list(h.keys())
-                for k in keys:
-                    h.get_slice(k).get_shape()
-            except Exception as e:
-                raise ConfigError(
-                    f"{flag} {path}: {f.name} is not a valid safetensors file ({type(e).__name__}: {e}); "
-                    "the download or copy is corrupted: fetch or save the model again"
-                ) from e
-            size = f.stat().st_size
-            if size < 8:
-                raise ConfigError(f"{flag} {path}: {f.name} is truncated; fetch or save the model again")
-            self._open[f] = h
-            for k in keys:
-                self.key_file[k] = f
-            self.headers[f.name] = f"{size}:{_header_digest(f)}"
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.key_file
-
-    def spec(self, key: str) -> tuple[tuple[int, ...], str]:
-        s = self._open[self.key_file[key]].get_slice(key)
-        return tuple(s.get_shape()), s.get_dtype()
-
-    def first_rows(self, key: str) -> torch.Tensor:
-        """``tensor[:1]`` read without the rest of the tensor (for fingerprints)."""
-        s = self._open[self.key_file[key]].get_slice(key)
-        return s[:1] if len(s.get_shape()) else self.get(key)
-
-    def rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
-        """``tensor[ids]`` for sorted unique row ``ids``, read run by run without the rest of the tensor."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.key_file[key]), framework="pt") as f:  # closed at once: see get()
-            return self._rows(f.get_slice(key), ids.tolist())
-
-    @staticmethod
-    def _rows(s, ids: list[int]) -> torch.Tensor:
-        parts, start = [], 0
-        for j in range(1, len(ids) + 1):
-            if j == len(ids) or ids[j] != ids[j - 1] + 1:  # end of a run of consecutive rows
-                parts.append(s[ids[start] : ids[j - 1] + 1])
-                start = j
-        return torch.cat(parts)
-
-    def blocks(self, key: str, dtype: torch.dtype | None = None, max_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
-        """``tensor`` as consecutive row blocks of about ``max_bytes`` each, floats cast (via fp32)
-        to ``dtype``: a 262k-row embedding is copied to the output without ever being whole in memory."""
-        shape, _ = self.spec(key)
-        row = 4 * math.prod(shape[1:]) if shape else 0
-        if not shape or shape[0] * row <= max_bytes:
-            parts = [self.get(key)]
-        else:
-            step = max(1, max_bytes // max(row, 1))
-            parts = (_slice(self.key_file[key], key, a, a + step) for a in range(0, shape[0], step))
-        for t in parts:
-            yield t.float().to(dtype) if dtype is not None and t.is_floating_point() else t
-
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        # A fresh handle per tensor: safetensors reads through a memory map, and the pages a long-lived
-        # handle has touched stay mapped (counted in RSS) until it closes; closing it unmaps them, so
-        # a walk over the whole checkpoint keeps one tensor resident, not the file.
-        try:
-            with safe_open(str(self.key_file[key]), framework="pt") as f:
-                return f.get_tensor(key)
-        except Exception as e:
-            raise ConfigError(
-                f"{self.flag} {self.path}: tensor {key} cannot be read from {self.key_file[key].name} ({e}); "
-                "the file is corrupted: fetch or save the model again"
-            ) from e
-
-
-def _slice(file: Path, key: str, a: int, b: int) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:  # closed at once, as in Checkpoint.get
-        return f.get_slice(key)[a:b]
-
-
-def _header_digest(f: Path) -> str:
-    """sha256 of a safetensors header (names, dtypes, shapes, offsets): cheap, changes when the file does."""
-    with open(f, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return hashlib.sha256(fh.read(min(n, 1 << 30))).hexdigest()[:16]
 
 
 def resolve_local(name_or_path: str, flag: str = "MODEL") -> Path:
@@ -278,7 +171,7 @@ def work_manifest(model_id: str, ckpt: Checkpoint, cfg: InitConfig, plan: Plan, 
     return {
         "format": PARTIAL_FORMAT,
         "model": model_id,
-        "files": ckpt.headers,
+        "files": ckpt.fingerprint(),
         "config": _config_fingerprint(cfg),
         "targets": list(plan.targets),
         "calibration": calib,
@@ -318,37 +211,16 @@ def _layer_file(work: Path, i: int) -> Path:
 
 
 def read_layer(path: Path):
-    """(tensors, LayerResult, key order) of a finished layer file, or None if unreadable."""
-    from safetensors import safe_open
-
+    """(checkpoint, LayerResult, key order) of a finished layer file, or None if unreadable."""
     from .prepare import LayerResult
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["qcorda"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        ckpt = Checkpoint(path, flag="work directory")
+        meta = json.loads(ckpt.metadata()["qcorda"])
         r = dict(meta["result"], shape=tuple(meta["result"]["shape"]))
-        return tensors, LayerResult(**r), meta["keys"]
+        return ckpt, LayerResult(**r), meta["keys"]
     except Exception:
         return None
-
-
-def _layer_specs(path: Path) -> tuple[dict, list[str]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        keys = json.loads(f.metadata()["qcorda"])["keys"]
-        specs = {k: _meta(f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in keys}
-    return specs, keys
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _meta(shape, dtype) -> torch.Tensor:
-    dt = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-    return torch.empty(tuple(shape), dtype=dt, device="meta")
 
 
 # --------------------------------------------------------------------------- run
@@ -374,7 +246,7 @@ def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan
                           model_fingerprint, resolve_device)
 
     targets = list(plan.targets)
-    floats = [k for k in plan.order if ckpt.spec(k)[1] in ("F64", "F32", "F16", "BF16")]
+    floats = [k for k in plan.order if ckpt.spec(k)[1].is_floating_point]
     fingerprint = model_fingerprint(skel_config, ckpt.first_rows, floats)
     expect = {"model": fingerprint, "targets": targets, **({"heldout_every": cfg.heldout_every} if cfg.heldout_every else {})}
     if cfg.calib.data is not None:
@@ -420,7 +292,7 @@ def stream_prepare(
     """
     from tqdm.auto import tqdm
 
-    from .io import atomic_dir, check_out_dir, save_tensors_atomic, write_text_atomic
+    from .io import atomic_dir, check_out_dir, write_text_atomic
     from .prepare import PrepareReport, _versions, prepare_layer, resolve_compute_dtype, resolve_device
     from .quantize import linear4bit
 
@@ -498,7 +370,7 @@ def stream_prepare(
                 sd = linear4bit(q, bias, compute_dtype).state_dict()
                 tensors = {**sd, "lora_A": split.A, "lora_B": split.B}
                 meta = {"result": asdict(result), "keys": list(sd)}
-                save_tensors_atomic(f, tensors, metadata={"qcorda": json.dumps(meta)})
+                save_tensors(f, tensors, metadata={"qcorda": json.dumps(meta)}, fsync=True)
                 results.append(result)
                 del W, split, q, sd, tensors
                 bar.set_postfix(err=f"{result.rel_err:.3f}")
@@ -569,7 +441,7 @@ def _file_digest(path) -> str:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"--covariance {path}: no such file")
-    return f"{p.stat().st_size}:{_header_digest(p)}"
+    return file_fingerprint(p)
 
 
 def _save_covariance(covs: Covariances, path: Path) -> None:
@@ -582,10 +454,8 @@ def _assemble(tmp: Path, path: Path, ckpt: Checkpoint, config, skel, plan: Plan,
               compute_dtype: torch.dtype, report, trust_remote_code: bool, tok_dir: Path | None = None) -> None:
     """Write the prepared HF directory into ``tmp`` from the layer files and the source shards
     (the tokenizer from ``tok_dir`` when calibration already saved it there)."""
-    from safetensors import safe_open
     from transformers import AutoTokenizer, GenerationConfig
 
-    from .io import write_shards
     from .quantize import bnb_config
 
     index = {name: i for i, name in enumerate(plan.targets)}
@@ -599,24 +469,20 @@ def _assemble(tmp: Path, path: Path, ckpt: Checkpoint, config, skel, plan: Plan,
     for k in plan.order:
         mod = owner.get(k)
         if mod is None:
-            shape, dt = ckpt.spec(k)
-            meta = _meta(shape, dt)
+            meta = meta_tensor(*ckpt.spec(k))
             if meta.is_floating_point():
                 meta = meta.to(compute_dtype)
             specs[k] = meta
             source[k] = ("ckpt", k)
         elif f"{mod}.weight" == k:
-            layer_specs, keys = _layer_specs(_layer_file(work, index[mod]))
+            layer, _, keys = read_layer(_layer_file(work, index[mod]))
             for lk in keys:
-                specs[f"{mod}.{lk}"] = layer_specs[lk]
-                source[f"{mod}.{lk}"] = ("layer", index[mod], lk)
+                specs[f"{mod}.{lk}"] = meta_tensor(*layer.spec(lk))
+                source[f"{mod}.{lk}"] = ("layer", layer, lk)
 
     def produce(k: str):
         src = source[k]
-        if src[0] == "ckpt":
-            return ckpt.blocks(src[1], specs[k].dtype)
-        with safe_open(str(_layer_file(work, src[1])), framework="pt") as f:
-            return f.get_tensor(src[2])
+        return ckpt.blocks(src[1], specs[k].dtype) if src[0] == "ckpt" else src[1].get(src[2])
 
     config.quantization_config = bnb_config(compute_dtype, skip_modules=["lm_head"])
     config.use_cache = False
@@ -638,15 +504,14 @@ def _assemble(tmp: Path, path: Path, ckpt: Checkpoint, config, skel, plan: Plan,
 def _write_adapter(dest: Path, skel, plan: Plan, cfg: InitConfig, work: Path) -> None:
     """``adapter_init/`` written by PEFT itself, from a weightless model whose LoRA factors are the real ones."""
     from peft import get_peft_model
-    from safetensors import safe_open
 
     from .prepare import lora_config, stable_adapter_config
 
     peft_model = get_peft_model(skel, lora_config(cfg, list(plan.targets)))
     for i, name in enumerate(plan.targets):
         layer = peft_model.base_model.model.get_submodule(name)
-        with safe_open(str(_layer_file(work, i)), framework="pt") as f:
-            layer.lora_A["default"].weight = torch.nn.Parameter(f.get_tensor("lora_A"), requires_grad=True)
-            layer.lora_B["default"].weight = torch.nn.Parameter(f.get_tensor("lora_B"), requires_grad=True)
+        f = Checkpoint(_layer_file(work, i), flag="work directory")
+        layer.lora_A["default"].weight = torch.nn.Parameter(f.get("lora_A"), requires_grad=True)
+        layer.lora_B["default"].weight = torch.nn.Parameter(f.get("lora_B"), requires_grad=True)
     peft_model.save_pretrained(str(dest))
     stable_adapter_config(dest)

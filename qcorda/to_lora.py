@@ -30,7 +30,10 @@ from typing import Literal, get_args
 import torch
 
 from .config import ConfigError
-from .merge import ADAPTER_PREFIX, AdapterSpec, VerifyConfig, check_adapter, dequantized, manifest_sha256, read_adapter
+from .checkpoint import Checkpoint, save_tensors
+from .merge import (
+    ADAPTER_PREFIX, PREPARED_HINT, AdapterSpec, VerifyConfig, check_adapter, dequantized, manifest_sha256, read_adapter,
+)
 
 Mode = Literal["exact-delta", "compress", "absorb-quant-error"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -155,10 +158,9 @@ def to_lora(
 ) -> ToLoraResult:
     """Write a PEFT LoRA adapter for ``base`` to ``out`` (atomically); report how far base + LoRA is
     from the trained 4-bit model and the merged fp16 model (``qcorda_to_lora.json``)."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .io import CheckpointReader, atomic_dir, check_out_dir
+    from .io import atomic_dir, check_out_dir
     from .prepare import load_model, read_manifest
     from .targets import weight_of
 
@@ -178,7 +180,7 @@ def to_lora(
     recorded = {l["name"]: l["err"] for l in manifest["layers"]}
 
     base_model, _ = load_model(base, flag="--base")
-    reader = CheckpointReader(prepared, "model", "PREPARED")
+    reader = Checkpoint(prepared, "model", "PREPARED", PREPARED_HINT)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     layers: list[ConvertedLayer] = []
@@ -221,7 +223,7 @@ def to_lora(
     lcfg = _lora_config(spec, mode, ranks, targets, str(base), conv1d)
     with atomic_dir(out, overwrite) as tmp:
         lcfg.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
         agreement = ()
         if verify is not None:
             agreement = tuple(_verify(prepared, spec.path, base_model, tmp, merged, verify, device, progress))

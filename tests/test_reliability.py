@@ -84,7 +84,7 @@ def test_nan_activations_in_memory_prepare(tok):
 
 
 def test_disk_full_during_merge_leaves_nothing(setup, tmp_path, monkeypatch):
-    import qcorda.io as qio
+    import qcorda.checkpoint as qio
     from qcorda.merge import merge
 
     _, prep, trained = setup
@@ -154,10 +154,10 @@ def test_prepare_writes_only_under_out(tmp_path, capsys):
 
 
 def test_streamed_safetensors_reads_back_as_save_file_writes_it(tmp_path):
-    """qcorda.io.write_safetensors (tensor by tensor, piece by piece) against safetensors itself."""
+    """qcorda.checkpoint.write_safetensors (tensor by tensor, piece by piece) against safetensors itself."""
     from safetensors.torch import load_file, save_file
 
-    from qcorda.io import write_safetensors, write_shards
+    from qcorda.checkpoint import write_safetensors, write_shards
 
     g = torch.Generator().manual_seed(0)
     tensors = {

@@ -175,11 +175,9 @@ def test_other_arguments_restart_the_work(llama, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("fail_at", [3, 15])  # a layer file; the model shard during assembly
 def test_disk_full_leaves_nothing_under_the_target(fail_at, llama, tmp_path, monkeypatch):
-    import safetensors.torch as st
+    import qcorda.checkpoint as qck
 
-    import qcorda.io as qio
-
-    real_save, real_write = st.save_file, qio.write_safetensors
+    real_write = qck.write_safetensors
     count = []
 
     def disk_full_at(filename):  # the fail_at-th file written: half of it, then the disk is full
@@ -189,16 +187,11 @@ def test_disk_full_leaves_nothing_under_the_target(fail_at, llama, tmp_path, mon
                 f.write(b"\0" * 100)
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    def save_file(tensors, filename, metadata=None):  # layer files
-        disk_full_at(filename)
-        return real_save(tensors, filename, metadata=metadata)
-
-    def write_safetensors(path, specs, produce, metadata=None):  # the assembled model shards
+    def write_safetensors(path, specs, produce, metadata=None):  # layer files and the assembled model shards
         disk_full_at(path)
         return real_write(path, specs, produce, metadata)
 
-    monkeypatch.setattr(st, "save_file", save_file)
-    monkeypatch.setattr(qio, "write_safetensors", write_safetensors)
+    monkeypatch.setattr(qck, "write_safetensors", write_safetensors)
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"no space left on the device.*rerun the same command"):
         stream_prepare(str(llama), _cfg("qpissa"), out, progress=False)
@@ -206,8 +199,7 @@ def test_disk_full_leaves_nothing_under_the_target(fail_at, llama, tmp_path, mon
     assert not out.exists()
     assert leftovers(tmp_path, out) == [partial_dir(out).name]  # only the resumable work dir
     assert not [p for p in partial_dir(out).rglob("*") if ".tmp-" in p.name]
-    monkeypatch.setattr(st, "save_file", real_save)
-    monkeypatch.setattr(qio, "write_safetensors", real_write)
+    monkeypatch.setattr(qck, "write_safetensors", real_write)
     stream_prepare(str(llama), _cfg("qpissa"), out, progress=False)
     stream_prepare(str(llama), _cfg("qpissa"), tmp_path / "ref", progress=False)
     assert hashes(out) == hashes(tmp_path / "ref")

@@ -1,0 +1,289 @@
+"""Safetensors files: the one reader and the one writer of every tensor qcorda reads or writes.
+
+:class:`Checkpoint` reads a model or adapter directory in the HF layout (``STEM.safetensors.index.json``
+and its shards, else ``STEM.safetensors``, else, for source models, every ``*.safetensors``) or a
+single file (a covariance file, a finished layer of a streamed prepare). Every header is checked
+when it opens, so a corrupted or truncated file is reported before any work starts, in one style
+that names the flag. Tensors are read one at a time through a fresh handle each (a long-lived
+memory map keeps every page it touched resident), whole, by rows, or in row blocks.
+
+:func:`write_safetensors` writes a file tensor by tensor and piece by piece from shapes and dtypes
+alone; :func:`write_shards` splits a checkpoint into HF shards with that writer, and
+:func:`save_tensors` writes a small file atomically. Files are read back by ``safetensors`` itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .config import ConfigError
+from .io import replace_atomic
+
+#: safetensors dtype names ↔ torch dtypes.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+#: Row blocks of :meth:`Checkpoint.blocks`: a 262k-row embedding is never whole in memory.
+BLOCK_BYTES = 64 << 20
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``F32``, ``BF16``, ...)."""
+    if name not in DTYPES:
+        raise TypeError(f"no torch dtype for the safetensors dtype {name}")
+    return DTYPES[name]
+
+
+def meta_tensor(shape, dtype: torch.dtype | str) -> torch.Tensor:
+    """A weightless stand-in of ``shape`` and ``dtype`` (a writer's spec)."""
+    return torch.empty(tuple(shape), dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype, device="meta")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """``size:sha256(header)[:16]`` of a safetensors file (names, dtypes, shapes, offsets): cheap,
+    and it changes when the file does. The file is not validated."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return f"{path.stat().st_size}:{hashlib.sha256(fh.read(min(n, 1 << 30))).hexdigest()[:16]}"
+
+
+class Checkpoint:
+    """The tensors of a safetensors directory or file, read one at a time.
+
+    ``stem``: ``model`` (HF models) or ``adapter_model`` (PEFT adapters). ``flag`` and ``hint``
+    shape every error: ``{flag} {path}: {file} is not a valid safetensors file (...); {hint}``.
+    """
+
+    def __init__(self, path: str | os.PathLike, stem: str = "model", flag: str = "MODEL",
+                 hint: str = "it is corrupted: fetch or save the model again"):
+        self.path, self.flag, self.hint = Path(path), flag, hint
+        self.files = self._files(stem)
+        self._where: dict[str, Path] = {}
+        self._specs: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._metadata: dict[Path, dict] = {}
+        for f in self.files:
+            self._read_header(f)
+
+    def _files(self, stem: str) -> list[Path]:
+        p = self.path
+        if p.is_file():
+            return [p]
+        index, single = p / f"{stem}.safetensors.index.json", p / f"{stem}.safetensors"
+        if index.exists():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise self._error(index.name, e) from e
+            return [p / n for n in names]
+        if single.exists():
+            return [single]
+        others = sorted(p.glob("*.safetensors")) if stem == "model" and p.is_dir() else []
+        if others:
+            return others
+        pickles = sorted(q.name for q in p.glob("*.bin")) + sorted(q.name for q in p.glob("*.pt*")) if p.is_dir() else []
+        hint = f" (it has {', '.join(pickles[:2])}: pickle files, which qcorda never loads)" if pickles else ""
+        raise ConfigError(
+            f"{self.flag} {p}: no *.safetensors weights{hint}; convert the checkpoint to safetensors "
+            "(model.save_pretrained(dir, safe_serialization=True)) and pass that directory"
+        )
+
+    def _error(self, name: str, e: Exception) -> ConfigError:
+        return ConfigError(f"{self.flag} {self.path}: {name} is not a valid safetensors file ({type(e).__name__}: {e}); {self.hint}")
+
+    def _read_header(self, f: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            if f.stat().st_size < 8:
+                raise ValueError("shorter than a header")
+            with safe_open(str(f), framework="pt") as h:
+                self._metadata[f] = dict(h.metadata() or {})
+                for k in h.keys():
+                    s = h.get_slice(k)
+                    self._specs[k] = (tuple(s.get_shape()), s.get_dtype())
+                    self._where[k] = f
+        except Exception as e:  # safetensors raises its own error types (header, size, I/O)
+            raise self._error(f.name, e) from e
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of ``key``, from the header alone."""
+        shape, dtype = self._specs[key]
+        return shape, torch_dtype(dtype)
+
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype name of ``key`` (``F32``, ``BF16``, ...)."""
+        return self._specs[key][1]
+
+    def metadata(self) -> dict:
+        """The ``__metadata__`` of a single-file checkpoint (the first file of a directory)."""
+        return self._metadata[self.files[0]]
+
+    def fingerprint(self) -> dict[str, str]:
+        """file name → :func:`file_fingerprint`."""
+        return {f.name: file_fingerprint(f) for f in self.files}
+
+    def _read(self, key: str, fn):
+        from safetensors import safe_open
+
+        f = self._where[key]
+        try:  # a fresh handle per read: closing it unmaps the pages it touched
+            with safe_open(str(f), framework="pt") as h:
+                return fn(h)
+        except Exception as e:
+            raise ConfigError(f"{self.flag} {self.path}: tensor {key} cannot be read from {f.name} ({e}); {self.hint}") from e
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._read(key, lambda h: h.get_tensor(key))
+
+    def first_rows(self, key: str) -> torch.Tensor:
+        """``tensor[:1]`` without the rest of the tensor (for fingerprints)."""
+        return self._read(key, lambda h: h.get_slice(key)[:1] if self._specs[key][0] else h.get_tensor(key))
+
+    def rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
+        """``tensor[ids]`` for sorted unique row ``ids``, read run by run without the rest of the tensor."""
+        ids = ids.tolist()
+
+        def read(h):
+            s, parts, start = h.get_slice(key), [], 0
+            for j in range(1, len(ids) + 1):
+                if j == len(ids) or ids[j] != ids[j - 1] + 1:  # the end of a run of consecutive rows
+                    parts.append(s[ids[start] : ids[j - 1] + 1])
+                    start = j
+            return torch.cat(parts)
+
+        return self._read(key, read)
+
+    def blocks(self, key: str, dtype: torch.dtype | None = None, max_bytes: int = BLOCK_BYTES) -> Iterator[torch.Tensor]:
+        """``tensor`` as consecutive row blocks of about ``max_bytes`` (in fp32) each, floats cast
+        (through fp32) to ``dtype``."""
+        shape, _ = self.spec(key)
+        row = 4 * math.prod(shape[1:]) if shape else 0
+        if not shape or shape[0] * row <= max_bytes:
+            parts: Iterable[torch.Tensor] = [self.get(key)]
+        else:
+            step = max(1, max_bytes // max(row, 1))
+            parts = (self._read(key, lambda h, a=a: h.get_slice(key)[a : a + step]) for a in range(0, shape[0], step))
+        for t in parts:
+            yield t.float().to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    specs: dict[str, torch.Tensor],
+    produce: Callable[[str], "torch.Tensor | Iterable[torch.Tensor]"],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """A safetensors file written tensor by tensor, piece by piece.
+
+    ``safetensors.torch.save_file`` needs every tensor of a file in memory at once (for a 70B
+    model's 5 GB shards, or Gemma's 262k-row embedding, that sets the peak). The format is a
+    little-endian u64 header length, a JSON header (key → dtype, shape, byte range; padded with
+    spaces to 8 bytes, as safetensors writes it) and the raw bytes in header order, so the header
+    is written from ``specs`` (shape and dtype; ``meta`` tensors are fine) before any data exists.
+    ``produce(key)`` returns the tensor or an iterator over consecutive row blocks of it in
+    ``specs[key]``'s dtype; a piece of another dtype or a total of another size raises, so a wrong
+    producer never leaves a file that reads back as something else.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    sizes = {}
+    for key, spec in specs.items():
+        if spec.dtype not in _NAMES:
+            raise TypeError(f"safetensors has no dtype for {spec.dtype}")
+        sizes[key] = spec.numel() * spec.element_size()
+        header[key] = {"dtype": _NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + sizes[key]]}
+        offset += sizes[key]
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key, spec in specs.items():
+            got = produce(key)
+            written = 0
+            for piece in (got,) if isinstance(got, torch.Tensor) else got:
+                if piece.dtype != spec.dtype:
+                    raise ValueError(f"{path.name}: {key} was produced as {piece.dtype}, its header says {spec.dtype}")
+                data = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(data)
+                written += data.nbytes
+                del data, piece
+            if written != sizes[key]:
+                raise ValueError(f"{path.name}: {key} was produced as {written} bytes, its header says {sizes[key]} ({tuple(spec.shape)})")
+    return path
+
+
+def write_shards(
+    directory: str | os.PathLike,
+    specs: dict[str, torch.Tensor],
+    produce: Callable[[str], "torch.Tensor | Iterable[torch.Tensor]"],
+    config=None,
+    generation_config=None,
+    max_shard_size: int | str = "5GB",
+    stem: str = "model",
+) -> list[str]:
+    """An HF checkpoint (``save_pretrained``'s shards and index) whose tensors are produced one at
+    a time, in pieces: peak memory is one piece, whatever the model and shard size. ``specs``:
+    key → tensor of the final shape and dtype, in the order the shards should list them."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    directory = Path(directory)
+    pattern = f"{stem}{{suffix}}.safetensors"
+    split = split_torch_state_dict_into_shards(specs, filename_pattern=pattern, max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        write_safetensors(directory / filename, {k: specs[k] for k in keys}, produce, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if config is not None:
+        config.save_pretrained(directory)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    return list(split.filename_to_tensors)
+
+
+def dedupe_tied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later keys that alias an earlier tensor (tied embeddings): safetensors refuses aliases
+    and ``from_pretrained`` re-ties them from the config."""
+    seen: set[tuple] = set()
+    out = {}
+    for k, v in state_dict.items():
+        key = (v.device.type, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        out[k] = v.detach()
+    return out
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None, fsync: bool = False) -> Path:
+    """A small safetensors file written whole and renamed into place (:func:`qcorda.io.replace_atomic`)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    specs = {k: meta_tensor(v.shape, v.dtype) for k, v in tensors.items()}
+    return replace_atomic(path, lambda tmp: write_safetensors(tmp, specs, tensors.__getitem__, metadata), fsync=fsync)
