@@ -136,7 +136,7 @@ def load(prepared: Path, device: str, adapter: Path | None = None, trainable: bo
 def heldout_loss(model, tok, args) -> float:
     """NLL per token of the gold solutions of the first ``gsm8k_limit`` GSM8K test questions."""
     from qcorda.data import format_record, load_records
-    from qcorda.evaluate import completion_logprobs
+    from qcorda.scoring import completion_logprobs
 
     held = [format_record(r, ("question", "answer")) for r in load_records("gsm8k-test")[: args.gsm8k_limit]]
     lls = completion_logprobs(model, tok, [e.prompt for e in held], [e.completion for e in held], args.eval_batch_size,
@@ -171,7 +171,7 @@ def train_adapter(model, tok, examples, args, lr: float, seed: int, on_eval=None
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from qcorda.evaluate import encode_pairs, masked_nll
+    from qcorda.scoring import encode_pairs, masked_nll
 
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []

@@ -5,10 +5,8 @@ model) and its tokenizer and returns a frozen :class:`TaskResult` (metrics, per-
 records, a one-line summary). :func:`load_for_eval` opens any of the three kinds of
 directory; :func:`evaluate` runs several tasks and :func:`write_results` saves the JSON.
 
-Log-likelihoods are computed as a stream: the decoder's last hidden states are kept for
-one small batch, and only the positions that carry a label go through the LM head, in
-chunks of ``HEAD_CHUNK`` tokens reduced by cross-entropy at once, so Gemma-3's 262k-token
-vocabulary never materializes as full ``(batch, seq, vocab)`` logits.
+Log-likelihoods are streamed by :mod:`qcorda.scoring`: Gemma-3's 262k-token vocabulary never
+materializes as full ``(batch, seq, vocab)`` logits.
 
 Prompts use the alpaca template of :func:`qcorda.data.format_record`, the one training uses.
 """
@@ -29,10 +27,9 @@ from typing import Sequence
 import torch
 
 from .config import ConfigError
+from .scoring import completion_logprobs, model_device, sequence_nll
 
 TASKS: tuple[str, ...] = ("gsm8k", "nq", "ppl")
-#: Labelled positions per LM-head call: 128 x 262k fp32 logits = 128 MiB at most.
-HEAD_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -147,108 +144,6 @@ def load_for_eval(model_or_prepared: str | Path, adapter: str | Path | None = No
     return model, tok, kind
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _core(model):
-    """The causal LM under a PEFT wrapper (the LoRA layers stay inside it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-# --------------------------------------------------------------------------- log-likelihood
-
-
-def head_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits ``(n, vocab)`` of final hidden states ``(n, d)``: the LM head, then the
-    model's final logit soft-capping (Gemma-2) when it has one. Call it on a few rows at a
-    time (HEAD_CHUNK): a 262k vocabulary costs 1 MiB per row."""
-    logits = lm.get_output_embeddings()(hidden).float()
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def _head_nll(lm, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """−log p(label) for ``hidden`` ``(n, d)`` and ``labels`` ``(n,)``, HEAD_CHUNK rows at a time.
-
-    With gradients enabled each chunk is checkpointed, so backward recomputes its logits
-    instead of keeping ``(n, vocab)`` of them alive."""
-    from torch.utils.checkpoint import checkpoint
-
-    def chunk_nll(h, y):
-        return torch.nn.functional.cross_entropy(head_logits(lm, h), y, reduction="none")
-
-    grad = torch.is_grad_enabled() and hidden.requires_grad
-    out = []
-    for i in range(0, hidden.shape[0], HEAD_CHUNK):
-        h, y = hidden[i : i + HEAD_CHUNK], labels[i : i + HEAD_CHUNK]
-        out.append(checkpoint(chunk_nll, h, y, use_reentrant=False) if grad else chunk_nll(h, y))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def masked_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed −log p and the token count of the labelled positions of each sequence.
-
-    ``input_ids``, ``attention_mask``, ``label_mask``: ``(batch, seq)``; ``label_mask[b, t]``
-    marks token t as a target (predicted from positions < t). Returns two ``(batch,)`` tensors
-    (differentiable when gradients are enabled: a training loss is ``sums.sum() / counts.sum()``).
-    Only the hidden states of the batch are held; logits exist for HEAD_CHUNK tokens at a time.
-    """
-    lm = _core(model)
-    dev = _device(model)
-    input_ids, attention_mask, label_mask = input_ids.to(dev), attention_mask.to(dev), label_mask.to(dev)
-    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    target = label_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
-    rows, cols = target.nonzero(as_tuple=True)
-    nll = _head_nll(lm, hidden[:, :-1][rows, cols], input_ids[:, 1:][rows, cols])
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=dev).index_add(0, rows, nll)
-    counts = torch.bincount(rows, minlength=input_ids.shape[0])
-    return sums, counts
-
-
-@torch.inference_mode()
-def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`masked_nll` without gradients, on the CPU."""
-    sums, counts = masked_nll(model, input_ids, attention_mask, label_mask)
-    return sums.cpu(), counts.cpu()
-
-
-def encode_pairs(tok, prompts: Sequence[str], completions: Sequence[str], max_length: int | None = None):
-    """Right-padded ``(input_ids, attention_mask, label_mask)``: prompt ids (with the tokenizer's
-    special tokens) then completion ids (without), so the boundary is exact; labels on the completion.
-    ``max_length`` truncates on the right."""
-    seqs, marks = [], []
-    for p, c in zip(prompts, completions):
-        pi = tok(p)["input_ids"]
-        ci = tok(c, add_special_tokens=False)["input_ids"]
-        seqs.append((pi + ci)[:max_length])
-        marks.append(([0] * len(pi) + [1] * len(ci))[:max_length])
-    width = max(len(s) for s in seqs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    att = torch.zeros((len(seqs), width), dtype=torch.long)
-    lab = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, marks)):
-        ids[i, : len(s)] = torch.tensor(s)
-        att[i, : len(s)] = 1
-        lab[i, : len(s)] = torch.tensor(m)
-    return ids, att, lab
-
-
-def completion_logprobs(model, tok, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 8, progress: bool = True, desc: str = "log-likelihood") -> list[tuple[float, int]]:
-    """Teacher-forced ``(sum log p(completion | prompt), completion tokens)`` per pair."""
-    from tqdm.auto import tqdm
-
-    out: list[tuple[float, int]] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-        ids, att, lab = encode_pairs(tok, prompts[i : i + batch_size], completions[i : i + batch_size])
-        sums, counts = sequence_nll(model, ids, att, lab)
-        out += [(-s, int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
-    return out
-
-
 # --------------------------------------------------------------------------- generation
 
 
@@ -270,7 +165,7 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size
     from transformers import StoppingCriteriaList
 
     pattern = re.compile(stop) if stop else None
-    dev = _device(model)
+    dev = model_device(model)
     out: list[str] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
         # generation continues from the last column: pad on the left, whatever the tokenizer's default

@@ -369,14 +369,14 @@ def verify_merged(prepared, adapter, merged_dir, dtype, verify: VerifyConfig, de
     """Merged (plain transformers, ``dtype``) against the trained 4-bit + adapter model."""
     from transformers import AutoTokenizer
 
-    from .agreement import compare, held_out_batches
+    from .scoring import held_out_batches, logit_agreement
     from .prepare import load_prepared
 
     trained = load_prepared(prepared, adapter, is_trainable=False, device=str(device))
     merged = load_plain(merged_dir, dtype, device)
     tok = AutoTokenizer.from_pretrained(str(prepared))
     batches, n = held_out_batches(tok, verify.data, verify.fields, verify.samples, verify.max_length, verify.batch_size, verify.template)
-    return compare({"trained 4-bit+adapter": trained, f"merged {str(dtype).removeprefix('torch.')}": merged},
+    return logit_agreement({"trained 4-bit+adapter": trained, f"merged {str(dtype).removeprefix('torch.')}": merged},
                    [("trained 4-bit+adapter", f"merged {str(dtype).removeprefix('torch.')}")], batches, progress, n)
 
 

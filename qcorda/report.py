@@ -39,6 +39,7 @@ from typing import Sequence
 
 import torch
 
+from .scoring import final_hidden, ppl_and_kl, scored_batches
 from .config import BASELINES, CALIBRATED, ITERATIVE, METHODS, CalibConfig, ConfigError, InitConfig
 
 #: The methods of the default report (issue 3); baselines (lora, qolora, ...) on request.
@@ -228,83 +229,6 @@ def eval_texts(source: str, samples: int, tokenizer) -> list[str]:
     if not texts:
         raise ConfigError(f"--eval-data {source}: the records hold no text")
     return texts
-
-
-def scored_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int, n_tokens: int) -> list[dict]:
-    """Right-padded batches whose scored positions (next-token predictions) total ``n_tokens``
-    (or all there are): records in order, the last one cut short. The padding side is set by
-    :func:`qcorda.data.token_batches`, whatever the tokenizer's default (Gemma pads on the left)."""
-    from .data import token_batches
-
-    out, left, available = [], n_tokens, 0
-    for b in token_batches(tokenizer, texts, max_length, batch_size):
-        available += int((b["attention_mask"].sum(1) - 1).clamp_min(0).sum())
-        if left <= 0:
-            break
-        mask = b["attention_mask"].clone()
-        for i in range(mask.shape[0]):
-            n = int(mask[i].sum())
-            keep = min(n, left + 1) if left > 0 else 0  # k tokens give k − 1 predictions
-            mask[i, keep:] = 0
-            left -= max(keep - 1, 0)
-        keep_rows = mask.sum(1) > 1
-        if keep_rows.any():
-            width = int(mask[keep_rows].sum(1).max())
-            out.append({"input_ids": b["input_ids"][keep_rows, :width], "attention_mask": mask[keep_rows, :width]})
-    scored = sum(int((b["attention_mask"].sum(1) - 1).sum()) for b in out)
-    if scored != min(n_tokens, available):  # a padding-side mistake scored 308 of 512 tokens once
-        raise RuntimeError(f"scored {scored} tokens, expected {min(n_tokens, available)} of the {n_tokens} requested")
-    return out
-
-
-@torch.inference_mode()
-def final_hidden(model, batches: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states ``(n, hidden)`` at every position that predicts a next token, and
-    those next tokens ``(n,)`` (the decoder alone runs; no logits)."""
-    from .evaluate import _core
-
-    lm = _core(model)
-    dev = next(lm.parameters()).device
-    hs, ys = [], []
-    for b in batches:
-        ids, att = b["input_ids"].to(dev), b["attention_mask"].to(dev)
-        h = lm.get_decoder()(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
-        sel = att[:, :-1].bool() & att[:, 1:].bool()
-        hs.append(h[:, :-1][sel].float().cpu())
-        ys.append(ids[:, 1:][sel].cpu())
-    return torch.cat(hs), torch.cat(ys)
-
-
-@torch.inference_mode()
-def ppl_and_kl(model, reference: torch.Tensor, labels: torch.Tensor, hidden: dict, progress: bool = True, desc: str = "ppl/KL"):
-    """Perplexity of the reference and of each entry of ``hidden`` (``key → (n, d)`` final hidden
-    states on the same positions), and the mean KL(p_ref ‖ p_key) in nats.
-
-    The LM head runs on HEAD_CHUNK positions at a time: the reference's log-probabilities of a
-    chunk are computed once and compared with every model's, then dropped.
-    Returns ``(ref_ppl, {key: (ppl, kl)})``.
-    """
-    from tqdm.auto import tqdm
-
-    from .evaluate import HEAD_CHUNK, _core, head_logits
-
-    lm = _core(model)
-    dev = next(lm.parameters()).device
-    n = reference.shape[0]
-    ref_nll, nll, kl = 0.0, {k: 0.0 for k in hidden}, {k: 0.0 for k in hidden}
-    for i in tqdm(range(0, n, HEAD_CHUNK), desc=desc, unit="chunk", disable=not progress):
-        y = labels[i : i + HEAD_CHUNK].to(dev)
-        lp_ref = torch.log_softmax(head_logits(lm, reference[i : i + HEAD_CHUNK].to(dev)), -1)
-        ref_nll -= lp_ref.gather(1, y[:, None]).sum().item()
-        p_ref = lp_ref.exp()
-        for k, h in hidden.items():
-            lp = torch.log_softmax(head_logits(lm, h[i : i + HEAD_CHUNK].to(dev)), -1)
-            nll[k] -= lp.gather(1, y[:, None]).sum().item()
-            kl[k] += (p_ref * (lp_ref - lp)).sum().item()
-            del lp
-        del lp_ref, p_ref
-    n = max(n, 1)
-    return math.exp(ref_nll / n), {k: (math.exp(nll[k] / n), kl[k] / n) for k in hidden}
 
 
 # --------------------------------------------------------------------------- the report

@@ -249,7 +249,7 @@ def _verify(prepared, adapter, base_model, lora_dir, merged, verify: VerifyConfi
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .agreement import compare, held_out_batches
+    from .scoring import held_out_batches, logit_agreement
     from .merge import load_plain, merge
     from .prepare import load_prepared, resolve_device
 
@@ -265,4 +265,4 @@ def _verify(prepared, adapter, base_model, lora_dir, merged, verify: VerifyConfi
     tok = AutoTokenizer.from_pretrained(str(prepared))
     batches, n = held_out_batches(tok, verify.data, verify.fields, verify.samples, verify.max_length, verify.batch_size, verify.template)
     pairs = [("trained 4-bit+adapter", "base+LoRA"), ("merged float16", "base+LoRA"), ("trained 4-bit+adapter", "merged float16")]
-    return compare(models, pairs, batches, progress, n)
+    return logit_agreement(models, pairs, batches, progress, n)

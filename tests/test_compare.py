@@ -11,9 +11,8 @@ import torch
 
 import tiny
 from qcorda.config import CalibConfig, InitConfig
-from qcorda.report import (
-    CompareConfig, compare, effective_weight, final_hidden, layer_errors, ppl_and_kl, scored_batches, write_report,
-)
+from qcorda.report import CompareConfig, compare, effective_weight, layer_errors, write_report
+from qcorda.scoring import final_hidden, ppl_and_kl, scored_batches
 
 METHODS = ("qlora", "qpissa", "qcorda-cal", "lora")
 RANKS = (4, 8)
@@ -107,7 +106,7 @@ def test_layer_errors_match_prepare_layer_and_definitions(run):
 
 
 def test_scored_batches_and_streamed_kl(tok):
-    from qcorda.evaluate import sequence_nll
+    from qcorda.scoring import sequence_nll
     from qcorda.report import eval_texts
 
     model = tiny.model("llama")

@@ -10,9 +10,9 @@ import tiny
 from qcorda.config import ConfigError, InitConfig
 from qcorda.data import load_records
 from qcorda.evaluate import (
-    encode_pairs, evaluate, exact_match, extract_answer, generate, gsm8k, load_for_eval, normalize_answer, nq,
-    perplexity, sequence_nll, write_results,
+    evaluate, exact_match, extract_answer, generate, gsm8k, load_for_eval, normalize_answer, nq, perplexity, write_results,
 )
+from qcorda.scoring import encode_pairs, sequence_nll
 
 
 # --------------------------------------------------------------------------- answers on the bundled data
@@ -231,7 +231,7 @@ def test_study_dequantized_base_computes_what_linear4bit_computes(tok, tmp_path)
             study.dequantize_base(model)
             bases = [type(m.base_layer).__name__ for m in model.modules() if hasattr(m, "lora_A")]
             assert bases and set(bases) == {"Linear"}
-        from qcorda.evaluate import masked_nll
+        from qcorda.scoring import masked_nll
 
         sums, counts = masked_nll(model, ids, att, lab)
         (sums.sum() / counts.sum()).backward()

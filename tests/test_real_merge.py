@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_gemma_merge_bf16_agrees_with_trained(gemma_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qcorda.agreement import compare, held_out_batches
+    from qcorda.scoring import held_out_batches, logit_agreement as compare
     from qcorda.data import load_examples, token_batches
     from qcorda.merge import VerifyConfig, merge
     from qcorda.prepare import load_prepared, prepare, save_prepared

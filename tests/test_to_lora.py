@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 
 from export_helpers import edited_adapter, inputs, prepared_and_trained
-from qcorda.agreement import compare
+from qcorda.scoring import logit_agreement as compare
 from qcorda.config import ConfigError
 from qcorda.merge import VerifyConfig, read_adapter
 from qcorda.prepare import load_model, load_prepared
@@ -90,7 +90,7 @@ def test_absorb_beats_exact_delta_at_equal_rank(setup, tok, tmp_path):
     ab = to_lora(prep, str(base), tmp_path / "ab", "absorb-quant-error", trained, rank=8, verify=None, progress=False)
     for e, a in zip(ex.layers, ab.layers):
         assert a.rank == e.rank == 8 and a.err_to_trained < e.err_to_trained
-    from qcorda.agreement import held_out_batches
+    from qcorda.scoring import held_out_batches
 
     models = {"trained": load_prepared(prep, trained, is_trainable=False), "ex": _with_lora(base, ex.out), "ab": _with_lora(base, ab.out)}
     batches, _ = held_out_batches(tok, "gsm8k-test", ("question", "answer"), 4, 48, 2)

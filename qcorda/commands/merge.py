@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..agreement import HEADERS
+    from ..scoring import HEADERS
     from ..merge import merge
     from ..table import print_table
 

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..agreement import HEADERS
+    from ..scoring import HEADERS
     from ..table import print_table
     from ..to_lora import to_lora
 
