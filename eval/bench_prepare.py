@@ -242,7 +242,8 @@ def child_synthetic_cov(args) -> dict:
     import torch
 
     from qcorda.blockwise import collect_blockwise
-    from qcorda.stream import Checkpoint, skeleton
+    from qcorda.stream import Checkpoint
+    from qcorda.models import skeleton
     from qcorda.targets import find_targets
 
     path = Path(args.workdir) / "llama"

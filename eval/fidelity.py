@@ -88,7 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from qcorda.prepare import load_model
+    from qcorda.models import load_model
 
     torch.manual_seed(0)
     ranks = tuple(int(r) for r in args.ranks.split(","))

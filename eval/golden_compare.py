@@ -56,7 +56,7 @@ def measure(model, tok, methods, calib_data: str = "gsm8k-train", cache: dict | 
 
 
 def main() -> None:
-    from qcorda.prepare import load_model
+    from qcorda.models import load_model
 
     t0 = time.perf_counter()
     model, tok = load_model("gemma-3-270m")

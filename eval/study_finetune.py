@@ -97,7 +97,8 @@ def dequantize_base(model):
 def prepare_init(label: str, args, work: Path) -> tuple[Path, float]:
     """Prepare ``label`` once (cached under ``work``); returns the directory and the seconds it took."""
     from qcorda.data import load_records
-    from qcorda.prepare import load_model, prepare, save_prepared
+    from qcorda.prepare import prepare, save_prepared
+    from qcorda.models import load_model
 
     out = work / label.replace(":", "-")
     if (out / "qcorda.json").exists():

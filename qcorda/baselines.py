@@ -119,7 +119,8 @@ def baseline_layer(weight: torch.Tensor, cfg: InitConfig, name: str, eva_A: torc
     its layer computes base + s·B·A too. ``eva_A`` ``(r, in_features)``: EVA's components
     (:func:`eva_components`), required for ``qeva``.
     """
-    from .prepare import LayerResult, resolve_compute_dtype
+    from .prepare import LayerResult
+    from .models import resolve_compute_dtype
     from .quantize import dequantize_nf4, nf4_roundtrip, quantize_nf4
 
     t0 = time.perf_counter()
@@ -205,9 +206,8 @@ def prepare_baseline(model, cfg: InitConfig, model_id: str, tokenizer=None, prog
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
-    from .prepare import (
-        _set_module, attach_report, lora_config, mark_quantized, resolve_compute_dtype, resolve_device,
-    )
+    from .prepare import _set_module, attach_report, lora_config, mark_quantized
+    from .models import resolve_compute_dtype, resolve_device
     from .quantize import linear4bit
     from .targets import check_rank, find_targets, weight_of
 

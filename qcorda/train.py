@@ -74,7 +74,8 @@ def prepared_model(recipe: Recipe, progress: bool = True):
 def _prepare_or_load(recipe: Recipe, prepared: Path, progress: bool):
     from transformers import AutoTokenizer
 
-    from .prepare import _config_json, load_model, load_prepared, prepare, read_manifest, save_prepared
+    from .prepare import _config_json, load_prepared, prepare, read_manifest, save_prepared
+    from .models import load_model
 
     if (prepared / "qcorda.json").exists():
         saved = read_manifest(prepared)["config"]

@@ -8,7 +8,7 @@ from qcorda.blockwise import NotBlockwise, collect_blockwise
 from qcorda.covariance import collect
 from qcorda.data import token_batches
 from qcorda.checkpoint import Checkpoint
-from qcorda.stream import skeleton
+from qcorda.models import skeleton
 from qcorda.targets import find_targets
 
 # long enough (> sliding_window=16 tokens) that sliding and global attention differ

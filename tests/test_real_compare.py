@@ -23,7 +23,7 @@ GOLDEN = ROOT / "eval" / "results" / "compare_golden.json"
 
 @pytest.fixture(scope="module")
 def measured(gemma_path):
-    from qcorda.prepare import load_model
+    from qcorda.models import load_model
 
     golden = eval_script("golden_compare")
     model, tok = load_model(str(gemma_path))

@@ -14,7 +14,8 @@ METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "q
 def gemma_setup(gemma_path):
     from qcorda.covariance import collect
     from qcorda.data import load_examples, token_batches
-    from qcorda.prepare import calibration_texts, collect_covariances, load_model
+    from qcorda.prepare import calibration_texts, collect_covariances
+    from qcorda.models import load_model
     from qcorda.targets import find_targets
 
     model, tok = load_model(str(gemma_path))

@@ -16,7 +16,7 @@ def test_baselines_per_layer_errors(gemma_path):
     from qcorda.covariance import collect
     from qcorda.data import load_examples, token_batches
     from qcorda.decompose import damp, low_rank_term
-    from qcorda.prepare import load_model, resolve_compute_dtype
+    from qcorda.models import load_model, resolve_compute_dtype
     from qcorda.quantize import dequantize_nf4
     from qcorda.targets import find_targets, weight_of
 

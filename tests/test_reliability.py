@@ -113,11 +113,11 @@ def test_disk_full_during_merge_leaves_nothing(setup, tmp_path, monkeypatch):
 def test_trust_remote_code_is_off_by_default():
     import inspect
 
-    from qcorda import prepare, stream
+    from qcorda import models, prepare, stream
 
     root = Path(__file__).resolve().parents[1] / "qcorda"
     assert [str(p) for p in root.rglob("*.py") if re.search(r"trust_remote_code\s*=\s*True", p.read_text())] == []
-    for fn in (prepare.load_model, prepare.prepare, stream.stream_prepare):
+    for fn in (models.load_model, prepare.prepare, stream.stream_prepare):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn
     import importlib
 

@@ -15,7 +15,8 @@ import torch
 
 import tiny
 from qcorda.config import CalibConfig, ConfigError, InitConfig
-from qcorda.prepare import load_model, load_prepared, prepare, save_prepared
+from qcorda.prepare import load_prepared, prepare, save_prepared
+from qcorda.models import load_model
 from qcorda.stream import partial_dir, stream_prepare
 
 METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"]

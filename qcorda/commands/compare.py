@@ -61,7 +61,7 @@ def run(args) -> int:
     from ..decompose import DecompositionError
     from ..data import load_records
     from ..io import check_out_dir
-    from ..prepare import load_model
+    from ..models import load_model
     from ..report import compare, summary_table, write_report
     from ..table import print_table
 

@@ -48,7 +48,8 @@ def run(args) -> int:
 
 def _in_memory(args, cfg):
     """Methods the streamed writer does not store (see ``qcorda.stream.STREAMED``)."""
-    from ..prepare import collect_covariances, load_model, prepare, report_of, save_prepared
+    from ..prepare import collect_covariances, prepare, report_of, save_prepared
+    from ..models import load_model
     from ..targets import check_rank, find_targets
 
     model, tok = load_model(args.model, args.trust_remote_code)
