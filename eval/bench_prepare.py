@@ -53,7 +53,7 @@ def peak_rss_mb() -> float:
 
 
 def _texts(args, tok):
-    from qcorda.prepare import calibration_texts
+    from qcorda.calibration import calibration_texts
 
     return _cfg(args), calibration_texts(_cfg(args), tok)
 
@@ -69,7 +69,7 @@ def child_qcorda(args) -> dict:
     """``stream_prepare`` + ``load_prepared``: from nothing loaded to a 4-bit model ready to train,
     as PEFT's side goes from nothing loaded to its reloaded 4-bit model."""
     import qcorda.blockwise as blockwise
-    from qcorda.prepare import load_prepared
+    from qcorda.prepared import load_prepared
     from qcorda.stream import stream_prepare
 
     phase = {}
@@ -242,7 +242,7 @@ def child_synthetic_cov(args) -> dict:
     import torch
 
     from qcorda.blockwise import collect_blockwise
-    from qcorda.stream import Checkpoint
+    from qcorda.checkpoint import Checkpoint
     from qcorda.models import skeleton
     from qcorda.targets import find_targets
 

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qcorda.config import CalibConfig, InitConfig  # noqa: E402
 from qcorda.decompose import activation_fit, corda_split, damp, residual  # noqa: E402
-from qcorda.prepare import collect_covariances, load_model  # noqa: E402
+from qcorda.calibration import collect_covariances  # noqa: E402
+from qcorda.models import load_model  # noqa: E402
 from qcorda.quantize import nf4_roundtrip  # noqa: E402
 from qcorda.targets import weight_of  # noqa: E402
 

@@ -49,7 +49,8 @@ def refit_variant(model, tok, rank: int, start: str, cache: dict) -> dict:
 
     from qcorda.covariance import collect
     from qcorda.data import calibration_batches
-    from qcorda.prepare import collect_covariances, prepare_layer, split_layer
+    from qcorda.calibration import collect_covariances
+    from qcorda.layer import prepare_layer, split_layer
     from qcorda.quantize import nf4_roundtrip
     from qcorda.decompose import low_rank_term
     from qcorda.quantize import dequantize_nf4

@@ -96,14 +96,14 @@ def warm_up(recipe_path: str, overrides: list[str], prepared: Path) -> None:
     import tiny
 
     from qcorda.config import InitConfig
-    from qcorda.prepare import prepare, save_prepared
+    from qcorda.prepare import prepare
     from qcorda.recipe import load_recipe
     from qcorda.train import build_trainer, datasets_of, prepared_model
 
     kind = "gemma" if "gemma" in json.loads((prepared / "config.json").read_text()).get("model_type", "") else "llama"
     tok = tiny.tokenizer()
     with tempfile.TemporaryDirectory() as d:
-        save_prepared(prepare(tiny.model(kind), InitConfig(method="qpissa", rank=4), tokenizer=tok, progress=False), Path(d) / "p", tok)
+        prepare(tiny.model(kind), InitConfig(method="qpissa", rank=4), Path(d) / "p", tokenizer=tok, progress=False).out
         recipe = load_recipe(recipe_path, overrides + [f"prepared={d}/p", "init=null", "model=null", f"output_dir={d}/run",
                                                        "train.max_steps=2", "train.save_steps=100000", "train.resume=false"])
         model, tok, _ = prepared_model(recipe, progress=False)

@@ -97,7 +97,7 @@ def dequantize_base(model):
 def prepare_init(label: str, args, work: Path) -> tuple[Path, float]:
     """Prepare ``label`` once (cached under ``work``); returns the directory and the seconds it took."""
     from qcorda.data import load_records
-    from qcorda.prepare import prepare, save_prepared
+    from qcorda.prepare import prepare
     from qcorda.models import load_model
 
     out = work / label.replace(":", "-")
@@ -116,7 +116,7 @@ def prepare_init(label: str, args, work: Path) -> tuple[Path, float]:
                      calib=CalibConfig(samples=args.calib_samples, max_length=128, batch_size=8, **kw))
     t = time.perf_counter()
     model, tok = load_model("gemma-3-270m")
-    save_prepared(prepare(model, cfg, tokenizer=tok), out, tok, overwrite=True)
+    prepare(model, cfg, out, tokenizer=tok, overwrite=True)
     seconds = time.perf_counter() - t
     (out / "study_prepare.json").write_text(json.dumps({"seconds": seconds}))
     return out, seconds
@@ -125,7 +125,7 @@ def prepare_init(label: str, args, work: Path) -> tuple[Path, float]:
 def load(prepared: Path, device: str, adapter: Path | None = None, trainable: bool = False):
     from transformers import AutoTokenizer
 
-    from qcorda.prepare import load_prepared
+    from qcorda.prepared import load_prepared
 
     model = load_prepared(prepared, adapter=adapter, is_trainable=trainable, device=device)
     return dequantize_base(model), AutoTokenizer.from_pretrained(str(prepared))

@@ -8,8 +8,8 @@ that names the flag. Tensors are read one at a time through a fresh handle each 
 memory map keeps every page it touched resident), whole, by rows, or in row blocks.
 
 :func:`write_safetensors` writes a file tensor by tensor and piece by piece from shapes and dtypes
-alone; :func:`write_shards` splits a checkpoint into HF shards with that writer, and
-:func:`save_tensors` writes a small file atomically. Files are read back by ``safetensors`` itself.
+alone; :func:`write_shards` splits a checkpoint into HF shards with that writer,
+:func:`save_tensors` writes a small file atomically, and :func:`write_adapter` a PEFT adapter directory. Files are read back by ``safetensors`` itself.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+#: How PEFT keys an adapter's tensors: ``base_model.model.<module>.lora_A.weight``.
+ADAPTER_PREFIX = "base_model.model."
 #: Row blocks of :meth:`Checkpoint.blocks`: a 262k-row embedding is never whole in memory.
 BLOCK_BYTES = 64 << 20
 
@@ -287,3 +289,19 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     specs = {k: meta_tensor(v.shape, v.dtype) for k, v in tensors.items()}
     return replace_atomic(path, lambda tmp: write_safetensors(tmp, specs, tensors.__getitem__, metadata), fsync=fsync)
+
+
+def write_adapter(directory: str | Path, lora_config, tensors: dict[str, torch.Tensor]) -> Path:
+    """A PEFT adapter directory: ``adapter_config.json`` from ``lora_config`` (``target_modules``
+    sorted: PEFT keeps them in a set, whose order changes with Python's string hashing) and
+    ``adapter_model.safetensors`` from ``tensors`` keyed as PEFT keys them."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lora_config.save_pretrained(str(directory))
+    path = directory / "adapter_config.json"
+    data = json.loads(path.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    return directory

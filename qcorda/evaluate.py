@@ -121,7 +121,7 @@ def load_for_eval(model_or_prepared: str | Path, adapter: str | Path | None = No
     """
     from transformers import AutoTokenizer
 
-    from .prepare import load_prepared
+    from .prepared import load_prepared
     from .models import load_model, resolve_device
 
     if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():

@@ -6,7 +6,8 @@ For every target layer ``(out_features, in_features)``:
 
 where deq(Q(W_res)) is bitsandbytes' dequantization of the packed NF4 residual saved by
 ``qcorda prepare`` and B, A, s come from the trained adapter (s = α/r, or α/√r under
-rsLoRA; ``rank_pattern`` / ``alpha_pattern`` resolved as PEFT does). Every other tensor
+rsLoRA; ``rank_pattern`` / ``alpha_pattern`` resolved as PEFT does; :mod:`qcorda.adapters`).
+A DoRA adapter (``qdora``) merges as m ⊙ (deq(Q(W_res)) + s·B·A) / ‖·‖ row by row. Every other tensor
 (embeddings, norms, lm_head, biases) is copied from the prepared directory, cast to the
 output dtype. Tensors are read one at a time (safetensors memory maps), so the peak
 memory is the output plus one layer.
@@ -14,171 +15,45 @@ memory is the output plus one layer.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .adapters import AdapterSpec, check_adapter, read_adapter
 from .checkpoint import Checkpoint, write_shards
 from .config import ConfigError
+from .io import atomic_dir, check_out_dir
+from .models import resolve_device
+from .prepared import ADAPTER_INIT, load_prepared, manifest_sha256, read_manifest
+from .quantize import NF4Weight, dequantize_nf4, nf4_from_state_dict
+from .scoring import held_out_batches, logit_agreement
 
-ADAPTER_PREFIX = "base_model.model."
-#: Written by the trainer next to a trained adapter: ``{"prepared_sha256": sha256(qcorda.json bytes)}``.
-TRAIN_MARKER = "qcorda_train.json"
 VERIFY_FILE = "qcorda_verify.json"
 MERGE_FILE = "qcorda_merge.json"
 DTYPES = ("float16", "bfloat16", "float32")
-ADAPTER_HINT = "it is corrupted: train or copy the adapter again"
 PREPARED_HINT = "it is corrupted: run qcorda prepare again"
-
-
-# --------------------------------------------------------------------------- adapter
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """What a saved PEFT LoRA adapter computes: per layer, s·B·A with B ``(out, r)``, A ``(r, in)``."""
-
-    path: Path
-    r: int
-    lora_alpha: float
-    use_rslora: bool
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
-    layers: tuple[str, ...] = ()
-    """Module names that carry lora_A / lora_B in the adapter's weights."""
-
-    def rank(self, name: str) -> int:
-        from peft.utils.other import get_pattern_key
-
-        return int(self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), name), self.r))
-
-    def alpha(self, name: str) -> float:
-        from peft.utils.other import get_pattern_key
-
-        return float(self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), name), self.lora_alpha))
-
-    def scaling(self, name: str) -> float:
-        """s = α/r, or α/√r with rsLoRA, exactly as PEFT's ``LoraLayer.update_layer``."""
-        r = self.rank(name)
-        return self.alpha(name) / (math.sqrt(r) if self.use_rslora else r)
-
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B ``(out, r)``, A ``(r, in)``) of layer ``name`` in fp32."""
-        reader = Checkpoint(self.path, "adapter_model", "--adapter", ADAPTER_HINT)
-        key = f"{ADAPTER_PREFIX}{name}"
-        return reader.get(f"{key}.lora_B.weight").float(), reader.get(f"{key}.lora_A.weight").float()
-
-
-def read_adapter(path: str | Path, flag: str = "--adapter") -> AdapterSpec:
-    """The LoRA config of a saved adapter; anything merge cannot represent exactly is refused."""
-    path = Path(path)
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.exists():
-        raise ConfigError(f"{flag} {path}: not a PEFT adapter directory (no adapter_config.json)")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise ConfigError(f"{flag} {path}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters can be merged")
-    unsupported = {
-        "use_dora": "DoRA",
-        "modules_to_save": "modules_to_save",
-        "lora_bias": "lora_bias",
-        "trainable_token_indices": "trainable_token_indices",
-        "layer_replication": "layer_replication",
-    }
-    for key, what in unsupported.items():
-        if cfg.get(key):
-            raise ConfigError(f"{flag} {path}: adapters with {what} are not supported by merge/to-lora; train a plain LoRA adapter")
-    reader = Checkpoint(path, "adapter_model", flag, ADAPTER_HINT)
-    layers = []
-    for k in reader.keys():
-        if k.endswith(".lora_A.weight"):
-            layers.append(k.removeprefix(ADAPTER_PREFIX).removesuffix(".lora_A.weight"))
-        elif not k.endswith(".lora_B.weight"):
-            raise ConfigError(f"{flag} {path}: unexpected tensor {k} in the adapter; only lora_A / lora_B can be merged")
-    return AdapterSpec(
-        path=path,
-        r=int(cfg["r"]),
-        lora_alpha=float(cfg["lora_alpha"]),
-        use_rslora=bool(cfg.get("use_rslora", False)),
-        rank_pattern=dict(cfg.get("rank_pattern") or {}),
-        alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-        layers=tuple(layers),
-    )
-
-
-def manifest_sha256(prepared: str | Path) -> str:
-    """sha256 of the prepared directory's ``qcorda.json`` bytes: what an adapter records as its owner."""
-    return hashlib.sha256((Path(prepared) / "qcorda.json").read_bytes()).hexdigest()
-
-
-def check_adapter(prepared: str | Path, manifest: dict, adapter: AdapterSpec, init: AdapterSpec, flag: str = "--adapter") -> None:
-    """Refuse an adapter that was not trained from ``prepared``.
-
-    Checks the ownership marker (``qcorda_train.json``: ``prepared_sha256``) when the adapter has
-    one, then that it adapts exactly the prepared targets at the ranks of ``adapter_init``.
-    """
-    marker = adapter.path / TRAIN_MARKER
-    if marker.exists():
-        owner = json.loads(marker.read_text()).get("prepared_sha256")
-        if owner is not None and owner != manifest_sha256(prepared):
-            raise ConfigError(
-                f"{flag} {adapter.path} was trained from another prepared directory (its {TRAIN_MARKER} names "
-                f"qcorda.json sha256 {owner[:12]}…, {prepared} has {manifest_sha256(prepared)[:12]}…); "
-                "pass the PREPARED directory the adapter was trained from"
-            )
-    targets = set(manifest["targets"])
-    have = set(adapter.layers)
-    if have != targets:
-        extra, missing = sorted(have - targets), sorted(targets - have)
-        raise ConfigError(
-            f"{flag} {adapter.path} does not match {prepared}: its target modules differ "
-            f"(not prepared: {', '.join(extra[:3]) or '-'}; missing: {', '.join(missing[:3]) or '-'}); "
-            "pass the adapter trained from this PREPARED directory"
-        )
-    for name in sorted(targets):
-        r, r0 = adapter.rank(name), init.rank(name)
-        B, A = adapter.factors(name)
-        if r != r0 or B.shape[1] != r or A.shape[0] != r:
-            raise ConfigError(
-                f"{flag} {adapter.path} does not match {prepared}: layer {name} has rank {B.shape[1]} "
-                f"(config r={r}), the prepared adapter_init has r={r0}; pass the adapter trained from this PREPARED directory"
-            )
 
 
 # --------------------------------------------------------------------------- layers
 
 
-def merged_weight(w_res: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: float) -> torch.Tensor:
-    """deq(Q(W_res)) + s·B·A in fp32, ``(out_features, in_features)``."""
-    return w_res.float() + s * (B.float() @ A.float())
-
-
-def quantized_keys(reader, name: str) -> dict[str, torch.Tensor]:
-    """The packed weight and bitsandbytes quant-state tensors of target ``name``, keyed without the prefix."""
+def stored_nf4(reader: Checkpoint, name: str) -> NF4Weight | None:
+    """The NF4 residual of target ``name`` as saved in a prepared checkpoint (packed bytes + quant
+    state), or None when the target is stored unquantized (the ``lora`` baseline's 16-bit base)."""
     prefix = f"{name}.weight."
-    return {k[len(prefix):]: reader.get(k) for k in reader.keys() if k.startswith(prefix)}
+    state = {k[len(prefix):]: reader.get(k) for k in reader.keys() if k.startswith(prefix)}
+    return nf4_from_state_dict(reader.get(f"{name}.weight"), state) if state else None
 
 
-def quantized_shape(reader, name: str) -> tuple[int, int]:
-    """``(out_features, in_features)`` of target ``name``, from its quant state alone."""
-    import bitsandbytes.functional as bnbF
-
-    return tuple(bnbF.QuantState.from_dict(quantized_keys(reader, name), device="cpu").shape)
-
-
-def dequantized(reader, name: str) -> torch.Tensor:
-    """deq(Q(W_res)) of target ``name`` as the Linear4bit computes with it, fp32 ``(out, in)``."""
-    import bitsandbytes.functional as bnbF
-
-    packed = reader.get(f"{name}.weight")
-    state = bnbF.QuantState.from_dict(quantized_keys(reader, name), device=packed.device)
-    return bnbF.dequantize_4bit(packed, state).float()
+def dequantized(reader: Checkpoint, name: str) -> torch.Tensor:
+    """The base weight target ``name`` computes with, fp32 ``(out, in)``: deq(Q(W_res)) as the
+    Linear4bit has it, or the stored 16-bit weight."""
+    q = stored_nf4(reader, name)
+    return dequantize_nf4(q).float() if q is not None else reader.get(f"{name}.weight").float()
 
 
 def plain_config(prepared: str | Path, dtype: torch.dtype):
@@ -214,7 +89,7 @@ class MergedLayer:
     shape: tuple[int, int]
     scaling: float
     delta_norm: float
-    """‖s·B·A‖_F of the trained adapter."""
+    """‖W_merged − deq(Q(W_res))‖_F: what the trained adapter adds (‖s·B·A‖_F for a LoRA)."""
     cast_err: float
     """max |W_merged(fp32) − W_merged(dtype)|: the only rounding merge introduces."""
 
@@ -238,8 +113,9 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
         if key.startswith(quant_suffix):
             continue
         name = key.removesuffix(".weight")
-        if name in target_set:
-            out_f, in_f = quantized_shape(reader, name)
+        q = stored_nf4(reader, name) if name in target_set else None
+        if q is not None:
+            out_f, in_f = q.quant_state.shape
             shape = (in_f, out_f) if name in conv1d else (out_f, in_f)
             specs[key] = torch.empty(shape, dtype=dtype, device="meta")
         else:
@@ -255,11 +131,12 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
         if name not in target_set:
             t = reader.get(key)
             return t.to(dtype) if t.is_floating_point() else t
-        B, A = adapter.factors(name)
-        s = adapter.scaling(name)
-        W = merged_weight(dequantized(reader, name), B, A, s)
+        base = dequantized(reader, name)
+        if name in conv1d and stored_nf4(reader, name) is None:
+            base = base.T  # a 16-bit Conv1D keeps its (in, out) layout; Linear4bit holds (out, in)
+        W = adapter.dense(name, base)  # deq(Q(W_res)) + s·B·A, or DoRA's m ⊙ (·)/‖·‖
         out = W.to(dtype)
-        layers.append(MergedLayer(name, tuple(W.shape), s, (s * B @ A).norm().item(), (W - out.float()).abs().max().item()))
+        layers.append(MergedLayer(name, tuple(W.shape), adapter.scaling(name), (W - base).norm().item(), (W - out.float()).abs().max().item()))
         on_layer()
         return (out.T if name in conv1d else out).contiguous()
 
@@ -331,18 +208,14 @@ def merge(
     compare it with the trained 4-bit + adapter model (saved as ``qcorda_verify.json``)."""
     from tqdm.auto import tqdm
 
-    from .io import atomic_dir, check_out_dir
-    from .prepare import read_manifest
-    from .models import resolve_device
-
     t0 = time.perf_counter()
     torch_dtype = resolve_dtype(dtype)
     check_out_dir(out, overwrite)
     manifest = read_manifest(prepared)
     prepared = Path(prepared)
-    adapter_path = Path(adapter) if adapter is not None else prepared / "adapter_init"
+    adapter_path = Path(adapter) if adapter is not None else prepared / ADAPTER_INIT
     spec = read_adapter(adapter_path)
-    check_adapter(prepared, manifest, spec, read_adapter(prepared / "adapter_init", "PREPARED/adapter_init"))
+    check_adapter(prepared, manifest, spec, read_adapter(prepared / ADAPTER_INIT, "PREPARED/adapter_init"))
     targets = list(manifest["targets"])
     with atomic_dir(out, overwrite) as tmp:
         with tqdm(total=len(targets), desc=f"merge -> {dtype}", unit="layer", disable=not progress) as bar:
@@ -369,9 +242,6 @@ def merge(
 def verify_merged(prepared, adapter, merged_dir, dtype, verify: VerifyConfig, device, progress: bool = True):
     """Merged (plain transformers, ``dtype``) against the trained 4-bit + adapter model."""
     from transformers import AutoTokenizer
-
-    from .scoring import held_out_batches, logit_agreement
-    from .prepare import load_prepared
 
     trained = load_prepared(prepared, adapter, is_trainable=False, device=str(device))
     merged = load_plain(merged_dir, dtype, device)

@@ -54,6 +54,15 @@ def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
     return bnbF.dequantize_4bit(q.packed, q.quant_state)
 
 
+def nf4_from_state_dict(packed: torch.Tensor, quant_state: dict[str, torch.Tensor]) -> NF4Weight:
+    """The NF4 weight a saved ``Linear4bit`` holds: its packed bytes (``<name>.weight``) and the
+    quant-state tensors saved beside them (``<name>.weight.absmax``, ``...quant_map``, ...; keys
+    given without the ``<name>.weight.`` prefix)."""
+    import bitsandbytes.functional as bnbF
+
+    return NF4Weight(packed, bnbF.QuantState.from_dict(quant_state, device=packed.device))
+
+
 def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     """deq(Q(weight)): what a Linear4bit holding ``weight`` multiplies by."""
     return dequantize_nf4(quantize_nf4(weight))

@@ -39,6 +39,12 @@ from typing import Sequence
 
 import torch
 
+from .calibration import collect_covariances
+from .decompose import activation_error, low_rank_term
+from .layer import prepare_layer
+from .models import resolve_compute_dtype, resolve_device
+from .prepared import config_json as init_json
+from .quantize import dequantize_nf4, nf4_roundtrip
 from .scoring import final_hidden, ppl_and_kl, scored_batches
 from .config import BASELINES, CALIBRATED, ITERATIVE, METHODS, CalibConfig, ConfigError, InitConfig
 
@@ -147,8 +153,6 @@ class LayerErrors:
 
 def layer_errors(W: torch.Tensor, W_eff: torch.Tensor, covs: Sequence[torch.Tensor]) -> LayerErrors:
     """The three error figures of E = W − W_eff; ``covs`` are ``(in_features, in_features)``."""
-    from .decompose import activation_error
-
     E = W.float() - W_eff.float()
     act = tuple(activation_error(E, C) for C in covs)
     return LayerErrors(float(E.pow(2).sum()), float(torch.linalg.svdvals(E).sum()), act)
@@ -160,26 +164,8 @@ def effective_weight(W: torch.Tensor, cfg: InitConfig, name: str, covs, eva_A: t
     NF4 methods: deq(Q_stored) + s·B·A. ``lora``: W in ``compute_dtype`` + s·B·A. ``covs``: the
     calibration :class:`~qcorda.covariance.Covariances` (methods that need them), else None.
     """
-    from .decompose import low_rank_term
-
-    if cfg.method in BASELINES:
-        from .baselines import baseline_layer
-
-        split, q, result = baseline_layer(W, cfg, name, eva_A)
-        if q is None:  # lora: the 16-bit base
-            from .models import resolve_compute_dtype
-
-            base = W.to(resolve_compute_dtype(cfg.compute_dtype)).float()
-        else:
-            from .quantize import dequantize_nf4
-
-            base = dequantize_nf4(q)
-    else:
-        from .prepare import prepare_layer
-        from .quantize import dequantize_nf4
-
-        split, q, result = prepare_layer(W, cfg, name, covs)
-        base = dequantize_nf4(q)
+    split, q, result = prepare_layer(W, cfg, name, covs, eva_A)
+    base = dequantize_nf4(q) if q is not None else W.to(resolve_compute_dtype(cfg.compute_dtype)).float()  # lora: 16-bit
     return base + low_rank_term(split, cfg.scaling), result
 
 
@@ -262,8 +248,6 @@ class CompareReport:
 
 
 def _config_json(cfg: CompareConfig) -> dict:
-    from .prepare import _config_json as init_json
-
     d = asdict(cfg)
     d["init"] = init_json(cfg.init)
     for k in ("method", "rank", "iters"):
@@ -284,10 +268,7 @@ def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progres
 
     from . import covariance
     from .data import calibration_batches
-    from .prepare import collect_covariances
-    from .models import resolve_device
     from .targets import check_rank, find_targets, weight_of
-    from .quantize import nf4_roundtrip
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

@@ -1,63 +1,62 @@
-"""Layer-streamed, resumable ``qcorda prepare``: the original model never has to fit in memory.
+"""The streamed, resumable prepare engine: the original model never has to fit in memory.
 
 The original weights are read tensor by tensor from the model's safetensors shards
-(``safe_open``); each target ``(out_features, in_features)`` is split and quantized in
-fp32 on the compute device by :func:`qcorda.prepare.prepare_layer` (the same code as
-the in-memory :func:`qcorda.prepare.prepare`), and written at once to a work directory
-beside the target::
+(:class:`qcorda.checkpoint.Checkpoint`); each target ``(out_features, in_features)`` is split
+and quantized in fp32 on the compute device by :func:`qcorda.layer.prepare_layer` (the code
+the in-memory engine runs), and written at once to a work directory beside the target::
 
     .OUT.partial/
-        manifest.json            what the run depends on (model files, config, calibration)
-        covariance.safetensors   the calibration covariances (calibrated methods), read one at a time
+        manifest.json            what the run depends on (model files, settings, device, calibration)
+        covariance.safetensors   the calibration covariances (data-driven methods), read one at a time
         tokenizer/               the tokenizer, saved while calibration had it loaded
         layers/00012.safetensors one finished target: its Linear4bit tensors, lora_A, lora_B
 
-A rerun with the same arguments continues from the finished layers (each layer file
-is renamed into place only when complete). At the end the HF directory (4-bit
-residual with ``quantization_config``, ``adapter_init/``, tokenizer, ``qcorda.json``)
-is written tensor by tensor (:func:`qcorda.io.write_safetensors`; the embeddings in 64 MB row
-blocks) into a temporary directory and renamed to ``OUT``.
-Every layer uses a seed derived from its name, so a resumed run writes the same bytes
-as an uninterrupted one. Wall-clock timings go to ``timings.json``, the one file that
-differs between runs.
+A rerun with the same arguments continues from the finished layers (each layer file is renamed
+into place only when complete); a work directory of other arguments, another device or another
+qcorda version is started over, never mixed. At the end the prepared directory is written by
+:func:`qcorda.prepared.write_prepared` tensor by tensor (the embeddings in 64 MB row blocks) into a
+temporary directory and renamed to ``OUT``. Every layer uses a seed derived from its name, so a
+resumed run writes the same bytes as an uninterrupted one; wall-clock timings go to ``timings.json``.
 
-Peak memory ≈ one fp32 copy of the largest target and its decomposition workspace, and its
-covariance. Calibration (the ``qcorda-*`` methods) walks the model one decoder block at a
-time (:mod:`qcorda.blockwise`): its peak is the embedding rows of the calibration tokens, then
-the hidden states of the calibration batches + one fp32 block + that block's covariances,
-which are spilled to ``.OUT.scratch/`` as each block finishes and gathered into the work
-directory's file one matrix at a time. It is skipped when ``--covariance`` is given or a
-previous attempt already saved the covariances in the work directory.
+Peak memory ≈ one fp32 copy of the largest target, its decomposition workspace and its covariance.
+Calibration walks the model one decoder block at a time (:mod:`qcorda.blockwise`), spilling each
+block's covariances to ``.OUT.scratch/`` as it finishes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import hashlib
+import gc
 import json
-import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from .checkpoint import Checkpoint, file_fingerprint, meta_tensor, save_tensors, write_shards
+from .calibration import checkpoint_covariances
+from .checkpoint import Checkpoint, file_fingerprint, meta_tensor, save_tensors
 from .config import ConfigError, InitConfig
 from .covariance import Covariances
 from .decompose import DecompositionError
-from .models import resolve_local, skeleton
+from .io import atomic_dir, check_out_dir, replace_atomic, write_text_atomic
+from .layer import prepare_layer
+from .models import resolve_compute_dtype, resolve_device, resolve_local, skeleton
+from .prepared import LayerResult, PrepareReport, config_json, versions, write_prepared
+from .quantize import bnb_config, linear4bit
+from .targets import check_rank, find_targets
 
-#: Version 2: layer files of iterative methods hold Q_T (see ``qcorda.prepare.FORMAT``); a work
+#: Version 2: layer files of iterative methods hold Q_T (see ``qcorda.prepared.FORMAT``); a work
 #: directory of an older version is never resumed, its layers would mix two definitions.
 PARTIAL_FORMAT = "qcorda.partial/2"
-#: Methods whose output is an NF4 residual plus a plain LoRA A/B (what this writer knows how
-#: to store); other methods go through the in-memory ``prepare`` + ``save_prepared``.
-STREAMED: frozenset[str] = frozenset({"qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"})
+#: Methods whose output is an NF4 residual plus a plain LoRA A/B, split layer by layer: what this
+#: engine stores. ``lora`` (16-bit base), ``qdora`` (a magnitude from the whole layer) and ``qeva``
+#: (EVA reads the whole model's activations) go through the in-memory engine.
+STREAMED: frozenset[str] = frozenset({"qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera", "qolora"})
 #: Test hook: seconds to sleep after each finished layer (makes kill-and-resume tests reliable).
 DELAY_ENV = "QCORDA_TEST_LAYER_DELAY"
 
@@ -68,16 +67,18 @@ def partial_dir(out: str | Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-# --------------------------------------------------------------------------- source
-
-
-# --------------------------------------------------------------------------- plan
+# --------------------------------------------------------------------------- the source
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Everything a streamed prepare writes, decided before any layer is computed."""
+class Source:
+    """The original model as files, and everything the run writes, decided before any layer is computed."""
 
+    model_id: str
+    path: Path
+    skel: torch.nn.Module
+    """The model on the ``meta`` device: module names and shapes only."""
+    ckpt: Checkpoint
     targets: tuple[str, ...]
     conv1d: frozenset[str]
     """Targets stored ``(in, out)`` (GPT-2's Conv1D), transposed on read."""
@@ -86,80 +87,88 @@ class Plan:
     """The untied state-dict keys of the original model, in module order."""
 
 
-def make_plan(model, cfg: InitConfig, ckpt: Checkpoint, flag: str = "MODEL") -> Plan:
-    from .targets import check_rank, find_targets
-
-    targets = find_targets(model, cfg.target_modules)
-    check_rank(model, targets, cfg.rank)
+def open_source(model_id: str, cfg: InitConfig, out: Path, trust_remote_code: bool) -> Source:
+    path = resolve_local(model_id)
+    o, s = out.resolve(), path.resolve()
+    if o == s or o in s.parents:
+        raise ConfigError(f"--out {out} is the model directory {path} or contains it; choose another --out")
+    _, skel = skeleton(path, trust_remote_code)
+    ckpt = Checkpoint(path)
+    targets = find_targets(skel, cfg.target_modules)
+    check_rank(skel, targets, cfg.rank)
     seen: set[int] = set()
     order = []
-    for k, v in model.state_dict(keep_vars=True).items():
-        if id(v) in seen:  # a tied alias (lm_head ↔ embed_tokens): written once, re-tied on load
-            continue
-        seen.add(id(v))
-        order.append(k)
+    for k, v in skel.state_dict(keep_vars=True).items():
+        if id(v) not in seen:  # a tied alias (lm_head ↔ embed_tokens) is written once and re-tied on load
+            seen.add(id(v))
+            order.append(k)
     missing = [k for k in order if k not in ckpt]
     if missing:
         raise ConfigError(
-            f"{flag} {ckpt.path}: the checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more) that "
-            f"{type(model).__name__} expects; save the model with transformers' save_pretrained and pass that directory"
+            f"MODEL {ckpt.path}: the checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more) that "
+            f"{type(skel).__name__} expects; save the model with transformers' save_pretrained and pass that directory"
         )
-    conv = frozenset(t for t in targets if type(model.get_submodule(t)).__name__ == "Conv1D")
-    bias = frozenset(t for t in targets if getattr(model.get_submodule(t), "bias", None) is not None)
-    return Plan(tuple(targets), conv, bias, tuple(order))
+    conv = frozenset(t for t in targets if type(skel.get_submodule(t)).__name__ == "Conv1D")
+    bias = frozenset(t for t in targets if getattr(skel.get_submodule(t), "bias", None) is not None)
+    return Source(model_id, path, skel, ckpt, tuple(targets), conv, bias, tuple(order))
 
 
-# --------------------------------------------------------------------------- work dir
+# --------------------------------------------------------------------------- the work directory
 
 
-def _config_fingerprint(cfg: InitConfig) -> dict:
-    from .prepare import _config_json
-
-    d = _config_json(cfg)
-    d.pop("device", None)  # the split is the same wherever it runs
-    return d
-
-
-def work_manifest(model_id: str, ckpt: Checkpoint, cfg: InitConfig, plan: Plan, calib: dict | None) -> dict:
-    """What a finished layer depends on; a work directory is reused only when this matches."""
-    from .prepare import _versions
-
+def work_manifest(src: Source, cfg: InitConfig, covariance: str | Path | None) -> dict:
+    """What a finished layer depends on; a work directory is reused only when this matches.
+    The device is part of it: another device computes other bits."""
+    calibration = None
+    if cfg.needs_covariance:
+        if covariance is not None and not Path(covariance).exists():
+            raise ConfigError(f"--covariance {covariance}: no such file")
+        calibration = {"data": cfg.calib.data, "covariance": file_fingerprint(covariance) if covariance else None}
     return {
         "format": PARTIAL_FORMAT,
-        "model": model_id,
-        "files": ckpt.fingerprint(),
-        "config": _config_fingerprint(cfg),
-        "targets": list(plan.targets),
-        "calibration": calib,
-        "versions": _versions(),
+        "model": src.model_id,
+        "files": src.ckpt.fingerprint(),
+        "config": dict(config_json(cfg), device=resolve_device(cfg.device).type),
+        "targets": list(src.targets),
+        "calibration": calibration,
+        "versions": versions(),
     }
 
 
-def open_work_dir(out: Path, manifest: dict, log=print) -> tuple[Path, bool]:
-    """Create, reuse (same manifest) or restart (other arguments) the work directory of ``out``."""
-    from .io import write_text_atomic
+def _differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for the top-level (and ``config``) entries that differ."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k == "config" and isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
+            out += [f"config.{c}: {old[k].get(c)} -> {new[k].get(c)}" for c in sorted(set(old[k]) | set(new[k])) if old[k].get(c) != new[k].get(c)]
+        elif old.get(k) != new.get(k):
+            out.append(k)
+    return out
 
+
+def open_work_dir(out: Path, manifest: dict, log=print) -> Path:
+    """Create, reuse (same manifest) or restart (other arguments, device or version) the work directory of ``out``."""
     work = partial_dir(out)
     if work.exists():
-        mf = work / "manifest.json"
         try:
-            old = json.loads(mf.read_text())
+            old = json.loads((work / "manifest.json").read_text())
         except (OSError, ValueError):
             old = None
         fmt = old.get("format") if isinstance(old, dict) else None
         if not isinstance(fmt, str) or not fmt.startswith("qcorda.partial/"):
             raise ConfigError(f"--out: {work} exists but is not a qcorda work directory; remove it and rerun")
         if old == manifest:
-            return work, True
+            return work
         if fmt != PARTIAL_FORMAT:
             log(f"qcorda prepare: {work} was left by another qcorda version ({fmt}, this one writes {PARTIAL_FORMAT}); "
                 "its layers are not reused, starting over", file=sys.stderr)
         else:
-            log(f"qcorda prepare: {work} holds work for other arguments; starting over", file=sys.stderr)
+            log(f"qcorda prepare: {work} holds work for other arguments ({'; '.join(_differences(old, manifest)[:4])}); "
+                "starting over", file=sys.stderr)
         shutil.rmtree(work)
     (work / "layers").mkdir(parents=True)
     write_text_atomic(work / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-    return work, False
+    return work
 
 
 def _layer_file(work: Path, i: int) -> Path:
@@ -168,66 +177,15 @@ def _layer_file(work: Path, i: int) -> Path:
 
 def read_layer(path: Path):
     """(checkpoint, LayerResult, key order) of a finished layer file, or None if unreadable."""
-    from .prepare import LayerResult
-
     try:
         ckpt = Checkpoint(path, flag="work directory")
         meta = json.loads(ckpt.metadata()["qcorda"])
-        r = dict(meta["result"], shape=tuple(meta["result"]["shape"]))
-        return ckpt, LayerResult(**r), meta["keys"]
+        return ckpt, LayerResult(**dict(meta["result"], shape=tuple(meta["result"]["shape"]))), meta["keys"]
     except Exception:
         return None
 
 
-# --------------------------------------------------------------------------- run
-
-
-def _same_manifest(work: Path, manifest: dict) -> bool:
-    try:
-        return json.loads((work / "manifest.json").read_text()) == manifest
-    except (OSError, ValueError):
-        return False
-
-
-def _calibration(model_id, path, skel_config, skel, ckpt: Checkpoint, plan: Plan, cfg, covariance, trust_remote_code, progress,
-                 spill: Path | None = None, tok_dir: Path | None = None) -> Covariances:
-    """The covariances: from ``--covariance`` (checked against this model, targets and samples)
-    or collected one decoder block at a time from the checkpoint (:mod:`qcorda.blockwise`);
-    a model that is not a plain stack of blocks runs whole, in fp32."""
-    from transformers import AutoTokenizer
-
-    from .blockwise import NotBlockwise, collect_blockwise
-    from .data import calibration_batches
-    from .prepare import calibration_texts, collect_covariances, covariance_expectations, covariance_manifest, model_fingerprint
-    from .models import load_model, resolve_device
-
-    targets = list(plan.targets)
-    floats = [k for k in plan.order if ckpt.spec(k)[1].is_floating_point]
-    fingerprint = model_fingerprint(skel_config, ckpt.first_rows, floats)
-    expect = {"model": fingerprint, "targets": targets, **({"heldout_every": cfg.heldout_every} if cfg.heldout_every else {})}
-    if cfg.calib.data is not None:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        if tok_dir is not None:  # saved now for the output, so it is never loaded again on top of the layers
-            tok.save_pretrained(str(tok_dir))
-        texts = calibration_texts(cfg, tok)
-        full = covariance_manifest(model_id, None, targets, cfg, texts, fingerprint=fingerprint)
-        expect = covariance_expectations(cfg, full)
-    if covariance is not None:
-        return Covariances.load(covariance, expect=expect, lazy=True)
-    if cfg.calib.data is None:
-        raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
-    batches = list(calibration_batches(tok, texts, cfg.calib.max_length, cfg.calib.batch_size, cfg.heldout_every)[0])
-    del tok  # the walk needs only the token ids; Gemma-3's 262k-entry tokenizer holds ~330 MB
-    try:
-        return collect_blockwise(skel, ckpt.get, batches, targets, getattr(torch, cfg.cov_dtype), resolve_device(cfg.device),
-                                 progress, manifest=full, get_rows=ckpt.rows, spill=spill)
-    except NotBlockwise as e:
-        print(f"qcorda prepare: covariance by a whole-model forward ({e})", file=sys.stderr)
-    model, tok = load_model(str(path), trust_remote_code)
-    covs = collect_covariances(model, tok, targets, cfg, model_id, progress)
-    if covs.manifest.get("model") != fingerprint:  # both read the same weights: a mismatch is a bug
-        raise RuntimeError("model fingerprint differs between the checkpoint and the loaded model")
-    return covs
+# --------------------------------------------------------------------------- the run
 
 
 def stream_prepare(
@@ -240,123 +198,36 @@ def stream_prepare(
     trust_remote_code: bool = False,
     progress: bool = True,
     log=print,
-):
+) -> PrepareReport:
     """Prepare ``model`` (a local HF directory, hub id or ``gemma-3-270m``) into ``out``, layer by layer.
 
-    Returns the :class:`~qcorda.prepare.PrepareReport`. Resumes from ``.OUT.partial``
-    when it was left by a run with the same arguments.
+    Returns the :class:`~qcorda.prepared.PrepareReport`. Resumes from ``.OUT.partial`` when it
+    was left by a run with the same arguments. Everything that can reject the input runs before
+    the first byte is written.
     """
-    from tqdm.auto import tqdm
-
-    from .io import atomic_dir, check_out_dir, write_text_atomic
-    from .prepare import PrepareReport, _versions, prepare_layer
-    from .models import resolve_compute_dtype, resolve_device
-    from .quantize import linear4bit
-
     t_start = time.perf_counter()
     out = check_out_dir(out, overwrite)
-    path = resolve_local(model)
-    _check_out_vs_source(out, path)
-    config, skel = skeleton(path, trust_remote_code)
-    ckpt = Checkpoint(path)
-    plan = make_plan(skel, cfg, ckpt)
-    device = resolve_device(cfg.device)
-    compute_dtype = resolve_compute_dtype(cfg.compute_dtype)
-
-    # Calibration saves the tokenizer (loaded there anyway) and spills each block's finished
-    # covariances (21.9 GB at 7B, more than the rest of prepare together) to a scratch directory
-    # beside --out; both move into the resumable work directory once it exists. A run killed
-    # before that leaves the scratch directory, and the next run starts by removing it.
-    scratch = out.parent / f".{out.name}.scratch"
+    src = open_source(model, cfg, out, trust_remote_code)
+    manifest = work_manifest(src, cfg, covariance)
+    scratch = out.parent / f".{out.name}.scratch"  # a killed calibration's leftovers go first
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        # Everything that can reject the input runs before the first byte is written.
-        covs: Covariances | None = None
-        tok_dir = spill = None
-        calib_key = None
-        if cfg.needs_covariance:
-            calib_key = {"data": cfg.calib.data, "covariance": _file_digest(covariance) if covariance else None}
-        manifest = work_manifest(model, ckpt, cfg, plan, calib_key)
-        work = partial_dir(out)
-        cached = work / "covariance.safetensors"
-        if cfg.needs_covariance:
-            if _same_manifest(work, manifest) and cached.exists():
-                try:
-                    covs = Covariances.load(cached, expect={"targets": list(plan.targets)}, flag="work directory", lazy=True)
-                except ConfigError:
-                    covs = None
-            if covs is None:
-                tok_dir, spill = scratch / "tokenizer", scratch / "covariance"
-                for d in (tok_dir, spill):
-                    d.mkdir(parents=True)
-                covs = _calibration(model, path, config, skel, ckpt, plan, cfg, covariance, trust_remote_code, progress, spill, tok_dir)
-            unknown = [t for t in plan.targets if t not in covs.members]
-            if unknown:
-                raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")
-
-        work, resumed = open_work_dir(out, manifest, log)
+        covs = _covariances(src, cfg, out, manifest, covariance, scratch, trust_remote_code, progress)
+        work = open_work_dir(out, manifest, log)
         try:
-            if covs is not None:
-                if not cached.exists():
-                    _save_covariance(covs, cached)  # one matrix in memory at a time
-                covs = Covariances.load(cached, flag="work directory", lazy=True)  # read back layer by layer
-            if tok_dir is not None:
-                shutil.rmtree(work / "tokenizer", ignore_errors=True)
-                os.replace(tok_dir, work / "tokenizer")
-            shutil.rmtree(scratch, ignore_errors=True)  # the spilled blocks are in the cached file now
-            if covs is not None and save_covariance:
-                _save_covariance(covs, Path(save_covariance))
-
-            results = []
-            done = 0
-            delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-            bar = tqdm(list(enumerate(plan.targets)), desc=f"prepare {cfg.method} r={cfg.rank}", unit="layer", disable=not progress)
-            for i, name in bar:
-                f = _layer_file(work, i)
-                if f.exists():
-                    got = read_layer(f)
-                    if got is not None and got[1].name == name:
-                        results.append(got[1])
-                        done += 1
-                        continue
-                    f.unlink()
-                W = ckpt.get(f"{name}.weight")
-                W = (W.T if name in plan.conv1d else W).to(device=device, dtype=torch.float32)
-                split, q, result = prepare_layer(W, cfg, name, covs)
-                bias = ckpt.get(f"{name}.bias").float() if name in plan.has_bias else None
-                sd = linear4bit(q, bias, compute_dtype).state_dict()
-                tensors = {**sd, "lora_A": split.A, "lora_B": split.B}
-                meta = {"result": asdict(result), "keys": list(sd)}
-                save_tensors(f, tensors, metadata={"qcorda": json.dumps(meta)}, fsync=True)
-                results.append(result)
-                del W, split, q, sd, tensors
-                bar.set_postfix(err=f"{result.rel_err:.3f}")
-                if delay:
-                    time.sleep(delay)
-
-            calibration = None
-            if covs is not None:
-                calibration = dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=cfg.calib.data)
+            covs = _settle(work, covs, scratch, save_covariance)
+            results, resumed = _layers(work, src, cfg, covs, progress)
+            calibration = None if covs is None else dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=cfg.calib.data)
             covs = None  # the covariances are done with: free them before the output shards are assembled
             _return_freed_memory()
-            report = PrepareReport(
-                config=cfg,
-                model=model,
-                targets=plan.targets,
-                layers=tuple(replace(r, seconds=0.0) for r in results),
-                calibration=calibration,
-                compute_dtype=str(compute_dtype).removeprefix("torch."),
-                seconds=0.0,
-                versions=_versions(),
-            )
+            report = PrepareReport(cfg, model, src.targets, tuple(replace(r, seconds=0.0) for r in results), calibration,
+                                   str(resolve_compute_dtype(cfg.compute_dtype)).removeprefix("torch."), 0.0, versions())
             with atomic_dir(out, overwrite) as tmp:
-                _assemble(tmp, path, ckpt, config, skel, plan, cfg, work, compute_dtype, report, trust_remote_code, work / "tokenizer")
-                timings = {"seconds": time.perf_counter() - t_start, "resumed_layers": done,
-                           "layers": {r.name: r.seconds for r in results}}
+                _write_output(tmp, src, work, report, trust_remote_code)
+                timings = {"seconds": time.perf_counter() - t_start, "resumed_layers": resumed, "layers": {r.name: r.seconds for r in results}}
                 write_text_atomic(tmp / "timings.json", json.dumps(timings, indent=1))
         except (ConfigError, DecompositionError):
-            # a problem of the input: the arguments must change, so this work can never be resumed
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)  # a problem of the input: this work can never be resumed
             raise
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -371,6 +242,86 @@ def stream_prepare(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _covariances(src: Source, cfg: InitConfig, out: Path, manifest: dict, covariance, scratch: Path, trust_remote_code: bool,
+                 progress: bool) -> Covariances | None:
+    """The calibration covariances: the work directory's (a resumed run), else collected block by block
+    into ``scratch`` (or read from ``covariance``); None for a method that needs none."""
+    if not cfg.needs_covariance:
+        return None
+    work = partial_dir(out)
+    cached = work / "covariance.safetensors"
+    covs = None
+    if cached.exists() and _same_manifest(work, manifest):
+        try:
+            covs = Covariances.load(cached, expect={"targets": list(src.targets)}, flag="work directory", lazy=True)
+        except ConfigError:
+            covs = None
+    if covs is None:
+        for d in (scratch / "tokenizer", scratch / "covariance"):
+            d.mkdir(parents=True)
+        covs = checkpoint_covariances(src.model_id, src.path, src.skel, src.ckpt, list(src.order), list(src.targets), cfg, covariance,
+                                      trust_remote_code, progress, scratch / "covariance", scratch / "tokenizer")
+    unknown = [t for t in src.targets if t not in covs.members]
+    if unknown:
+        raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")
+    return covs
+
+
+def _same_manifest(work: Path, manifest: dict) -> bool:
+    try:
+        return json.loads((work / "manifest.json").read_text()) == manifest
+    except (OSError, ValueError):
+        return False
+
+
+def _settle(work: Path, covs: Covariances | None, scratch: Path, save_covariance) -> Covariances | None:
+    """Move calibration's results into the work directory (the covariances gathered into one file,
+    one matrix in memory at a time, and read back layer by layer; the tokenizer it saved)."""
+    if covs is None:
+        return None
+    cached = work / "covariance.safetensors"
+    if not cached.exists():
+        replace_atomic(cached, covs.save)
+    covs = Covariances.load(cached, flag="work directory", lazy=True)
+    if (scratch / "tokenizer").is_dir():
+        shutil.rmtree(work / "tokenizer", ignore_errors=True)
+        os.replace(scratch / "tokenizer", work / "tokenizer")
+    shutil.rmtree(scratch, ignore_errors=True)  # the spilled blocks are in the cached file now
+    if save_covariance:
+        replace_atomic(Path(save_covariance), covs.save)
+    return covs
+
+
+def _layers(work: Path, src: Source, cfg: InitConfig, covs: Covariances | None, progress: bool) -> tuple[list[LayerResult], int]:
+    """Every target's layer file (finished ones are reused); ``(results, layers reused)``."""
+    from tqdm.auto import tqdm
+
+    device, compute_dtype = resolve_device(cfg.device), resolve_compute_dtype(cfg.compute_dtype)
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    results, resumed = [], 0
+    bar = tqdm(list(enumerate(src.targets)), desc=f"prepare {cfg.method} r={cfg.rank}", unit="layer", disable=not progress)
+    for i, name in bar:
+        f = _layer_file(work, i)
+        got = read_layer(f) if f.exists() else None
+        if got is not None and got[1].name == name:
+            results.append(got[1])
+            resumed += 1
+            continue
+        f.unlink(missing_ok=True)
+        W = src.ckpt.get(f"{name}.weight")
+        W = (W.T if name in src.conv1d else W).to(device=device, dtype=torch.float32)
+        split, q, result = prepare_layer(W, cfg, name, covs)
+        bias = src.ckpt.get(f"{name}.bias").float() if name in src.has_bias else None
+        sd = linear4bit(q, bias, compute_dtype).state_dict()
+        meta = {"result": asdict(result), "keys": list(sd)}
+        save_tensors(f, {**sd, "lora_A": split.A, "lora_B": split.B}, metadata={"qcorda": json.dumps(meta)}, fsync=True)
+        results.append(result)
+        bar.set_postfix(err=f"{result.rel_err:.3f}")
+        if delay:
+            time.sleep(delay)
+    return results, resumed
+
+
 def _return_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
 
@@ -378,9 +329,6 @@ def _return_freed_memory() -> None:
     once freed they stay in its heap: RSS would stay at the covariance peak through assembly,
     where the tokenizer load then stacks on top of it (Gemma-3-270M: 1.45 GB peak, 1.09 GB
     with the trim)."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -388,87 +336,41 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _check_out_vs_source(out: Path, source: Path) -> None:
-    o, s = out.resolve(), source.resolve()
-    if o == s or o in s.parents:
-        raise ConfigError(f"--out {out} is the model directory {source} or contains it; choose another --out")
+def _write_output(tmp: Path, src: Source, work: Path, report: PrepareReport, trust_remote_code: bool) -> None:
+    """The prepared directory from the layer files and the source shards, by :func:`qcorda.prepared.write_prepared`."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-
-def _file_digest(path) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"--covariance {path}: no such file")
-    return file_fingerprint(p)
-
-
-def _save_covariance(covs: Covariances, path: Path) -> None:
-    from .io import replace_atomic
-
-    replace_atomic(path, covs.save)
-
-
-def _assemble(tmp: Path, path: Path, ckpt: Checkpoint, config, skel, plan: Plan, cfg: InitConfig, work: Path,
-              compute_dtype: torch.dtype, report, trust_remote_code: bool, tok_dir: Path | None = None) -> None:
-    """Write the prepared HF directory into ``tmp`` from the layer files and the source shards
-    (the tokenizer from ``tok_dir`` when calibration already saved it there)."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from .quantize import bnb_config
-
-    index = {name: i for i, name in enumerate(plan.targets)}
-    owner: dict[str, str] = {}
-    for k in plan.order:
-        mod = k.rsplit(".", 1)[0]
-        if mod in index:
-            owner[k] = mod
+    compute_dtype = getattr(torch, report.compute_dtype)
+    index = {name: i for i, name in enumerate(src.targets)}
     specs: dict[str, torch.Tensor] = {}
-    source: dict[str, tuple] = {}  # key → ("layer", i, local key) | ("ckpt", key)
-    for k in plan.order:
-        mod = owner.get(k)
-        if mod is None:
-            meta = meta_tensor(*ckpt.spec(k))
-            if meta.is_floating_point():
-                meta = meta.to(compute_dtype)
-            specs[k] = meta
-            source[k] = ("ckpt", k)
-        elif f"{mod}.weight" == k:
+    source: dict[str, tuple] = {}  # key → (checkpoint, key in it)
+    adapter: dict[str, torch.Tensor] = {}
+    for k in src.order:
+        mod = k.rsplit(".", 1)[0]
+        if mod not in index:
+            meta = meta_tensor(*src.ckpt.spec(k))
+            specs[k] = meta.to(compute_dtype) if meta.is_floating_point() else meta
+            source[k] = (src.ckpt, k)
+        elif k == f"{mod}.weight":
             layer, _, keys = read_layer(_layer_file(work, index[mod]))
             for lk in keys:
                 specs[f"{mod}.{lk}"] = meta_tensor(*layer.spec(lk))
-                source[f"{mod}.{lk}"] = ("layer", layer, lk)
+                source[f"{mod}.{lk}"] = (layer, lk)
+            adapter[f"{mod}.lora_A.weight"], adapter[f"{mod}.lora_B.weight"] = layer.get("lora_A"), layer.get("lora_B")
 
     def produce(k: str):
-        src = source[k]
-        return ckpt.blocks(src[1], specs[k].dtype) if src[0] == "ckpt" else src[1].get(src[2])
+        ckpt, key = source[k]
+        return ckpt.blocks(key, specs[k].dtype) if ckpt is src.ckpt else ckpt.get(key)
 
+    config = AutoConfig.from_pretrained(str(src.path), trust_remote_code=trust_remote_code)
     config.quantization_config = bnb_config(compute_dtype, skip_modules=["lm_head"])
     config.use_cache = False
-    config.dtype = torch.float32  # as the in-memory path, which loads the original in fp32
+    config.dtype = torch.float32  # as the in-memory engine, which loads the original in fp32
     try:
-        generation = GenerationConfig.from_pretrained(str(path))
+        generation = GenerationConfig.from_pretrained(str(src.path))
     except OSError:
         generation = GenerationConfig.from_model_config(config) if config._get_generation_parameters() else None
-    write_shards(tmp, specs, produce, config, generation)
-    _write_adapter(tmp / "adapter_init", skel, plan, cfg, work)
-    if tok_dir is not None and tok_dir.is_dir() and any(tok_dir.iterdir()):
-        for f in tok_dir.iterdir():
-            shutil.copy2(f, tmp / f.name)
-    else:
-        AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code).save_pretrained(tmp)
-    (tmp / "qcorda.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
-
-
-def _write_adapter(dest: Path, skel, plan: Plan, cfg: InitConfig, work: Path) -> None:
-    """``adapter_init/`` written by PEFT itself, from a weightless model whose LoRA factors are the real ones."""
-    from peft import get_peft_model
-
-    from .prepare import lora_config, stable_adapter_config
-
-    peft_model = get_peft_model(skel, lora_config(cfg, list(plan.targets)))
-    for i, name in enumerate(plan.targets):
-        layer = peft_model.base_model.model.get_submodule(name)
-        f = Checkpoint(_layer_file(work, i), flag="work directory")
-        layer.lora_A["default"].weight = torch.nn.Parameter(f.get("lora_A"), requires_grad=True)
-        layer.lora_B["default"].weight = torch.nn.Parameter(f.get("lora_B"), requires_grad=True)
-    peft_model.save_pretrained(str(dest))
-    stable_adapter_config(dest)
+    tok_dir = work / "tokenizer"
+    tokenizer = tok_dir if tok_dir.is_dir() and any(tok_dir.iterdir()) else \
+        AutoTokenizer.from_pretrained(str(src.path), trust_remote_code=trust_remote_code)
+    write_prepared(tmp, specs, produce, config, generation, adapter, tokenizer, report)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import zlib
 
 import torch
 
@@ -68,3 +69,8 @@ def check_rank(model: torch.nn.Module, targets: list[str], rank: int, flag: str 
                 f"{flag} {rank} exceeds min(out, in) = {min(out_f, in_f)} of layer {name} ({out_f}x{in_f}); "
                 f"use {flag} {min(out_f, in_f)} or less, or leave that layer out of --target-modules"
             )
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed independent of the order layers are processed in (resume-safe)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)

@@ -29,11 +29,15 @@ from typing import Literal, get_args
 
 import torch
 
+from .adapters import AdapterSpec, check_adapter, plain_lora_refusal, read_adapter
+from .checkpoint import ADAPTER_PREFIX, Checkpoint, write_adapter
 from .config import ConfigError
-from .checkpoint import Checkpoint, save_tensors
-from .merge import (
-    ADAPTER_PREFIX, PREPARED_HINT, AdapterSpec, VerifyConfig, check_adapter, dequantized, manifest_sha256, read_adapter,
-)
+from .io import atomic_dir, check_out_dir
+from .merge import PREPARED_HINT, VerifyConfig, dequantized, load_plain, merge, resolve_dtype
+from .models import load_model, resolve_device
+from .prepared import ADAPTER_INIT, load_prepared, manifest_sha256, read_manifest
+from .scoring import held_out_batches, logit_agreement
+from .targets import weight_of
 
 Mode = Literal["exact-delta", "compress", "absorb-quant-error"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -116,6 +120,9 @@ class ToLoraResult:
 def check_convertible(spec: AdapterSpec, mode: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
+    refusal = plain_lora_refusal(spec.path)
+    if refusal:
+        raise ConfigError(f"--adapter {spec.path}: {refusal}")
     if mode == "exact-delta" and spec.use_rslora and (spec.rank_pattern or spec.alpha_pattern):
         raise ConfigError(
             "--mode exact-delta cannot convert an rsLoRA adapter with rank_pattern/alpha_pattern exactly in PEFT's "
@@ -155,24 +162,22 @@ def to_lora(
     overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
+    dtype: str = "float16",
 ) -> ToLoraResult:
     """Write a PEFT LoRA adapter for ``base`` to ``out`` (atomically); report how far base + LoRA is
-    from the trained 4-bit model and the merged fp16 model (``qcorda_to_lora.json``)."""
+    from the trained 4-bit model and from the model merged to ``dtype`` (``qcorda_to_lora.json``;
+    Gemma-3 overflows float16, so verify it in bfloat16)."""
     from tqdm.auto import tqdm
-
-    from .io import atomic_dir, check_out_dir
-    from .prepare import read_manifest
-    from .models import load_model
-    from .targets import weight_of
 
     t0 = time.perf_counter()
     prepared = Path(prepared)
     check_out_dir(out, overwrite)
+    resolve_dtype(dtype)
     if rank is not None and rank <= 0:
         raise ConfigError(f"--rank must be a positive integer, got {rank}")
     manifest = read_manifest(prepared)
-    spec = read_adapter(adapter if adapter is not None else prepared / "adapter_init")
-    init = read_adapter(prepared / "adapter_init", "PREPARED/adapter_init")
+    spec = read_adapter(adapter if adapter is not None else prepared / ADAPTER_INIT)
+    init = read_adapter(prepared / ADAPTER_INIT, "PREPARED/adapter_init")
     check_adapter(prepared, manifest, spec, init)
     check_convertible(spec, mode)
     if mode == "exact-delta" and rank is not None:
@@ -218,20 +223,20 @@ def to_lora(
         gap = ((W + scale * (f.B @ f.A)) - trained).norm().item() / max(trained.norm().item(), 1e-30)
         layers.append(ConvertedLayer(name, f.rank, f.energy, gap))
         ranks[name] = f.rank
-        tensors[f"{ADAPTER_PREFIX}{name}.lora_A.weight"] = f.A.contiguous()
-        tensors[f"{ADAPTER_PREFIX}{name}.lora_B.weight"] = f.B.contiguous()
+        tensors[f"{ADAPTER_PREFIX}{name}.lora_A.weight"] = f.A
+        tensors[f"{ADAPTER_PREFIX}{name}.lora_B.weight"] = f.B
 
     lcfg = _lora_config(spec, mode, ranks, targets, str(base), conv1d)
     with atomic_dir(out, overwrite) as tmp:
-        lcfg.save_pretrained(str(tmp))
-        save_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        write_adapter(tmp, lcfg, tensors)
         agreement = ()
         if verify is not None:
-            agreement = tuple(_verify(prepared, spec.path, base_model, tmp, merged, verify, device, progress))
+            agreement = tuple(_verify(prepared, spec.path, base_model, tmp, merged, verify, device, progress, dtype))
         report = {
             "format": "qcorda.to-lora/1",
             "mode": mode,
             "rank": rank,
+            "verify_dtype": dtype,
             "prepared": str(prepared),
             "prepared_sha256": manifest_sha256(prepared),
             "adapter": str(spec.path),
@@ -244,27 +249,21 @@ def to_lora(
     return ToLoraResult(Path(out), mode, tuple(layers), agreement, time.perf_counter() - t0)
 
 
-def _verify(prepared, adapter, base_model, lora_dir, merged, verify: VerifyConfig, device, progress):
-    """base + LoRA against the trained 4-bit + adapter model and against the merged fp16 model."""
-    import torch
+def _verify(prepared, adapter, base_model, lora_dir, merged, verify: VerifyConfig, device, progress, dtype: str):
+    """base + LoRA against the trained 4-bit + adapter model and against the model merged to ``dtype``."""
     from peft import PeftModel
     from transformers import AutoTokenizer
-
-    from .scoring import held_out_batches, logit_agreement
-    from .merge import load_plain, merge
-    from .prepare import load_prepared
-    from .models import resolve_device
 
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="qcorda-merged-") as tmp:
         if merged is None:
-            merged = merge(prepared, Path(tmp) / "merged", adapter, "float16", verify=None, progress=progress).out
+            merged = merge(prepared, Path(tmp) / "merged", adapter, dtype, verify=None, progress=progress).out
         models = {
             "trained 4-bit+adapter": load_prepared(prepared, adapter, is_trainable=False, device=str(dev)),
-            "merged float16": load_plain(merged, torch.float16, dev),
+            f"merged {dtype}": load_plain(merged, resolve_dtype(dtype), dev),
             "base+LoRA": PeftModel.from_pretrained(base_model.to(dev), str(lora_dir), is_trainable=False),
         }
     tok = AutoTokenizer.from_pretrained(str(prepared))
     batches, n = held_out_batches(tok, verify.data, verify.fields, verify.samples, verify.max_length, verify.batch_size, verify.template)
-    pairs = [("trained 4-bit+adapter", "base+LoRA"), ("merged float16", "base+LoRA"), ("trained 4-bit+adapter", "merged float16")]
+    pairs = [("trained 4-bit+adapter", "base+LoRA"), (f"merged {dtype}", "base+LoRA"), ("trained 4-bit+adapter", f"merged {dtype}")]
     return logit_agreement(models, pairs, batches, progress, n)

@@ -22,10 +22,13 @@ from pathlib import Path
 
 from .config import ConfigError
 from .guard import DivergenceGuard
+from .io import atomic_dir
 from .lr import lr_factor, lr_warning
+from .prepare import prepare
+from .prepared import MANIFEST, OWNER_KEY, TRAIN_FORMAT, TRAIN_MARKER, config_json, load_prepared, manifest_sha256, read_manifest
+from .quantize import set_quant_storage
 from .recipe import Recipe, recipe_dict
 
-TRAIN_FORMAT = "qcorda.train/1"
 
 
 @dataclass(frozen=True)
@@ -47,17 +50,12 @@ class TrainResult:
     """sha256 of the trained adapter's parameters (name order); every data-parallel rank prints the same."""
 
 
-def manifest_hash(prepared: str | Path) -> str:
-    """sha256 of the prepared directory's qcorda.json (identifies the NF4 residual + init)."""
-    return hashlib.sha256((Path(prepared) / "qcorda.json").read_bytes()).hexdigest()
-
-
 def prepared_model(recipe: Recipe, progress: bool = True):
     """``(peft_model, tokenizer, prepared_dir)``: load ``recipe.prepared``, or prepare from
-    ``recipe.init`` once and save it under ``output_dir/prepared`` (reused on resume)."""
+    ``recipe.init`` once into ``output_dir/prepared`` (by the streamed engine when it stores the
+    method: the original model is never whole in memory) and load it from there, so that the first
+    run and a resumed one train the very same model."""
     from transformers import AutoTokenizer
-
-    from .prepare import load_prepared, read_manifest
 
     if recipe.prepared is not None:
         prepared = Path(recipe.prepared)
@@ -74,23 +72,18 @@ def prepared_model(recipe: Recipe, progress: bool = True):
 def _prepare_or_load(recipe: Recipe, prepared: Path, progress: bool):
     from transformers import AutoTokenizer
 
-    from .prepare import _config_json, load_prepared, prepare, read_manifest, save_prepared
-    from .models import load_model
-
-    if (prepared / "qcorda.json").exists():
+    if (prepared / MANIFEST).exists():
         saved = read_manifest(prepared)["config"]
-        wanted = json.loads(json.dumps(_config_json(recipe.init), default=str))
+        wanted = json.loads(json.dumps(config_json(recipe.init), default=str))
         if saved != wanted:
             diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
             raise ConfigError(
                 f"{prepared} was prepared with other init settings ({', '.join(diff)}); "
                 "choose another output_dir or delete it to prepare again"
             )
-        return load_prepared(prepared), AutoTokenizer.from_pretrained(str(prepared)), prepared
-    model, tok = load_model(recipe.model, flag="model:")
-    peft_model = prepare(model, recipe.init, tokenizer=tok, progress=progress)
-    save_prepared(peft_model, prepared, tok)
-    return peft_model, tok, prepared
+    else:
+        prepare(recipe.model, recipe.init, out=prepared, progress=progress)
+    return load_prepared(prepared), AutoTokenizer.from_pretrained(str(prepared)), prepared
 
 
 def datasets_of(recipe: Recipe, tokenizer):
@@ -145,8 +138,6 @@ def apply_quant_storage(recipe: Recipe, model) -> None:
     """Store the NF4 bytes as ``train.quant_storage``; under FSDP also give the adapter that dtype,
     since FSDP flattens each wrapped unit into one tensor of one dtype (PEFT's FSDP-QLoRA does the
     same; the fp32 init is then rounded to the compute dtype)."""
-    from .quantize import set_quant_storage
-
     dtype = quant_storage_dtype(recipe, model)
     set_quant_storage(model, dtype)
     if fsdp_enabled() and dtype.is_floating_point:
@@ -171,8 +162,6 @@ def init_of(recipe: Recipe) -> tuple[str, str]:
     """``(method, cal_start)`` of the recipe's model: from ``init:`` or the ``prepared:`` qcorda.json."""
     if recipe.init is not None:
         return recipe.init.method, recipe.init.cal_start
-    from .prepare import read_manifest
-
     cfg = read_manifest(recipe.prepared, flag="prepared:")["config"]
     return cfg["method"], cfg.get("cal_start", "ipm")  # format 1 had no cal_start: it started from IPM
 
@@ -295,30 +284,28 @@ def logged_losses(log_history: list[dict], key: str = "loss") -> list[tuple[int,
 
 def save_adapter(recipe: Recipe, model, prepared: Path, result: dict) -> Path:
     """Write ``output_dir/adapter`` (PEFT adapter + qcorda_train.json) atomically."""
-    from .io import atomic_dir
-
     out = Path(recipe.output_dir) / "adapter"
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(str(tmp))
         meta = {
             "format": TRAIN_FORMAT,
             "prepared": str(prepared.resolve()),
-            "prepared_qcorda_json_sha256": manifest_hash(prepared),
+            OWNER_KEY: manifest_sha256(prepared),
             "recipe": recipe_dict(recipe),
             **result,
         }
-        (tmp / "qcorda_train.json").write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / TRAIN_MARKER).write_text(json.dumps(meta, indent=2, default=str))
     return out
 
 
 def read_train_manifest(adapter: str | Path) -> dict:
     """The qcorda_train.json of a trained adapter; checks that its prepared directory still matches."""
-    path = Path(adapter) / "qcorda_train.json"
+    path = Path(adapter) / TRAIN_MARKER
     if not path.exists():
-        raise ConfigError(f"{adapter}: not a qcorda-trained adapter (no qcorda_train.json)")
+        raise ConfigError(f"{adapter}: not a qcorda-trained adapter (no {TRAIN_MARKER})")
     meta = json.loads(path.read_text())
     prepared = Path(meta["prepared"])
-    if (prepared / "qcorda.json").exists() and manifest_hash(prepared) != meta["prepared_qcorda_json_sha256"]:
+    if (prepared / MANIFEST).exists() and manifest_sha256(prepared) != meta[OWNER_KEY]:
         raise ConfigError(f"{adapter} was trained on a different {prepared} (qcorda.json changed); re-train or point to the right prepared dir")
     return meta
 

@@ -10,15 +10,15 @@ import torch
 
 import tiny
 from qcorda.config import InitConfig
-from qcorda.prepare import load_prepared, prepare, save_prepared
+from qcorda.prepare import prepare
+from qcorda.prepared import load_prepared
 
 
 def prepared_and_trained(tmp_path, arch="llama", method="qpissa", rank=4, alpha=8.0, seed=1, scale=0.05):
     """(base dir, prepared dir, trained adapter dir): training is simulated by perturbing lora_A / lora_B."""
     base = tiny.save(tmp_path, arch)
     tok = tiny.tokenizer()
-    model = prepare(str(base), InitConfig(method=method, rank=rank, alpha=alpha), tokenizer=tok, progress=False)
-    prep = save_prepared(model, tmp_path / f"prep-{arch}", tok)
+    prep = prepare(base, InitConfig(method=method, rank=rank, alpha=alpha), tmp_path / f"prep-{arch}", tokenizer=tok, progress=False).out
     trained = load_prepared(prep)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

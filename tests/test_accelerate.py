@@ -13,7 +13,7 @@ import yaml
 
 import tiny
 from qcorda.config import InitConfig
-from qcorda.prepare import prepare, save_prepared
+from qcorda.prepare import prepare
 from qcorda.recipe import load_recipe
 from qcorda.train import quant_storage_dtype, train
 
@@ -21,8 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _setup(tmp_path, tok, **train_kw):
-    prep = save_prepared(prepare(tiny.model("llama"), InitConfig(method="qpissa", rank=4), tokenizer=tok, progress=False),
-                         tmp_path / "prep", tok)
+    prep = prepare(tiny.model("llama"), InitConfig(method="qpissa", rank=4), tmp_path / "prep", tokenizer=tok, progress=False).out
     data = {"output_dir": str(tmp_path / "run"), "prepared": str(prep),
             "data": {"source": "gsm8k-train", "fields": ["question", "answer"], "limit": 32},
             "train": {"max_steps": 3, "batch_size": 2, "grad_accum": 1, "max_length": 192, "logging_steps": 1,
@@ -64,7 +63,7 @@ def test_quant_storage_is_saved_and_changes_no_output(tmp_path, tok, monkeypatch
     assert meta["quantization_config"]["bnb_4bit_quant_type"] == "nf4" and meta["quantization_config"]["bnb_4bit_use_double_quant"]
 
     # the storage dtype reinterprets the bytes: outputs are bit-identical
-    from qcorda.prepare import load_prepared
+    from qcorda.prepared import load_prepared
 
     model = load_prepared(tmp_path / "prep", is_trainable=False)
     x = torch.randint(0, tiny.VOCAB, (2, 12))

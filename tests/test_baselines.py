@@ -6,9 +6,12 @@ import pytest
 import torch
 
 import tiny
-from qcorda.baselines import baseline_layer, dense_weight, eva_components, plain_lora_refusal
+from qcorda.baselines import baseline_layer, eva_components
 from qcorda.config import CalibConfig, ConfigError, InitConfig
-from qcorda.prepare import load_prepared, prepare, report_of, save_prepared
+from qcorda.adapters import dense_weight, plain_lora_refusal
+from qcorda.calibration import calibration_texts
+from qcorda.prepare import prepare
+from qcorda.prepared import load_prepared, save_prepared
 from qcorda.quantize import nf4_roundtrip
 from qcorda.targets import weight_of
 
@@ -58,8 +61,8 @@ def _dense_model(peft_model):
 def test_init_layer_is_base_plus_adapter(method, tok):
     original = tiny.model("llama")
     weights = {n: weight_of(m).detach().clone() for n, m in original.named_modules() if isinstance(m, torch.nn.Linear)}
-    model = prepare(original, _cfg(method, alpha=8.0), tokenizer=tok, progress=False)
-    rep = report_of(model)
+    p = prepare(original, _cfg(method, alpha=8.0), tokenizer=tok, progress=False)
+    model, rep = p.model, p.report
     assert rep.config.method == method and len(rep.targets) == 14 and "lm_head" not in rep.targets
     quantized = method != "lora"
     assert ("quantization_config" in model.config.to_dict()) == quantized
@@ -96,7 +99,6 @@ def test_qeva_captures_input_variance(tok):
     """EVA's A spans high-variance input directions: more energy than random orthonormal rows."""
     from qcorda import covariance
     from qcorda.data import token_batches
-    from qcorda.prepare import calibration_texts
 
     model = tiny.model("llama")
     cfg = _cfg("qeva")
@@ -121,7 +123,8 @@ def test_qeva_needs_calibration_data(tok):
 @pytest.mark.parametrize("method", METHODS)
 def test_train_save_load_merge(method, tok, tmp_path):
     torch.manual_seed(0)
-    model = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)
+    p = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)
+    model = p.model
     x = _inputs(tok)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -138,7 +141,7 @@ def test_train_save_load_merge(method, tok, tmp_path):
     with torch.no_grad():
         y = model(**x).logits
 
-    out = save_prepared(model, tmp_path / "prep", tok)
+    out = save_prepared(model, tmp_path / "prep", tok, p.report)
     model.save_pretrained(tmp_path / "trained")
     meta = json.loads((out / "qcorda.json").read_text())
     assert meta["config"]["method"] == method and meta["compute_dtype"] == "float32"
@@ -150,6 +153,15 @@ def test_train_save_load_merge(method, tok, tmp_path):
         y_dense = _dense_model(loaded)(**x).logits
     torch.testing.assert_close(y_dense, y, atol=2e-4, rtol=1e-4)
     assert (plain_lora_refusal(tmp_path / "trained") is None) == (method != "qdora")
+    # ... and so does `qcorda merge`, the one the DoRA refusal of to-lora sends users to
+    from transformers import AutoModelForCausalLM
+
+    from qcorda.merge import merge
+
+    merged = merge(out, tmp_path / "merged", tmp_path / "trained", "float32", verify=None, progress=False).out
+    with torch.no_grad():
+        y_merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(**x).logits
+    torch.testing.assert_close(y_merged, y, atol=2e-4, rtol=1e-4)
 
 
 def test_dense_weight_matches_peft_dora_merge():
@@ -202,11 +214,12 @@ def test_cli_prepare_baselines(tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["lora", "qdora"])
 def test_bfloat16_round_trip_is_exact(method, tok, tmp_path):
-    model = prepare(tiny.model("llama"), _cfg(method, compute_dtype="bfloat16"), tokenizer=tok, progress=False)
+    p = prepare(tiny.model("llama"), _cfg(method, compute_dtype="bfloat16"), tokenizer=tok, progress=False)
+    model = p.model
     x = _inputs(tok)
     with torch.no_grad():
         y = model(**x).logits
     assert y.dtype == torch.bfloat16
-    loaded = load_prepared(save_prepared(model, tmp_path / "prep", tok))
+    loaded = load_prepared(save_prepared(model, tmp_path / "prep", tok, p.report))
     with torch.no_grad():
         assert torch.equal(loaded(**x).logits, y)

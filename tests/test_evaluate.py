@@ -170,11 +170,11 @@ def _same_evaluation(model, tok, merged, mtok):
 @pytest.mark.parametrize("method", ["qpissa", "qcorda-kpm"])
 def test_prepared_with_adapter_init_equals_merged_export(method, tok, tmp_path):
     from qcorda.config import CalibConfig
-    from qcorda.prepare import prepare, save_prepared
+    from qcorda.prepare import prepare
 
     calib = CalibConfig(data="nq-open", fields=("question",), samples=16, max_length=32, batch_size=8)
     cfg = InitConfig(method=method, rank=4, calib=calib, compute_dtype="float32")
-    prepared = save_prepared(prepare(tiny.model("llama"), cfg, tokenizer=tok, progress=False), tmp_path / "prep", tok)
+    prepared = prepare(tiny.model("llama"), cfg, tmp_path / "prep", tokenizer=tok, progress=False).out
 
     model, ptok, kind = load_for_eval(prepared)
     assert kind == "prepared" and type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
@@ -202,11 +202,11 @@ def test_prepared_equals_qcorda_merge_fp16_export(tok, tmp_path):
     """The same check against the project's own export: ``qcorda merge`` of ``adapter_init`` to fp16."""
     from qcorda.config import CalibConfig
     from qcorda.merge import merge
-    from qcorda.prepare import prepare, save_prepared
+    from qcorda.prepare import prepare
 
     calib = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=16, max_length=32, batch_size=8)
     cfg = InitConfig(method="qcorda-ipm", rank=4, calib=calib, compute_dtype="float32")
-    prepared = save_prepared(prepare(tiny.model("llama"), cfg, tokenizer=tok, progress=False), tmp_path / "prep", tok)
+    prepared = prepare(tiny.model("llama"), cfg, tmp_path / "prep", tokenizer=tok, progress=False).out
     out = merge(prepared, tmp_path / "merged", None, "float16", verify=None, progress=False).out
     model, ptok, _ = load_for_eval(prepared)
     merged, mtok, kind = load_for_eval(out)
@@ -218,10 +218,11 @@ def test_study_dequantized_base_computes_what_linear4bit_computes(tok, tmp_path)
     """eval/study_finetune.py trains over fp32 Linear layers holding deq(Q(W_res)): same logits and
     same LoRA gradients as the NF4 Linear4bit base with fp32 compute."""
     from export_helpers import eval_script
-    from qcorda.prepare import load_prepared, prepare, save_prepared
+    from qcorda.prepare import prepare
+    from qcorda.prepared import load_prepared
 
     study = eval_script("study_finetune")
-    prepared = save_prepared(prepare(tiny.model("llama"), InitConfig(method="qpissa", rank=4, compute_dtype="float32"), tokenizer=tok, progress=False), tmp_path / "p", tok)
+    prepared = prepare(tiny.model("llama"), InitConfig(method="qpissa", rank=4, compute_dtype="float32"), tmp_path / "p", tokenizer=tok, progress=False).out
     ids, att, lab = encode_pairs(tok, ["Question: two plus two?", "Hi"], [" four, said she", " there"])
     outs = []
     for deq in (False, True):

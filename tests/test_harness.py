@@ -154,10 +154,10 @@ def test_harness_evaluates_the_loaded_prepared_model(tok, tmp_path):
     """A prepared 4-bit model with an adapter goes into lm-eval as the object qcorda loaded: the
     harness's generations equal qcorda's own on it, and the residual alone generates otherwise."""
     from qcorda.config import InitConfig
-    from qcorda.prepare import prepare, save_prepared
+    from qcorda.prepare import prepare
 
     cfg = InitConfig(method="qpissa", rank=8, compute_dtype="float32")
-    prepared = save_prepared(prepare(tiny.model("llama"), cfg, tokenizer=tok, progress=False), tmp_path / "prep", tok)
+    prepared = prepare(tiny.model("llama"), cfg, tmp_path / "prep", tokenizer=tok, progress=False).out
     model, ptok, kind = load_for_eval(prepared)
     assert kind == "prepared"
     res = run_harness(model, ptok, "qcorda_gsm8k", limit=3, batch_size=3, gen_kwargs={"max_gen_toks": 10})

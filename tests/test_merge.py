@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from export_helpers import edited_adapter, inputs, prepared_and_trained
 from qcorda.config import ConfigError
-from qcorda.merge import VerifyConfig, merge, read_adapter
-from qcorda.prepare import load_prepared
+from qcorda.adapters import read_adapter
+from qcorda.merge import VerifyConfig, merge
+from qcorda.prepared import OWNER_KEY, TRAIN_MARKER
+from qcorda.prepared import load_prepared
 
 QUICK = VerifyConfig(samples=4, max_length=32)
 
@@ -100,12 +102,12 @@ def test_adapter_ownership(setup, tmp_path):
     _, prep, trained = setup
     marked = tmp_path / "marked"
     shutil.copytree(trained, marked)
-    (marked / "qcorda_train.json").write_text(json.dumps({"prepared_sha256": "0" * 64}))
+    (marked / TRAIN_MARKER).write_text(json.dumps({OWNER_KEY: "0" * 64}))
     with pytest.raises(ConfigError, match="another prepared directory"):
         merge(prep, tmp_path / "a", marked, verify=None, progress=False)
     import hashlib
 
-    (marked / "qcorda_train.json").write_text(json.dumps({"prepared_sha256": hashlib.sha256((prep / "qcorda.json").read_bytes()).hexdigest()}))
+    (marked / TRAIN_MARKER).write_text(json.dumps({OWNER_KEY: hashlib.sha256((prep / "qcorda.json").read_bytes()).hexdigest()}))
     merge(prep, tmp_path / "b", marked, verify=None, progress=False)
     # an adapter of another prepared model (other targets / rank) is refused
     _, other_prep, other_trained = prepared_and_trained(tmp_path / "o", "llama", rank=8)

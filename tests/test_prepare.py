@@ -8,7 +8,10 @@ import torch
 import tiny
 from qcorda.config import CalibConfig, ConfigError, InitConfig
 from qcorda.decompose import activation_fit, damp, svd_split
-from qcorda.prepare import collect_covariances, load_prepared, prepare, report_of, save_prepared
+import qcorda.calibration
+from qcorda.calibration import collect_covariances
+from qcorda.prepare import prepare
+from qcorda.prepared import load_prepared, save_prepared
 from qcorda.quantize import nf4_roundtrip
 from qcorda.targets import find_targets, weight_of
 
@@ -46,8 +49,8 @@ def test_init_equals_quantized_residual_plus_adapter(method, tok):
     weights = {n: weight_of(m).detach().clone() for n, m in original.named_modules() if isinstance(m, torch.nn.Linear)}
     cfg = _cfg(method, alpha=8.0)  # s = 2: alpha != r must work
     covs = collect_covariances(tiny.model("llama"), tok, find_targets(original, cfg.target_modules), cfg, progress=False)
-    model = prepare(original, cfg, tokenizer=tok, progress=False)
-    rep = report_of(model)
+    p = prepare(original, cfg, tokenizer=tok, progress=False)
+    model, rep = p.model, p.report
     assert len(rep.targets) == 14 and "lm_head" not in rep.targets
     for name in rep.targets:
         layer = model.base_model.model.get_submodule(name)
@@ -74,7 +77,7 @@ def test_init_equals_quantized_residual_plus_adapter(method, tok):
 
 @pytest.mark.parametrize("method", ["qpissa", "qcorda-ipm"])
 def test_perturbing_B_changes_output(method, tok):
-    model = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)
+    model = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False).model
     x = _inputs(tok)
     y0 = model(**x).logits
     with torch.no_grad():
@@ -84,10 +87,11 @@ def test_perturbing_B_changes_output(method, tok):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_save_load_round_trip_is_exact(method, tok, tmp_path):
-    model = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)
+    p = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)
+    model = p.model
     x = _inputs(tok)
     y = model(**x).logits
-    out = save_prepared(model, tmp_path / "prep", tok)
+    out = save_prepared(model, tmp_path / "prep", tok, p.report)
     assert {"adapter_init", "config.json", "model.safetensors", "qcorda.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     meta = json.loads((out / "qcorda.json").read_text())
     assert meta["config"]["method"] == method and len(meta["layers"]) == 14
@@ -102,17 +106,18 @@ def test_save_load_round_trip_is_exact(method, tok, tmp_path):
 def test_other_architectures(arch, tok, tmp_path):
     original = tiny.model(arch)
     x = _inputs(tok)
-    model = prepare(original, _cfg("qcorda-cal", alpha=2.0), tokenizer=tok, progress=False)
+    p = prepare(original, _cfg("qcorda-cal", alpha=2.0), tokenizer=tok, progress=False)
+    model = p.model
     y = model(**x).logits
     assert torch.isfinite(y).all()
-    out = save_prepared(model, tmp_path / "p", tok)
+    out = save_prepared(model, tmp_path / "p", tok, p.report)
     assert torch.equal(load_prepared(out)(**x).logits, y)
 
 
 def test_gpt2_conv1d_weight_is_transposed():
     original = tiny.model("gpt2")
     W = original.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: (in, out)
-    model = prepare(original, _cfg("qpissa"), progress=False)
+    model = prepare(original, _cfg("qpissa"), progress=False).model
     layer = model.base_model.model.transformer.h[0].attn.c_attn
     s = layer.scaling["default"]
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -123,7 +128,7 @@ def test_gpt2_conv1d_weight_is_transposed():
 
 def test_target_patterns_and_rank_errors(tok):
     m = prepare(tiny.model("llama"), _cfg("qpissa", target_modules=("q_proj", "re:.*\\.down_proj")), progress=False)
-    assert len(report_of(m).targets) == 4
+    assert len(m.report.targets) == 4
     with pytest.raises(ConfigError, match="--target-modules.*nope"):
         prepare(tiny.model("llama"), _cfg("qpissa", target_modules=("nope",)), progress=False)
     with pytest.raises(ConfigError, match=r"--rank 65 exceeds .*layers\.0\.self_attn\.q_proj"):
@@ -133,21 +138,21 @@ def test_target_patterns_and_rank_errors(tok):
 def test_methods_are_deterministic(tok):
     x = _inputs(tok)
     for method in ("qlora", "qcorda-cal"):
-        a = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)(**x).logits
-        b = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False)(**x).logits
+        a = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False).model(**x).logits
+        b = prepare(tiny.model("llama"), _cfg(method), tokenizer=tok, progress=False).model(**x).logits
         assert torch.equal(a, b)
 
 
 def test_iters_auto_and_cal_start_are_recorded(tok, tmp_path):
     cfg = _cfg("qcorda-cal", iters="auto", cal_start="zero")
-    model = prepare(tiny.model("llama"), cfg, tokenizer=tok, progress=False)
-    rep = report_of(model)
+    p = prepare(tiny.model("llama"), cfg, tokenizer=tok, progress=False)
+    model, rep = p.model, p.report
     assert all(1 <= l.iters <= 8 for l in rep.layers)
     assert rep.calibration["heldout_every"] == 8
-    meta = json.loads((save_prepared(model, tmp_path / "p", tok) / "qcorda.json").read_text())
+    meta = json.loads((save_prepared(model, tmp_path / "p", tok, rep) / "qcorda.json").read_text())
     assert meta["config"]["iters"] == "auto" and meta["config"]["cal_start"] == "zero"
     assert [l["iters"] for l in meta["layers"]] == [l.iters for l in rep.layers]
-    fixed = report_of(prepare(tiny.model("llama"), _cfg("qcorda-cal", iters=3), tokenizer=tok, progress=False))
+    fixed = prepare(tiny.model("llama"), _cfg("qcorda-cal", iters=3), tokenizer=tok, progress=False).report
     assert {l.iters for l in fixed.layers} == {3}
 
 
@@ -159,3 +164,37 @@ def test_a_layer_with_zero_inputs_is_named(tok):
         model.model.layers[1].self_attn.v_proj.weight.zero_()  # attention output 0: o_proj sees zeros
     with pytest.raises(DecompositionError, match=r"model\.layers\.1\.self_attn\.o_proj: the layer's inputs are zero"):
         prepare(model, _cfg("qcorda-ipm"), tokenizer=tok, progress=False)
+
+
+ALL_METHODS = METHODS + ["lora", "qdora", "qeva", "qolora"]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_in_memory_equals_reloaded_bit_for_bit_with_bf16_compute(method, tok, tmp_path):
+    """Defect: the in-memory engine cast non-persistent buffers (rotary inv_freq) to bf16, from_pretrained
+    keeps them fp32, so the first `qcorda train` run trained another model than a resumed one."""
+    p = prepare(tiny.model("llama"), _cfg(method, compute_dtype="bfloat16"), tokenizer=tok, progress=False)
+    x = _inputs(tok)
+    with torch.no_grad():
+        y = p.model(**x).logits
+    loaded = load_prepared(save_prepared(p.model, tmp_path / "prep", tok, p.report))
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, y)
+    rotary = [b for n, b in loaded.named_buffers() if n.endswith("inv_freq")]
+    assert rotary and all(b.dtype == torch.float32 for b in rotary)
+    assert all(b.dtype == torch.float32 for n, b in p.model.named_buffers() if n.endswith("inv_freq"))
+
+
+def test_qeva_collects_no_covariances(tok, monkeypatch):
+    """Defect: qeva counted as 'calibrated' and collected full covariances only to throw them away."""
+    import qcorda.covariance
+    import qcorda.blockwise
+
+    def refuse(*a, **k):
+        raise AssertionError("qeva collected covariances")
+
+    monkeypatch.setattr(qcorda.covariance, "collect", refuse)
+    monkeypatch.setattr(qcorda.calibration, "collect", refuse)
+    monkeypatch.setattr(qcorda.blockwise, "collect_blockwise", refuse)
+    p = prepare(tiny.model("llama"), _cfg("qeva"), tokenizer=tok, progress=False)
+    assert p.report.calibration["eva_rho"] == 1.0 and p.report.calibration["data"] == "gsm8k-train"

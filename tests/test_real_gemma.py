@@ -14,7 +14,7 @@ METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "q
 def gemma_setup(gemma_path):
     from qcorda.covariance import collect
     from qcorda.data import load_examples, token_batches
-    from qcorda.prepare import calibration_texts, collect_covariances
+    from qcorda.calibration import calibration_texts, collect_covariances
     from qcorda.models import load_model
     from qcorda.targets import find_targets
 
@@ -31,7 +31,7 @@ def gemma_setup(gemma_path):
 
 def test_every_method_prepares_and_good_ones_beat_qlora(gemma_setup):
     from qcorda.decompose import damp, low_rank_term, residual
-    from qcorda.prepare import prepare_layer
+    from qcorda.layer import prepare_layer
     from qcorda.quantize import dequantize_nf4, nf4_roundtrip
 
     cfg0, covs, held, weights, targets = gemma_setup
@@ -41,7 +41,7 @@ def test_every_method_prepares_and_good_ones_beat_qlora(gemma_setup):
         w_err = a_err = 0.0
         for t in targets:
             W = weights[t]
-            split, q, res = prepare_layer(W, cfg, t, covs.of(t))
+            split, q, res = prepare_layer(W, cfg, t, covs)
             E = W - dequantize_nf4(q) - low_rank_term(split, cfg.scaling)
             L = damp(held.of(t), 1e-6).L
             w_err += res.err
@@ -58,15 +58,16 @@ def test_every_method_prepares_and_good_ones_beat_qlora(gemma_setup):
 
 def test_prepare_end_to_end_and_reload(gemma_path, tmp_path):
     from qcorda.data import token_batches
-    from qcorda.prepare import load_prepared, prepare, report_of, save_prepared
+    from qcorda.prepare import prepare
+    from qcorda.prepared import load_prepared, save_prepared
     from transformers import AutoTokenizer
 
     cfg = InitConfig(method="qcorda-ipm", rank=16, calib=CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=32, max_length=128))
     tok = AutoTokenizer.from_pretrained(gemma_path)
-    model = prepare(str(gemma_path), cfg, tokenizer=tok, progress=False)
-    rep = report_of(model)
+    p = prepare(gemma_path, cfg, tokenizer=tok, progress=False)  # no out: the in-memory engine
+    model, rep = p.model, p.report
     assert len(rep.targets) == 126 and rep.err < rep.qlora_err
     x = next(token_batches(tok, ["Natalia sold clips to 48 of her friends in April."], 64, 1))
     y = model(**x).logits
-    out = save_prepared(model, tmp_path / "prep", tok)
+    out = save_prepared(model, tmp_path / "prep", tok, rep)
     assert torch.equal(load_prepared(out)(**x).logits, y)

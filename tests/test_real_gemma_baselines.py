@@ -53,12 +53,12 @@ def test_baselines_per_layer_errors(gemma_path):
 
 def test_qeva_prepares_and_runs(gemma_path, tmp_path):
     from qcorda.data import token_batches
-    from qcorda.prepare import prepare, report_of
+    from qcorda.prepare import prepare
 
     cfg = InitConfig(method="qeva", rank=8, target_modules=("q_proj", "v_proj"), calib=CalibConfig(
         data="gsm8k-train", fields=("question", "answer"), samples=32, max_length=64, batch_size=8))  # PEFT's EVA hooks are slow on CPU
-    model = prepare(str(gemma_path), cfg, progress=False)
-    rep = report_of(model)
+    p = prepare(gemma_path, cfg, progress=False)
+    model, rep = p.model, p.report
     assert len(rep.targets) == 36 and rep.calibration["data"] == "gsm8k-train"
     from transformers import AutoTokenizer
 

@@ -17,12 +17,13 @@ def test_gemma_merge_bf16_agrees_with_trained(gemma_path, tmp_path):
     from qcorda.scoring import held_out_batches, logit_agreement as compare
     from qcorda.data import load_examples, token_batches
     from qcorda.merge import VerifyConfig, merge
-    from qcorda.prepare import load_prepared, prepare, save_prepared
+    from qcorda.prepare import prepare
+    from qcorda.prepared import load_prepared
 
     tok = AutoTokenizer.from_pretrained(gemma_path)
     cfg = InitConfig(method="qcorda-ipm", rank=8, compute_dtype="float32",
                      calib=CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=16, max_length=128))
-    prep = save_prepared(prepare(str(gemma_path), cfg, tokenizer=tok, progress=False), tmp_path / "prep", tok)
+    prep = prepare(str(gemma_path), cfg, tmp_path / "prep", tokenizer=tok, progress=False).out
 
     # a few optimizer steps on the bundled GSM8K sample stand in for `qcorda train`. The lr keeps the
     # loss falling: at 1e-3 it rises 3.1 -> 5.6 and the diverged model is so sensitive to any rounding

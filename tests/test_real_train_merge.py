@@ -48,7 +48,7 @@ def _cli(*args, timeout=1500):
 
 def test_smoke_recipe_train_merge_reload_plain_transformers(gemma_path, tmp_path):
     from qcorda.scoring import held_out_batches
-    from qcorda.prepare import load_prepared
+    from qcorda.prepared import load_prepared
 
     run = tmp_path / "run"
     out = _cli("train", str(ROOT / "recipes/gemma3-270m-cpu.yaml"), *SHORT, f"output_dir={run}")

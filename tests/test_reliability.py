@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tiny
+from qcorda.prepared import OWNER_KEY, TRAIN_MARKER
 from export_helpers import prepared_and_trained
 from qcorda.cli import main
 from qcorda.config import CalibConfig, InitConfig
@@ -67,7 +68,7 @@ def test_to_lora_adapter_of_another_prepared_directory(setup, capsys, tmp_path):
     base, prep, trained = setup
     marked = tmp_path / "marked"
     shutil.copytree(trained, marked)
-    (marked / "qcorda_train.json").write_text(json.dumps({"prepared_sha256": hashlib.sha256(b"other").hexdigest()}))
+    (marked / TRAIN_MARKER).write_text(json.dumps({OWNER_KEY: hashlib.sha256(b"other").hexdigest()}))
     fails(capsys, ["to-lora", str(prep), "--base", str(base), "--adapter", str(marked), "--out", str(tmp_path / "out")],
           r"--adapter .*was trained from another prepared directory.*pass the PREPARED directory", tmp_path)
 

@@ -15,7 +15,8 @@ import torch
 
 import tiny
 from qcorda.config import CalibConfig, ConfigError, InitConfig
-from qcorda.prepare import load_prepared, prepare, save_prepared
+from qcorda.prepare import prepare
+from qcorda.prepared import load_prepared
 from qcorda.models import load_model
 from qcorda.stream import partial_dir, stream_prepare
 
@@ -63,14 +64,14 @@ def _x(tok):
 
 @pytest.mark.parametrize("method,kw", [
     ("qlora", {}), ("qpissa", {}), ("qcorda-ipm", {}), ("qcorda-cal", {}), ("qera", {}),
-    ("qcorda-cal", {"iters": "auto", "cal_start": "zero"}), ("loftq", {"iters": "auto"}),
+    ("qcorda-cal", {"iters": "auto", "cal_start": "zero"}), ("loftq", {"iters": "auto"}), ("qolora", {}),
 ])
 def test_streamed_equals_in_memory(method, kw, llama, tok, tmp_path):
     cfg = _cfg(method, alpha=8.0, **kw)
     (tmp_path / ".s.scratch" / "covariance").mkdir(parents=True)  # left by a run killed while calibrating
     stream_prepare(str(llama), cfg, tmp_path / "s", progress=False)
     model, t = load_model(str(llama))
-    save_prepared(prepare(model, cfg, tokenizer=t, progress=False), tmp_path / "m", t)
+    prepare(model, cfg, tmp_path / "m", tokenizer=t, progress=False).out
     hs, hm = hashes(tmp_path / "s"), hashes(tmp_path / "m")
     for f in ("model.safetensors", "config.json", "adapter_init/adapter_model.safetensors", "adapter_init/adapter_config.json",
               "tokenizer.json", "tokenizer_config.json"):  # calibrated methods copy the tokenizer calibration saved
@@ -95,7 +96,7 @@ def test_same_inputs_same_hashes(method, llama, tmp_path):
 def test_resume_after_crash_is_byte_identical(llama, tmp_path, monkeypatch):
     cfg = _cfg("qcorda-cal")
     stream_prepare(str(llama), cfg, tmp_path / "ref", progress=False)
-    import qcorda.prepare as prep
+    import qcorda.stream as prep
 
     calls = []
     orig = prep.prepare_layer
@@ -124,7 +125,7 @@ def test_work_of_an_older_format_is_never_resumed(llama, tmp_path, monkeypatch, 
     """Layers written before the kept-codes change (qcorda.partial/1) must not be mixed with new ones."""
     import json
 
-    import qcorda.prepare as prep
+    import qcorda.stream as prep
 
     orig, n = prep.prepare_layer, []
 
@@ -152,7 +153,7 @@ def test_work_of_an_older_format_is_never_resumed(llama, tmp_path, monkeypatch, 
 
 
 def test_other_arguments_restart_the_work(llama, tmp_path, monkeypatch, capsys):
-    import qcorda.prepare as prep
+    import qcorda.stream as prep
 
     orig = prep.prepare_layer
     n = []
@@ -248,3 +249,20 @@ def test_killed_then_rerun_is_byte_identical(sig, deep_llama, tmp_path):
     assert json.loads((out / "timings.json").read_text())["resumed_layers"] >= finished
     assert hashes(out) == hashes(ref)
     assert leftovers(tmp_path, out) == ["out"]
+
+
+def test_work_of_another_device_is_started_over(llama, tmp_path, monkeypatch, capsys):
+    """Another device computes other bits: the device is part of the work manifest, and the restart says so."""
+    import qcorda.stream as st
+
+    cfg = _cfg("qpissa")
+    src = st.open_source(str(llama), cfg, tmp_path / "out", False)
+    cpu = st.work_manifest(src, cfg, None)
+    monkeypatch.setattr(st, "resolve_device", lambda device: torch.device("cuda"))
+    gpu = st.work_manifest(src, cfg, None)
+    assert cpu["config"]["device"] == "cpu" and gpu["config"]["device"] == "cuda"
+    work = st.open_work_dir(tmp_path / "out", cpu)
+    (work / "layers" / "00000.safetensors").write_bytes(b"finished on the cpu")
+    st.open_work_dir(tmp_path / "out", gpu)
+    assert "config.device: cpu -> cuda; starting over" in capsys.readouterr().err
+    assert list((work / "layers").iterdir()) == []

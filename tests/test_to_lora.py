@@ -10,8 +10,9 @@ from peft import PeftModel
 from export_helpers import edited_adapter, inputs, prepared_and_trained
 from qcorda.scoring import logit_agreement as compare
 from qcorda.config import ConfigError
-from qcorda.merge import VerifyConfig, read_adapter
-from qcorda.prepare import load_prepared
+from qcorda.adapters import read_adapter
+from qcorda.merge import VerifyConfig
+from qcorda.prepared import load_prepared
 from qcorda.models import load_model
 from qcorda.targets import weight_of
 from qcorda.to_lora import absorb_quant_error, compress, exact_delta, to_lora, truncate

@@ -9,15 +9,15 @@ import yaml
 
 import tiny
 from qcorda.config import CalibConfig, ConfigError, InitConfig
-from qcorda.prepare import load_prepared, prepare, save_prepared
+from qcorda.prepare import prepare
+from qcorda.prepared import load_prepared
 from qcorda.recipe import load_recipe
 from qcorda.train import build_trainer, datasets_of, prepared_model, read_train_manifest, train
 
 
 def _prepared(tmp_path, tok, method="qpissa"):
     cfg = InitConfig(method=method, rank=4, calib=CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=8, max_length=48))
-    model = prepare(tiny.model("llama"), cfg, tokenizer=tok, progress=False)
-    return save_prepared(model, tmp_path / "prep", tok)
+    return prepare(tiny.model("llama"), cfg, tmp_path / "prep", tokenizer=tok, progress=False).out
 
 
 def _recipe(tmp_path, prepared, name="run", **train):
@@ -184,3 +184,46 @@ def test_guard_stops_a_blowing_up_run_and_keeps_the_last_good_adapter(tmp_path, 
     assert adapter.keys() == expect.keys() and all(torch.equal(adapter[k], expect[k]) for k in adapter)
     assert all(torch.isfinite(t).all() for t in adapter.values())
     load_prepared(prepared, adapter=tmp_path / "blowup" / "adapter")
+
+
+def test_a_trained_adapter_merged_against_another_prepared_directory_is_refused(tmp_path, tok, prepared):
+    """Defect: the trainer wrote its owner under one key and merge read another, so merge never checked
+    an adapter made by qcorda train. Both now use qcorda.prepared.OWNER_KEY."""
+    from qcorda.merge import merge
+    from qcorda.to_lora import to_lora
+
+    r = train(load_recipe(_recipe(tmp_path, prepared, max_steps=2)), progress=False)
+    other = prepare(tiny.model("llama"), InitConfig(method="qpissa", rank=4, seed=3), tmp_path / "other", tokenizer=tok, progress=False).out
+    with pytest.raises(ConfigError, match="was trained from another prepared directory"):
+        merge(other, tmp_path / "m", r.adapter, verify=None, progress=False)
+    with pytest.raises(ConfigError, match="was trained from another prepared directory"):
+        to_lora(other, str(tmp_path / "base"), tmp_path / "l", adapter=r.adapter, verify=None, progress=False)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "l").exists()
+    merge(prepared, tmp_path / "ok", r.adapter, verify=None, progress=False)  # its own prepared directory is fine
+
+
+def test_init_recipe_prepares_through_the_streamed_engine(tmp_path, monkeypatch):
+    """Defect: `qcorda train` with `init:` loaded the whole model in fp32 (280 GB of host RAM for the
+    Llama-3-70B recipe); it now prepares with the streamed engine and trains what it wrote."""
+    import qcorda.models
+    import qcorda.prepare
+
+    path = tiny.save(tmp_path, "llama")
+    streamed = []
+    real = qcorda.prepare.stream_prepare
+    monkeypatch.setattr(qcorda.prepare, "stream_prepare", lambda *a, **k: (streamed.append(a[0]), real(*a, **k))[1])
+
+    def whole_model(*a, **k):
+        raise AssertionError("the whole model was loaded to prepare it")
+
+    monkeypatch.setattr(qcorda.prepare, "load_model", whole_model)
+    data = {
+        "output_dir": str(tmp_path / "run"), "model": str(path),
+        "init": {"method": "qcorda-cal", "rank": 4, "calib": {"data": "gsm8k-train", "fields": ["question", "answer"], "samples": 8, "max_length": 48}},
+        "data": {"source": "gsm8k-train", "fields": ["question", "answer"], "limit": 16},
+        "train": {"max_steps": 1, "batch_size": 2, "grad_accum": 1, "max_length": 192, "logging_steps": 1, "save_steps": 5},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    r = train(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert streamed == [str(path)] and r.global_step == 1
+    assert (tmp_path / "run" / "prepared" / "timings.json").exists()  # written by the streamed engine alone

@@ -22,7 +22,7 @@ def run(args) -> int:
     from ..config import CALIBRATED, ConfigError
     from ..decompose import DecompositionError
     from ..io import check_out_dir
-    from ..stream import STREAMED, stream_prepare
+    from ..prepare import prepare
 
     cfg = init_config(args)
     check_out_dir(args.out, args.overwrite)
@@ -32,40 +32,12 @@ def run(args) -> int:
         what = f"--method {cfg.method}" if cfg.method in CALIBRATED else "--iters auto"
         raise ConfigError(f"{what} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
     try:
-        if cfg.method in STREAMED:
-            report = stream_prepare(
-                args.model, cfg, args.out, args.overwrite,
-                covariance=args.covariance if cfg.needs_covariance else None,
-                save_covariance=args.save_covariance, trust_remote_code=args.trust_remote_code,
-            )
-        else:
-            report = _in_memory(args, cfg)
+        result = prepare(args.model, cfg, args.out, calib=args.covariance if cfg.needs_covariance else None,
+                         overwrite=args.overwrite, save_covariance=args.save_covariance, trust_remote_code=args.trust_remote_code)
     except DecompositionError as e:  # bad weights/activations: a user-facing problem of the input
         raise ConfigError(str(e)) from e
-    _summary(report, cfg, args.out)
+    _summary(result.report, cfg, args.out)
     return 0
-
-
-def _in_memory(args, cfg):
-    """Methods the streamed writer does not store (see ``qcorda.stream.STREAMED``)."""
-    from ..prepare import collect_covariances, prepare, report_of, save_prepared
-    from ..models import load_model
-    from ..targets import check_rank, find_targets
-
-    model, tok = load_model(args.model, args.trust_remote_code)
-    targets = find_targets(model, cfg.target_modules)
-    check_rank(model, targets, cfg.rank)
-    calib = None
-    if cfg.needs_covariance:
-        if args.covariance:
-            calib = args.covariance
-        else:
-            calib = collect_covariances(model, tok, targets, cfg, args.model)
-            if args.save_covariance:
-                calib.save(args.save_covariance)
-    peft_model = prepare(model, cfg, calib=calib, tokenizer=tok)
-    save_prepared(peft_model, args.out, tok, overwrite=args.overwrite)
-    return report_of(peft_model)
 
 
 def _summary(report, cfg, out) -> None:

@@ -18,7 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exact-delta: rank 2r, exact without quantization; compress: ΔW truncated to --rank; "
                         "absorb-quant-error: best rank-k fit of the trained 4-bit model")
     p.add_argument("--rank", type=int, default=None, help="rank k for compress / absorb-quant-error (default r of each layer)")
-    p.add_argument("--merged", default=None, help="a qcorda merge output to compare with (default: merged to fp16 in a temp dir)")
+    p.add_argument("--merged", default=None, help="a qcorda merge output to compare with (default: merged to --dtype in a temp dir)")
+    p.add_argument("--dtype", default="float16", help="dtype of the merged model the LoRA is verified against: float16, bfloat16 "
+                   "(Gemma-3 overflows float16) or float32")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_verify_arguments(p)
 
@@ -29,7 +31,7 @@ def run(args) -> int:
     from ..to_lora import to_lora
 
     res = to_lora(args.prepared, args.base, args.out, args.mode, args.adapter, args.rank, verify_config(args),
-                  args.merged, args.overwrite, args.device)
+                  args.merged, args.overwrite, args.device, dtype=args.dtype)
     energy = [l.energy for l in res.layers]
     gaps = [l.err_to_trained for l in res.layers]
     rows = [
