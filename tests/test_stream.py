@@ -264,5 +264,5 @@ def test_work_of_another_device_is_started_over(llama, tmp_path, monkeypatch, ca
     work = st.open_work_dir(tmp_path / "out", cpu)
     (work / "layers" / "00000.safetensors").write_bytes(b"finished on the cpu")
     st.open_work_dir(tmp_path / "out", gpu)
-    assert "config.device: cpu -> cuda; starting over" in capsys.readouterr().err
+    assert "(config.device: cpu -> cuda); starting over" in capsys.readouterr().err
     assert list((work / "layers").iterdir()) == []
