@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qcorda.report import CompareConfig, aggregate, compare, default_init, layer_errors  # noqa: E402
+from qcorda.compare import aggregate, compare, layer_errors  # noqa: E402
+from qcorda.config import CompareConfig, compare_init  # noqa: E402
 
 #: (label, method, InitConfig changes)
 VARIANTS = [
@@ -54,7 +55,7 @@ def refit_variant(model, tok, rank: int, start: str, cache: dict) -> dict:
     from qcorda.quantize import nf4_roundtrip
     from qcorda.decompose import low_rank_term
     from qcorda.quantize import dequantize_nf4
-    from qcorda.report import eval_texts, set_key
+    from qcorda.compare import eval_texts, set_key
     from qcorda.targets import find_targets, weight_of
 
     base = CompareConfig(ranks=(rank,))
@@ -103,7 +104,7 @@ def main() -> None:
     for label, method, change in VARIANTS:
         if {(label, r) for r in ranks} <= {(x["variant"], x["rank"]) for x in rows}:
             continue
-        cfg = CompareConfig(methods=(method,), ranks=ranks, init=replace(default_init(), method=method, **change))
+        cfg = CompareConfig(methods=(method,), ranks=ranks, init=replace(compare_init(), method=method, **change))
         t = time.perf_counter()
         report = compare(model, tok, cfg, "gemma-3-270m", progress=True, cache=cache)
         for r in report.totals():

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qcorda.config import CalibConfig, InitConfig  # noqa: E402
-from qcorda.report import CompareConfig, compare  # noqa: E402
+from qcorda.compare import compare  # noqa: E402
+from qcorda.config import CompareConfig  # noqa: E402
 
 #: The issue's figures: (weight, activation GSM8K test, activation wikitext-2), r = 64.
 REFERENCE = {

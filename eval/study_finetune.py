@@ -48,7 +48,6 @@ sys.path.insert(0, str(ROOT))
 
 from qcorda.config import CalibConfig, InitConfig  # noqa: E402
 from qcorda.guard import DivergenceGuard  # noqa: E402
-from qcorda.lr import init_key  # noqa: E402
 
 #: Every init of the study, by :func:`qcorda.lr.init_key`: (method, cal_start, calibration data).
 INITS: dict[str, tuple[str, str, str | None]] = {

@@ -26,10 +26,9 @@ from typing import Sequence
 
 import torch
 
-from .config import ConfigError
+from .config import TASKS, ConfigError
 from .scoring import completion_logprobs, model_device, sequence_nll
 
-TASKS: tuple[str, ...] = ("gsm8k", "nq", "ppl")
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 
 from .adapters import AdapterSpec, check_adapter, read_adapter
 from .checkpoint import Checkpoint, write_shards
-from .config import ConfigError
+from .config import ConfigError, MergeDtype, VerifyConfig
 from .io import atomic_dir, check_out_dir
 from .models import resolve_device
 from .prepared import ADAPTER_INIT, load_prepared, manifest_sha256, read_manifest
@@ -34,7 +34,6 @@ from .scoring import held_out_batches, logit_agreement
 
 VERIFY_FILE = "qcorda_verify.json"
 MERGE_FILE = "qcorda_merge.json"
-DTYPES = ("float16", "bfloat16", "float32")
 PREPARED_HINT = "it is corrupted: run qcorda prepare again"
 
 
@@ -147,31 +146,6 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
 
 
 @dataclass(frozen=True)
-class VerifyConfig:
-    """Held-out text on which merged and trained logits are compared."""
-
-    data: str = "gsm8k-test"
-    """Bundled alias, file or dataset name. CLI: ``--verify-data``."""
-    fields: tuple[str, ...] = ("question", "answer")
-    """Record fields joined by the alpaca template (empty: ``text``). CLI: ``--verify-fields``."""
-    samples: int = 8
-    """Records used. CLI: ``--verify-samples``."""
-    max_length: int = 128
-    """Tokens per record. CLI: ``--verify-max-length``."""
-    batch_size: int = 2
-    """Records per forward pass (Gemma's 262k vocabulary costs ~1 MB per token). CLI: ``--verify-batch-size``."""
-    template: str = "alpaca"
-    """Prompt template. CLI: ``--verify-template``."""
-
-    def __post_init__(self) -> None:
-        for flag, v in (("--verify-samples", self.samples), ("--verify-batch-size", self.batch_size)):
-            if v <= 0:
-                raise ConfigError(f"{flag} must be positive, got {v}")
-        if self.max_length < 2:
-            raise ConfigError(f"--verify-max-length must be at least 2, got {self.max_length}")
-
-
-@dataclass(frozen=True)
 class MergeResult:
     out: Path
     dtype: str
@@ -181,8 +155,8 @@ class MergeResult:
 
 
 def resolve_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"{flag} must be one of {', '.join(DTYPES)}; got {name!r}")
+    if name not in get_args(MergeDtype):
+        raise ConfigError(f"{flag} must be one of {', '.join(get_args(MergeDtype))}; got {name!r}")
     return getattr(torch, name)
 
 

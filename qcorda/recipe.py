@@ -14,18 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from .config import CalibConfig, ConfigError, InitConfig
+from .config import CalibConfig, ConfigError, InitConfig, one_of, positive
 from .lr import QLORA_LR
 
 Template = Literal["alpaca", "plain", "chat"]
 Optim = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
 QuantStorage = Literal["auto", "uint8", "bfloat16", "float16", "float32"]
-
-
-def _one_of(key: str, value, options) -> None:
-    """Refuse ``value`` unless it is one of the ``Literal`` ``options``, naming the recipe key."""
-    if value not in get_args(options):
-        raise ConfigError(f"{key} must be one of {', '.join(get_args(options))}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -50,11 +44,10 @@ class DataConfig:
     """Number of evaluation records; 0 disables evaluation. Recipe: ``data.eval_limit``."""
 
     def __post_init__(self) -> None:
-        _one_of("data.template", self.template, Template)
-        if self.limit is not None and self.limit <= 0:
-            raise ConfigError(f"data.limit must be positive or null, got {self.limit}")
-        if self.eval_limit < 0:
-            raise ConfigError(f"data.eval_limit must be >= 0, got {self.eval_limit}")
+        one_of("template", self.template, Template)
+        if self.limit is not None:
+            positive("limit", self.limit)
+        positive("eval_limit", self.eval_limit, 0)
 
 
 @dataclass(frozen=True)
@@ -123,23 +116,23 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"train.{name} must be a positive integer, got {v!r}")
+                raise ConfigError(f"must be a positive integer, got {v!r}", name)
         if self.learning_rate != "auto" and (isinstance(self.learning_rate, (str, bool)) or not self.learning_rate > 0):
-            raise ConfigError(f"train.learning_rate must be a positive number or auto, got {self.learning_rate!r}")
+            raise ConfigError(f"must be a positive number or auto, got {self.learning_rate!r}", "learning_rate")
         if isinstance(self.base_learning_rate, (str, bool)) or not self.base_learning_rate > 0:
-            raise ConfigError(f"train.base_learning_rate must be a positive number, got {self.base_learning_rate!r}")
+            raise ConfigError(f"must be a positive number, got {self.base_learning_rate!r}", "base_learning_rate")
         if not self.divergence_margin > 0:
-            raise ConfigError(f"train.divergence_margin must be positive, got {self.divergence_margin}")
+            raise ConfigError(f"must be positive, got {self.divergence_margin}", "divergence_margin")
         if not isinstance(self.divergence_patience, int) or self.divergence_patience <= 0:
-            raise ConfigError(f"train.divergence_patience must be a positive integer, got {self.divergence_patience!r}")
-        _one_of("train.optim", self.optim, Optim)
-        _one_of("train.quant_storage", self.quant_storage, QuantStorage)
+            raise ConfigError(f"must be a positive integer, got {self.divergence_patience!r}", "divergence_patience")
+        one_of("optim", self.optim, Optim)
+        one_of("quant_storage", self.quant_storage, QuantStorage)
         if self.bf16 not in (True, False, "auto"):
-            raise ConfigError(f"train.bf16 must be true, false or auto; got {self.bf16!r}")
+            raise ConfigError(f"must be true, false or auto; got {self.bf16!r}", "bf16")
         if self.eval_steps is not None and self.eval_steps <= 0:
-            raise ConfigError(f"train.eval_steps must be positive or null, got {self.eval_steps}")
+            raise ConfigError(f"must be positive or null, got {self.eval_steps}", "eval_steps")
         if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ConfigError(f"must be in [0, 1), got {self.warmup_ratio}", "warmup_ratio")
 
 
 @dataclass(frozen=True)
@@ -166,7 +159,7 @@ class ArchConfig:
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"arch.{name} must be positive")
+                raise ConfigError("must be positive", name)
 
     @property
     def dim_head(self) -> int:
@@ -198,7 +191,7 @@ class Recipe:
         if self.init is not None and not self.model:
             raise ConfigError("a recipe with `init:` needs `model:` (HF directory, hub id, or gemma-3-270m)")
         if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
-            raise ConfigError(f"gpu_memory_gb must be positive or null, got {self.gpu_memory_gb}")
+            raise ConfigError(f"must be positive or null, got {self.gpu_memory_gb}", "gpu_memory_gb")
         if self.train.eval_steps is not None and self.data.eval_limit == 0:
             raise ConfigError("train.eval_steps needs evaluation data; set data.eval_limit (and optionally data.eval_source)")
 
@@ -277,6 +270,10 @@ def build(cls, data: dict | None, where: str = ""):
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"recipe section {where or 'top level'}: {e}") from e
+    except ConfigError as e:  # a field at fault is shown as its recipe key: init.rank, train.max_steps
+        if e.field is None:
+            raise
+        raise e.renamed(f"{where}.{e.field}" if where else e.field) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

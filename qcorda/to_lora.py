@@ -25,22 +25,21 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
 from .adapters import AdapterSpec, check_adapter, plain_lora_refusal, read_adapter
 from .checkpoint import ADAPTER_PREFIX, Checkpoint, write_adapter
-from .config import ConfigError
 from .io import atomic_dir, check_out_dir
-from .merge import PREPARED_HINT, VerifyConfig, dequantized, load_plain, merge, resolve_dtype
+from .config import ConfigError, ToLoraMode, VerifyConfig
+from .merge import PREPARED_HINT, dequantized, load_plain, merge, resolve_dtype
 from .models import load_model, resolve_device
 from .prepared import ADAPTER_INIT, load_prepared, manifest_sha256, read_manifest
 from .scoring import held_out_batches, logit_agreement
 from .targets import weight_of
 
-Mode = Literal["exact-delta", "compress", "absorb-quant-error"]
-MODES: tuple[str, ...] = get_args(Mode)
+MODES: tuple[str, ...] = get_args(ToLoraMode)
 REPORT_FILE = "qcorda_to_lora.json"
 
 

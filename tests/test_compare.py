@@ -11,7 +11,9 @@ import torch
 
 import tiny
 from qcorda.config import CalibConfig, InitConfig
-from qcorda.report import CompareConfig, compare, effective_weight, layer_errors, write_report
+from qcorda.compare import compare, effective_weight, layer_errors
+from qcorda.config import CompareConfig
+from qcorda.render import write_report
 from qcorda.scoring import final_hidden, ppl_and_kl, scored_batches
 
 METHODS = ("qlora", "qpissa", "qcorda-cal", "lora")
@@ -107,7 +109,7 @@ def test_layer_errors_match_prepare_layer_and_definitions(run):
 
 def test_scored_batches_and_streamed_kl(tok):
     from qcorda.scoring import sequence_nll
-    from qcorda.report import eval_texts
+    from qcorda.compare import eval_texts
 
     model = tiny.model("llama")
     texts = eval_texts("gsm8k-test", 4, tok)
@@ -125,7 +127,7 @@ def test_scored_token_count_does_not_depend_on_the_padding_side(tok, side):
     """Gemma's tokenizer pads on the left; the default compare once scored 308 of 512 tokens."""
     import copy
 
-    from qcorda.report import eval_texts
+    from qcorda.compare import eval_texts
 
     t = copy.deepcopy(tok)
     t.padding_side = side

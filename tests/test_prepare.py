@@ -22,7 +22,9 @@ CALIB = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=1
 
 
 def _cfg(method, **kw):
-    return InitConfig(method=method, rank=kw.pop("rank", 4), calib=CALIB, iters=kw.pop("iters", 2 if method in ("loftq", "qpissa", "qcorda-cal") else None), **kw)
+    """Exact SVDs: the invariants below say "the optimal rank-r fit", which the randomized solver approaches."""
+    iters = kw.pop("iters", 2 if method in ("loftq", "qpissa", "qcorda-cal") else None)
+    return InitConfig(method=method, rank=kw.pop("rank", 4), calib=CALIB, iters=iters, svd=kw.pop("svd", "full"), **kw)
 
 
 def _dequantized(lora_layer):

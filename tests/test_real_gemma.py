@@ -14,7 +14,7 @@ METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "q
 def gemma_setup(gemma_path):
     from qcorda.covariance import collect
     from qcorda.data import load_examples, token_batches
-    from qcorda.calibration import calibration_texts, collect_covariances
+    from qcorda.calibration import collect_covariances
     from qcorda.models import load_model
     from qcorda.targets import find_targets
 
@@ -30,9 +30,9 @@ def gemma_setup(gemma_path):
 
 
 def test_every_method_prepares_and_good_ones_beat_qlora(gemma_setup):
-    from qcorda.decompose import damp, low_rank_term, residual
+    from qcorda.decompose import damp, low_rank_term
     from qcorda.layer import prepare_layer
-    from qcorda.quantize import dequantize_nf4, nf4_roundtrip
+    from qcorda.quantize import dequantize_nf4
 
     cfg0, covs, held, weights, targets = gemma_setup
     totals = {}

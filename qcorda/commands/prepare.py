@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_init_arguments, init_config
+from .common import add_init_arguments
+from .flags import build
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--covariance", default=None, help="reuse a covariance file saved by --save-covariance")
     p.add_argument("--save-covariance", default=None, help="also save the calibration covariances here (safetensors)")
-    add_init_arguments(p)
+    p.set_defaults(_init_flags=add_init_arguments(p))
 
 
 def run(args) -> int:
@@ -24,11 +25,11 @@ def run(args) -> int:
     from ..io import check_out_dir
     from ..prepare import prepare
 
-    cfg = init_config(args)
+    cfg = build(args, args._init_flags)
     check_out_dir(args.out, args.overwrite)
-    if not cfg.needs_calibration and (args.calib_data or args.covariance):
+    if not cfg.needs_calibration and (cfg.calib.data or args.covariance):
         warnings.warn(f"--method {cfg.method} uses no calibration data; --calib-data/--covariance are ignored", stacklevel=1)
-    if cfg.needs_calibration and not (args.calib_data or args.covariance):
+    if cfg.needs_calibration and not (cfg.calib.data or args.covariance):
         what = f"--method {cfg.method}" if cfg.method in CALIBRATED else "--iters auto"
         raise ConfigError(f"{what} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
     try:

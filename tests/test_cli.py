@@ -1,0 +1,74 @@
+"""The CLI over the config dataclasses: light to import, every option documented once, errors named
+as the user wrote them (the flag on the command line, the key in a recipe)."""
+
+import dataclasses
+import subprocess
+import sys
+import typing
+
+import pytest
+import yaml
+
+from qcorda import config
+from qcorda.cli import build_parser, main
+from qcorda.commands.flags import docstrings
+
+
+def test_help_imports_no_torch():
+    code = ("import sys; from qcorda.cli import build_parser; build_parser(); "
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'lm_eval') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+CONFIGS = [config.CalibConfig, config.InitConfig, config.CompareConfig, config.EvalConfig, config.VerifyConfig,
+           config.MergeConfig, config.ToLoraConfig]
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_config_field_has_one_docstring(cls):
+    docs = docstrings()[cls.__name__]
+    missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert not missing, f"{cls.__name__}: fields without a docstring: {missing}"
+    assert not [d for d in docs.values() if "CLI:" in d], "flags are generated from the field names; docstrings do not repeat them"
+
+
+@pytest.mark.parametrize("verb,cls,skipped", [
+    ("prepare", config.InitConfig, set()),
+    ("compare", config.CompareConfig, {"init.method", "init.rank"}),
+    ("eval", config.EvalConfig, set()),
+    ("merge", config.MergeConfig, set()),
+    ("to-lora", config.ToLoraConfig, set()),
+])
+def test_every_field_of_the_verb_config_is_a_flag_with_its_docstring(verb, cls, skipped):
+    sub = next(a for a in build_parser()._subparsers._group_actions if verb in a.choices).choices[verb]
+    helps = {opt: a.help for a in sub._actions for opt in a.option_strings}
+
+    def paths(c, prefix=""):
+        for f in dataclasses.fields(c):
+            hint = typing.get_type_hints(c)[f.name]
+            yield from paths(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint) else [(f"{prefix}{f.name}", c, f.name)]
+
+    flags = sub.get_default("_flags") or sub.get_default("_init_flags")
+    for path, owner, name in paths(cls):
+        if path in skipped:
+            continue
+        flag = flags.flag(path)
+        assert flag in helps, f"{verb}: {path} has no flag"
+        assert helps[flag].startswith(docstrings()[owner.__name__][name][:40].replace("%", "%%"))
+
+
+def test_errors_name_the_flag_on_the_command_line_and_the_key_in_a_recipe(tmp_path, capsys):
+    with pytest.raises(config.ConfigError) as e:
+        config.InitConfig(calib=config.CalibConfig(samples=0))
+    assert e.value.field == "samples" and str(e.value) == "samples must be a positive integer, got 0"
+    assert main(["prepare", "m", "--out", str(tmp_path / "o"), "--calib-samples", "0"]) == 2
+    assert "error: --calib-samples must be a positive integer, got 0" in capsys.readouterr().err
+    from qcorda.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": "o", "model": "m", "init": {"rank": 4, "calib": {"samples": 0}}}))
+    with pytest.raises(config.ConfigError, match=r"init\.calib\.samples must be a positive integer, got 0"):
+        load_recipe(path)
+    assert main(["compare", "--ranks", "16,x"]) == 2
+    assert "error: --ranks must be comma-separated integers, got '16,x'" in capsys.readouterr().err
