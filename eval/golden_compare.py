@@ -76,7 +76,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "compare_golden.json").write_text(json.dumps(doc, indent=2))
     lines = [
-        "# Golden compare figures (issue 3), Gemma-3-270M, r = 64",
+        "# Golden compare figures (issues 3 and 14), Gemma-3-270M, r = 64",
         "",
         "`PYTHONPATH=. python eval/golden_compare.py`: " + doc["setup"] + ".",
         "",
