@@ -152,8 +152,9 @@ def child_peft(args) -> dict:
     return {"wall": wall, "rss_mb": peak_rss_mb(), "targets": len(targets), "cov_tokens": n_tokens, **phase}
 
 
-def child_synthetic(args) -> dict:
-    """Write a Llama-shaped bf16 checkpoint of ``--synthetic-params`` parameters, then stream-prepare it."""
+def write_synthetic(root: Path, params: float, hidden: int) -> dict:
+    """A Llama-shaped bf16 checkpoint of about ``params`` parameters in ``root/llama``, one shard per block
+    (the writer never holds the model either), with Gemma's tokenizer files; returns its shape."""
     import shutil
 
     import torch
@@ -162,44 +163,53 @@ def child_synthetic(args) -> dict:
 
     from qcorda.models import resolve_model_path
 
-    h, inter, vocab = args.synthetic_hidden, int(args.synthetic_hidden * 2.7) // 256 * 256, 32000
+    h, inter, vocab = hidden, int(hidden * 2.7) // 256 * 256, 32000
     per_layer = 4 * h * h + 3 * h * inter + 2 * h
-    layers = max(1, round((args.synthetic_params - 2 * vocab * h) / per_layer))
-    n_params = layers * per_layer + 2 * vocab * h + h
+    layers = max(1, round((params - 2 * vocab * h) / per_layer))
+    src = root / "llama"
+    src.mkdir(parents=True)
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=h // 128,
+                      num_key_value_heads=h // 128, vocab_size=vocab, tie_word_embeddings=False, dtype="bfloat16")
+    cfg.save_pretrained(src)
+    gemma = Path(resolve_model_path("gemma-3-270m"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(gemma / f, src / f)
+    g = torch.Generator().manual_seed(0)
+    weight_map = {}
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    blocks = [lambda: {"model.embed_tokens.weight": rnd(vocab, h), "lm_head.weight": rnd(vocab, h),
+                       "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        blocks.append(lambda p=p: {
+            p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(h, h),
+            p + "self_attn.v_proj.weight": rnd(h, h), p + "self_attn.o_proj.weight": rnd(h, h),
+            p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
+            p + "mlp.down_proj.weight": rnd(h, inter),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+        })
+    for j, make in enumerate(blocks):
+        sd = make()
+        name = f"model-{j + 1:05d}-of-{len(blocks):05d}.safetensors"
+        save_file(sd, str(src / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in sd})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return {"params": layers * per_layer + 2 * vocab * h + h, "layers": layers, "hidden": h, "intermediate": inter}
+
+
+def child_synthetic(args) -> dict:
+    """Write a Llama-shaped bf16 checkpoint of ``--synthetic-params`` parameters, then stream-prepare it."""
+    import shutil
+
     root = Path(tempfile.mkdtemp(dir=args.workdir, prefix="synthetic-"))
     try:
-        src = root / "llama"
-        src.mkdir()
-        cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=h // 128,
-                          num_key_value_heads=h // 128, vocab_size=vocab, tie_word_embeddings=False, dtype="bfloat16")
-        cfg.save_pretrained(src)
-        gemma = Path(resolve_model_path("gemma-3-270m"))
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(gemma / f, src / f)
-        g = torch.Generator().manual_seed(0)
-        weight_map = {}
-
-        def rnd(*shape):
-            return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
-
         t0 = time.perf_counter()
-        shards = [{"model.embed_tokens.weight": rnd(vocab, h), "lm_head.weight": rnd(vocab, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}]
-        for i in range(layers):
-            p = f"model.layers.{i}."
-            shards.append({
-                p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(h, h),
-                p + "self_attn.v_proj.weight": rnd(h, h), p + "self_attn.o_proj.weight": rnd(h, h),
-                p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
-                p + "mlp.down_proj.weight": rnd(h, inter),
-                p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-            })
-        for j, sd in enumerate(shards):  # one shard per block: the writer never holds the model either
-            name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(sd, str(src / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in sd})
-        del shards
-        (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        shape = write_synthetic(root, args.synthetic_params, args.synthetic_hidden)
+        src = root / "llama"
         write_s = time.perf_counter() - t0
         rss_after_write = peak_rss_mb()
         # the RSS of this process so far is the writer's; measure prepare in a fresh process
@@ -217,8 +227,8 @@ def child_synthetic(args) -> dict:
             raise RuntimeError(out.stderr[-3000:])
         res.update(json.loads(out.stdout.strip().splitlines()[-1]))
         disk = sum(f.stat().st_size for f in src.iterdir())
-        return {"params": n_params, "layers": layers, "hidden": h, "intermediate": inter, "write_seconds": write_s,
-                "writer_rss_mb": rss_after_write, "bf16_gb": disk / 1e9, "fp32_gb": n_params * 4 / 1e9, **res}
+        return {**shape, "write_seconds": write_s, "writer_rss_mb": rss_after_write, "bf16_gb": disk / 1e9,
+                "fp32_gb": shape["params"] * 4 / 1e9, **res}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
