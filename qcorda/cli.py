@@ -10,6 +10,9 @@ import argparse
 import importlib
 import sys
 
+from .config import ConfigError
+from .io import OutputExistsError
+
 #: verb → (module under qcorda.commands, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "split weights, quantize the residual to NF4, write a ready-to-train directory"),
@@ -39,9 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .io import OutputExistsError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -27,6 +27,9 @@ from typing import Sequence
 import torch
 
 from .config import TASKS, ConfigError
+from .data import format_record, load_records
+from .models import load_model, resolve_device
+from .prepared import load_prepared
 from .scoring import completion_logprobs, model_device, sequence_nll
 
 
@@ -120,9 +123,6 @@ def load_for_eval(model_or_prepared: str | Path, adapter: str | Path | None = No
     """
     from transformers import AutoTokenizer
 
-    from .prepared import load_prepared
-    from .models import load_model, resolve_device
-
     if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
         raise ConfigError(f"--adapter {adapter}: no adapter_config.json there; give a PEFT adapter directory (e.g. PREPARED/adapter_init)")
     if is_prepared(model_or_prepared):
@@ -187,8 +187,6 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size
 
 
 def _records(source: str, limit: int | None, flag: str) -> list[dict]:
-    from .data import load_records
-
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be positive, got {limit}")
     records = load_records(source, "test", flag)
@@ -198,8 +196,6 @@ def _records(source: str, limit: int | None, flag: str) -> list[dict]:
 def gsm8k_prompts(records: Sequence[dict], shots: int = 0, shot_source: str = "gsm8k-train") -> list[tuple[str, str]]:
     """``(prompt, gold solution)`` per record: the alpaca template of training, after ``shots``
     solved training examples (fixed: the first ones of ``shot_source``)."""
-    from .data import format_record, load_records
-
     fields = ("question", "answer")
     prefix = ""
     if shots:
@@ -240,8 +236,6 @@ def gsm8k(model, tok, data: str = "gsm8k-test", limit: int | None = None, shots:
 
 
 def nq_prompts(records: Sequence[dict]) -> list[str]:
-    from .data import format_record
-
     return [format_record({"question": r["question"]}, ("question",)).prompt for r in records]
 
 
@@ -303,8 +297,6 @@ def perplexity(model, tok, data: str = "wikitext2", max_tokens: int | None = 819
     context after the first window). ppl = exp(Σ −log p / scored tokens).
     """
     from tqdm.auto import tqdm
-
-    from .data import load_records
 
     if not 0 < stride <= window:
         raise ConfigError(f"--ppl-stride must be in (0, --ppl-window={window}], got {stride}")

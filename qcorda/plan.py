@@ -74,7 +74,7 @@ def projection_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
 
 def target_projections(patterns: tuple[str, ...]) -> tuple[str, ...]:
     """Which of the seven projections ``patterns`` select (the same matching as ``prepare``)."""
-    from .targets import _matches
+    from .targets import _matches  # targets imports torch; the planner runs without it
 
     names = {p: f"model.layers.0.{_PARENT[p]}.{p}" for p in PROJECTIONS}
     out = [p for p in PROJECTIONS if any(pat == "all-linear" or _matches(names[p], pat) for pat in patterns)]
@@ -270,7 +270,7 @@ def read_model_config(model: str | None) -> dict | None:
     hub id already in the local HF cache; None when it cannot be read offline (nothing is downloaded)."""
     if not model:
         return None
-    from .models import GEMMA3_270M, gemma3_270m_dir
+    from .models import GEMMA3_270M, gemma3_270m_dir  # models imports torch; the planner runs without it
 
     path = gemma3_270m_dir() if model == GEMMA3_270M else Path(model)
     data = None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
+from .data import load_examples
 from .guard import DivergenceGuard
 from .io import atomic_dir
 from .lr import lr_factor, lr_warning
@@ -90,8 +91,6 @@ def datasets_of(recipe: Recipe, tokenizer):
     """``(train, eval or None)`` as ``datasets.Dataset`` in TRL's prompt/completion format
     (loss on the completion only); records without a completion become plain ``text``."""
     from datasets import Dataset
-
-    from .data import load_examples
 
     d = recipe.data
     examples = load_examples(d.source, d.fields, d.template, d.limit, tokenizer, d.split, flag="data.source", fields_flag="data.fields")
