@@ -146,11 +146,16 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
 
 
 @dataclass(frozen=True)
-class MergeResult:
+class ExportResult:
+    """What an export (``merge``, ``to-lora``) wrote, per layer, and how it agrees with the trained model."""
+
     out: Path
-    dtype: str
-    layers: tuple[MergedLayer, ...]
+    kind: str
+    """The merged dtype (merge) or the conversion mode (to-lora)."""
+    layers: tuple
+    """:class:`MergedLayer` or :class:`qcorda.to_lora.ConvertedLayer` per target."""
     agreement: tuple = ()
+    """:class:`qcorda.scoring.Agreement` of each verified pair."""
     seconds: float = 0.0
 
 
@@ -177,7 +182,7 @@ def merge(
     overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
-) -> MergeResult:
+) -> ExportResult:
     """Write the merged plain HF model to ``out`` (atomically) and, unless ``verify`` is None,
     compare it with the trained 4-bit + adapter model (saved as ``qcorda_verify.json``)."""
     from tqdm.auto import tqdm
@@ -210,7 +215,7 @@ def merge(
         if verify is not None:
             agreement = tuple(verify_merged(prepared, adapter_path, tmp, torch_dtype, verify, resolve_device(device), progress))
             (tmp / VERIFY_FILE).write_text(json.dumps({"config": asdict(verify), "results": [asdict(a) for a in agreement]}, indent=2))
-    return MergeResult(Path(out), dtype, tuple(layers), agreement, time.perf_counter() - t0)
+    return ExportResult(Path(out), dtype, tuple(layers), agreement, time.perf_counter() - t0)
 
 
 def verify_merged(prepared, adapter, merged_dir, dtype, verify: VerifyConfig, device, progress: bool = True):

@@ -106,10 +106,7 @@ def plot(report: CompareReport, out: Path) -> list[Path]:
             if i == 1:
                 ax.set_xlabel("target layer (model order)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "error_by_layer.png")
-    fig.savefig(paths[-1], dpi=72)
-    plt.close(fig)
+    paths.append(_save(fig, out / "error_by_layer.png"))
 
     metrics = [("weight_err_rel", "weight"), ("nuclear_err_rel", "nuclear")] + [
         ("act_err_rel" + suffix(i, k), f"activation {k}") for i, k in enumerate(keys)
@@ -123,10 +120,7 @@ def plot(report: CompareReport, out: Path) -> list[Path]:
         ax.set_xlabel("rank")
         ax.set_title(f"{label} error / qlora", fontsize=9)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "error_vs_rank.png")
-    fig.savefig(paths[-1], dpi=72)
-    plt.close(fig)
+    paths.append(_save(fig, out / "error_vs_rank.png"))
 
     if report.original:
         fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
@@ -139,11 +133,17 @@ def plot(report: CompareReport, out: Path) -> list[Path]:
             ax.set_xticks([q + 0.4 - width / 2 for q in range(len(methods))], methods, rotation=30, fontsize=7)
             ax.set_title(f"perplexity − original ({k}, original {base:.2f})", fontsize=9)
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "ppl_gap.png")
-        fig.savefig(paths[-1], dpi=72)
-        plt.close(fig)
+        paths.append(_save(fig, out / "ppl_gap.png"))
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path
 
 
 def write_report(report: CompareReport, out: str | Path, overwrite: bool = False, plots: bool = True) -> Path:

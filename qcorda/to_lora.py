@@ -33,7 +33,7 @@ from .adapters import AdapterSpec, check_adapter, plain_lora_refusal, read_adapt
 from .checkpoint import ADAPTER_PREFIX, Checkpoint, write_adapter
 from .io import atomic_dir, check_out_dir
 from .config import ConfigError, ToLoraMode, VerifyConfig
-from .merge import PREPARED_HINT, dequantized, load_plain, merge, resolve_dtype
+from .merge import PREPARED_HINT, ExportResult, dequantized, load_plain, merge, resolve_dtype
 from .models import load_model, resolve_device
 from .prepared import ADAPTER_INIT, load_prepared, manifest_sha256, read_manifest
 from .scoring import held_out_batches, logit_agreement
@@ -107,15 +107,6 @@ class ConvertedLayer:
     """‖(W + s′·B′·A′) − (deq(Q(W_res)) + s·B·A)‖_F / ‖deq(Q(W_res)) + s·B·A‖_F: the weight-space gap."""
 
 
-@dataclass(frozen=True)
-class ToLoraResult:
-    out: Path
-    mode: str
-    layers: tuple[ConvertedLayer, ...]
-    agreement: tuple = ()
-    seconds: float = 0.0
-
-
 def check_convertible(spec: AdapterSpec, mode: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -162,7 +153,7 @@ def to_lora(
     device: str | None = None,
     progress: bool = True,
     dtype: str = "float16",
-) -> ToLoraResult:
+) -> ExportResult:
     """Write a PEFT LoRA adapter for ``base`` to ``out`` (atomically); report how far base + LoRA is
     from the trained 4-bit model and from the model merged to ``dtype`` (``qcorda_to_lora.json``;
     Gemma-3 overflows float16, so verify it in bfloat16)."""
@@ -245,7 +236,7 @@ def to_lora(
             "agreement": [asdict(a) for a in agreement],
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    return ToLoraResult(Path(out), mode, tuple(layers), agreement, time.perf_counter() - t0)
+    return ExportResult(Path(out), mode, tuple(layers), agreement, time.perf_counter() - t0)
 
 
 def _verify(prepared, adapter, base_model, lora_dir, merged, verify: VerifyConfig, device, progress, dtype: str):

@@ -93,28 +93,43 @@ def test_same_inputs_same_hashes(method, llama, tmp_path):
         assert hashes(tmp_path / "c")["adapter_init/adapter_model.safetensors"] != hashes(tmp_path / "a")["adapter_init/adapter_model.safetensors"]
 
 
-def test_resume_after_crash_is_byte_identical(llama, tmp_path, monkeypatch):
-    cfg = _cfg("qcorda-cal")
-    stream_prepare(str(llama), cfg, tmp_path / "ref", progress=False)
-    import qcorda.stream as prep
+def _interrupt_after(monkeypatch, n: int) -> list:
+    """Make the streamed engine's per-layer step raise KeyboardInterrupt after ``n`` layers (a Ctrl-C
+    halfway); returns the list of layer names it was called for."""
+    import qcorda.stream as st
 
-    calls = []
-    orig = prep.prepare_layer
+    orig, calls = st.prepare_layer, []
 
-    def crash_after_5(*a, **k):
+    def step(*a, **k):
         calls.append(a[2])
-        if len(calls) > 5:
+        if len(calls) > n:
             raise KeyboardInterrupt
         return orig(*a, **k)
 
-    monkeypatch.setattr(prep, "prepare_layer", crash_after_5)
+    monkeypatch.setattr(st, "prepare_layer", step)
+    return calls
+
+
+def _count_layers(monkeypatch) -> list:
+    """Undo :func:`_interrupt_after`; returns the list of layer names computed from now on."""
+    import qcorda.stream as st
+
+    monkeypatch.undo()
+    orig, calls = st.prepare_layer, []
+    monkeypatch.setattr(st, "prepare_layer", lambda *a, **k: (calls.append(a[2]), orig(*a, **k))[1])
+    return calls
+
+
+def test_resume_after_crash_is_byte_identical(llama, tmp_path, monkeypatch):
+    cfg = _cfg("qcorda-cal")
+    stream_prepare(str(llama), cfg, tmp_path / "ref", progress=False)
+    _interrupt_after(monkeypatch, 5)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         stream_prepare(str(llama), cfg, out, progress=False)
     assert not out.exists()
     assert len(list((partial_dir(out) / "layers").glob("*.safetensors"))) == 5
-    calls.clear()
-    monkeypatch.setattr(prep, "prepare_layer", lambda *a, **k: (calls.append(a[2]), orig(*a, **k))[1])
+    calls = _count_layers(monkeypatch)
     stream_prepare(str(llama), cfg, out, progress=False)
     assert len(calls) == 14 - 5  # only the unfinished layers were computed
     assert hashes(out) == hashes(tmp_path / "ref")
@@ -125,26 +140,15 @@ def test_work_of_an_older_format_is_never_resumed(llama, tmp_path, monkeypatch, 
     """Layers written before the kept-codes change (qcorda.partial/1) must not be mixed with new ones."""
     import json
 
-    import qcorda.stream as prep
-
-    orig, n = prep.prepare_layer, []
-
-    def crash(*a, **k):
-        n.append(1)
-        if len(n) > 4:
-            raise KeyboardInterrupt
-        return orig(*a, **k)
-
     cfg = _cfg("loftq")
-    monkeypatch.setattr(prep, "prepare_layer", crash)
+    _interrupt_after(monkeypatch, 4)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         stream_prepare(str(llama), cfg, out, progress=False)
     manifest = partial_dir(out) / "manifest.json"
     old = dict(json.loads(manifest.read_text()), format="qcorda.partial/1")
     manifest.write_text(json.dumps(old))  # as the previous qcorda left it
-    calls = []
-    monkeypatch.setattr(prep, "prepare_layer", lambda *a, **k: (calls.append(a[2]), orig(*a, **k))[1])
+    calls = _count_layers(monkeypatch)
     stream_prepare(str(llama), cfg, out, progress=False)
     assert "another qcorda version (qcorda.partial/1" in capsys.readouterr().err
     assert len(calls) == 14  # every layer computed again, none reused
@@ -153,22 +157,11 @@ def test_work_of_an_older_format_is_never_resumed(llama, tmp_path, monkeypatch, 
 
 
 def test_other_arguments_restart_the_work(llama, tmp_path, monkeypatch, capsys):
-    import qcorda.stream as prep
-
-    orig = prep.prepare_layer
-    n = []
-
-    def crash(*a, **k):
-        n.append(1)
-        if len(n) > 3:
-            raise KeyboardInterrupt
-        return orig(*a, **k)
-
-    monkeypatch.setattr(prep, "prepare_layer", crash)
+    _interrupt_after(monkeypatch, 3)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         stream_prepare(str(llama), _cfg("qpissa"), out, progress=False)
-    monkeypatch.setattr(prep, "prepare_layer", orig)
+    monkeypatch.undo()
     stream_prepare(str(llama), _cfg("qpissa", rank=8), out, progress=False)
     assert "holds work for other arguments" in capsys.readouterr().err
     stream_prepare(str(llama), _cfg("qpissa", rank=8), tmp_path / "ref", progress=False)

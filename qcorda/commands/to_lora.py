@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 
 from ..config import ToLoraConfig
-from .flags import add_config, build
-from .merge import VERIFY_PREFIXES, verification
+from .flags import build
+from .merge import add_export_arguments, verification
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prepared", help="directory written by qcorda prepare")
-    p.add_argument("--adapter", default=None, help="trained adapter directory (default PREPARED/adapter_init)")
+    add_export_arguments(p, ToLoraConfig, "output adapter directory (written atomically)")
     p.add_argument("--base", required=True, help="the original unquantized model PREPARED was made from (directory, hub id or gemma-3-270m)")
-    p.add_argument("--out", required=True, help="output adapter directory (written atomically)")
     p.add_argument("--merged", default=None, help="a qcorda merge output to compare with (default: merged to --dtype in a temp dir)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(_flags=add_config(p, ToLoraConfig, prefixes=VERIFY_PREFIXES))
 
 
 def run(args) -> int:
@@ -36,7 +32,7 @@ def run(args) -> int:
         ["‖W+ΔW − trained‖/‖trained‖: max / mean", f"{max(gaps):.3e} / {sum(gaps) / len(gaps):.3e}"],
         ["seconds", res.seconds],
     ]
-    print_table(["to-lora", "value"], rows, title=f"{res.mode} -> {res.out} (per layer in {res.out}/qcorda_to_lora.json)")
+    print_table(["to-lora", "value"], rows, title=f"{res.kind} -> {res.out} (per layer in {res.out}/qcorda_to_lora.json)")
     if res.agreement:
         print_table(HEADERS, [a.row() for a in res.agreement], title="base + LoRA on held-out text")
     return 0
