@@ -87,6 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", default="64")
     ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "fidelity"))
+    ap.add_argument("--variants", default=None, help="comma-separated labels of VARIANTS (default all, and the refits)")
+    ap.add_argument("--eval-tokens", type=int, default=None, help="scored tokens per eval set (default compare's, 512)")
     args = ap.parse_args()
     import torch
 
@@ -101,10 +103,12 @@ def main() -> None:
     saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     rows = [r for r in saved.get("rows", []) if r["rank"] in ranks]  # resume: finished variants are kept
     original = saved.get("original")
+    chosen = args.variants.split(",") if args.variants else [v[0] for v in VARIANTS]
+    tokens = {} if args.eval_tokens is None else {"eval_tokens": args.eval_tokens}
     for label, method, change in VARIANTS:
-        if {(label, r) for r in ranks} <= {(x["variant"], x["rank"]) for x in rows}:
+        if label not in chosen or {(label, r) for r in ranks} <= {(x["variant"], x["rank"]) for x in rows}:
             continue
-        cfg = CompareConfig(methods=(method,), ranks=ranks, init=replace(compare_init(), method=method, **change))
+        cfg = CompareConfig(methods=(method,), ranks=ranks, init=replace(compare_init(), method=method, **change), **tokens)
         t = time.perf_counter()
         report = compare(model, tok, cfg, "gemma-3-270m", progress=True, cache=cache)
         for r in report.totals():
@@ -113,7 +117,7 @@ def main() -> None:
         original = report.original
         print(label, [(r["rank"], round(r["act_err_rel"], 4)) for r in report.totals()], f"{time.perf_counter() - t:.0f} s", flush=True)
         _write(out, rows, original, time.perf_counter() - t0)
-    for start in ("ipm", "zero"):
+    for start in ("ipm", "zero") if args.variants is None else ():
         for rank in ranks:
             if any(x["variant"] == f"cal {start} auto, refit" and x["rank"] == rank for x in rows):
                 continue

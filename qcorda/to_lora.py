@@ -140,6 +140,35 @@ def _lora_config(spec: AdapterSpec, mode: str, ranks: dict[str, int], targets: l
     )
 
 
+def convert_layer(name: str, W: torch.Tensor, w_deq: torch.Tensor, spec: AdapterSpec, init: AdapterSpec, mode: str,
+                  rank: int | None, recorded_err: float | None, base: str, prepared: Path) -> tuple[LoraFactors, ConvertedLayer]:
+    """The plain-LoRA factors of one layer by ``mode``, and how far W + s′·B′·A′ is from the trained layer.
+
+    ``W``: the original weight, ``w_deq``: deq(Q(W_res)) ``(out, in)``; ``recorded_err``: the init error
+    ``qcorda.json`` recorded, against which the base is checked to be the model that was prepared."""
+    B, A = spec.factors(name)
+    B0, A0 = init.factors(name)
+    s, s0 = spec.scaling(name), init.scaling(name)
+    if W.shape != w_deq.shape:
+        raise ConfigError(f"--base {base}: layer {name} is {tuple(W.shape)}, the prepared one {tuple(w_deq.shape)}; pass the original model")
+    err0 = (W - w_deq - s0 * (B0 @ A0)).pow(2).sum().item()
+    if recorded_err is not None and err0 > 1.1 * recorded_err + 1e-6 * W.pow(2).sum().item():
+        raise ConfigError(
+            f"--base {base} is not the model {prepared} was prepared from (layer {name}: init error {err0:.4g}, "
+            f"recorded {recorded_err:.4g}); pass the original model"
+        )
+    k = min(rank if rank is not None else spec.rank(name), *W.shape)
+    if mode == "exact-delta":
+        f, scale = exact_delta(B, A, s, B0, A0, s0), s
+    elif mode == "compress":
+        f, scale = compress(B, A, s, B0, A0, s0, k), 1.0
+    else:
+        f, scale = absorb_quant_error(W, w_deq, B, A, s, k), 1.0
+    trained = w_deq + s * (B @ A)
+    gap = ((W + scale * (f.B @ f.A)) - trained).norm().item() / max(trained.norm().item(), 1e-30)
+    return f, ConvertedLayer(name, f.rank, f.energy, gap)
+
+
 def to_lora(
     prepared: str | Path,
     base: str,
@@ -187,31 +216,9 @@ def to_lora(
         except AttributeError:
             raise ConfigError(f"--base {base} has no layer {name}; pass the model PREPARED was prepared from") from None
         conv1d |= type(module).__name__ == "Conv1D"
-        W = weight_of(module).detach().float()
-        B, A = spec.factors(name)
-        B0, A0 = init.factors(name)
-        s, s0 = spec.scaling(name), init.scaling(name)
-        w_deq = dequantized(reader, name)
-        if W.shape != w_deq.shape:
-            raise ConfigError(f"--base {base}: layer {name} is {tuple(W.shape)}, the prepared one {tuple(w_deq.shape)}; pass the original model")
-        # the base must be the model that was prepared: its init error must match the recorded one
-        err0 = (W - w_deq - s0 * (B0 @ A0)).pow(2).sum().item()
-        if name in recorded and err0 > 1.1 * recorded[name] + 1e-6 * W.pow(2).sum().item():
-            raise ConfigError(
-                f"--base {base} is not the model {prepared} was prepared from (layer {name}: init error {err0:.4g}, "
-                f"recorded {recorded[name]:.4g}); pass the original model"
-            )
-        k = rank if rank is not None else spec.rank(name)
-        if mode == "exact-delta":
-            f = exact_delta(B, A, s, B0, A0, s0)
-            scale = s
-        elif mode == "compress":
-            f, scale = compress(B, A, s, B0, A0, s0, min(k, *W.shape)), 1.0
-        else:
-            f, scale = absorb_quant_error(W, w_deq, B, A, s, min(k, *W.shape)), 1.0
-        trained = w_deq + s * (B @ A)
-        gap = ((W + scale * (f.B @ f.A)) - trained).norm().item() / max(trained.norm().item(), 1e-30)
-        layers.append(ConvertedLayer(name, f.rank, f.energy, gap))
+        f, layer = convert_layer(name, weight_of(module).detach().float(), dequantized(reader, name), spec, init, mode,
+                                 rank, recorded.get(name), base, prepared)
+        layers.append(layer)
         ranks[name] = f.rank
         tensors[f"{ADAPTER_PREFIX}{name}.lora_A.weight"] = f.A
         tensors[f"{ADAPTER_PREFIX}{name}.lora_B.weight"] = f.B
