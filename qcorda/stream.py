@@ -315,6 +315,7 @@ def _layers(work: Path, src: Source, cfg: InitConfig, covs: Covariances | None, 
         sd = linear4bit(q, bias, compute_dtype).state_dict()
         meta = {"result": asdict(result), "keys": list(sd)}
         save_tensors(f, {**sd, "lora_A": split.A, "lora_B": split.B}, metadata={"qcorda": json.dumps(meta)}, fsync=True)
+        del W, split, q, bias, sd  # freed before the next layer is read, not after: one layer in memory at a time
         results.append(result)
         bar.set_postfix(err=f"{result.rel_err:.3f}")
         if delay:
