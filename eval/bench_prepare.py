@@ -299,7 +299,9 @@ def synthetic_cov(in_f: int, seed: int):
     return X.T @ X / 1024
 
 
-def bench_decompose(args) -> list[dict]:
+def bench_decompose(args, device: str = "cpu") -> list[dict]:
+    """Per shape of ``args.shapes``, qcorda's splits against PEFT's at rank ``args.rank``. ``device``: where
+    the weights, covariances and splits live (eval/gpu_check.py runs it on CUDA); timings synchronize it."""
     import torch
     from peft import LoraConfig
     from peft.tuners.lora.corda import collect_eigens_for_layer
@@ -309,20 +311,23 @@ def bench_decompose(args) -> list[dict]:
     torch.manual_seed(0)
     r, rows = args.rank, []
     lcfg = LoraConfig(r=r, init_lora_weights="corda")
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for shape in args.shapes.split(","):
         out_f, in_f = map(int, shape.split("x"))
-        W, C = synthetic_weight(out_f, in_f, 0), synthetic_cov(in_f, 0)
+        W, C = synthetic_weight(out_f, in_f, 0).to(device), synthetic_cov(in_f, 0).to(device)
 
-        def timed(fn):
+        def timed(fn):  # GPU kernels run asynchronously: wait for them on both sides
+            sync()
             t = time.perf_counter()
             v = fn()
+            sync()
             return v, time.perf_counter() - t
 
         def corda_err(BA):  # the error CorDA minimizes: ‖(W − B·A)·C‖_F
             return ((W - BA) @ C).norm().item()
 
         # CorDA IPM
-        lin = torch.nn.Linear(in_f, out_f, bias=False)
+        lin = torch.nn.Linear(in_f, out_f, bias=False, device=device)
         lin.weight.data = W.clone()
         lin.covariance_matrix = C.clone()
         eig, t_peft = timed(lambda: collect_eigens_for_layer(lin, lcfg))
@@ -342,11 +347,9 @@ def bench_decompose(args) -> list[dict]:
         from peft import get_peft_model
 
         def peft_pissa(init):
-            m = torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False))
+            m = torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False, device=device))
             m[0].weight.data = W.clone()
-            t = time.perf_counter()
-            pm = get_peft_model(m, LoraConfig(r=r, lora_alpha=r, target_modules=["0"], init_lora_weights=init))
-            dt = time.perf_counter() - t
+            pm, dt = timed(lambda: get_peft_model(m, LoraConfig(r=r, lora_alpha=r, target_modules=["0"], init_lora_weights=init)))
             layer = pm.base_model.model[0]
             BA = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
             return dt, (W - BA).norm().item()
@@ -362,6 +365,24 @@ def bench_decompose(args) -> list[dict]:
                      "peft_niter_s": tpn, "peft_niter_err": epn})
         print(json.dumps(rows[-2]), json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+DECOMPOSE_HEAD = ["shape (out×in)", "method", "PEFT step", "PEFT s", "qcorda full s", "qcorda rand s", "speedup full",
+                  "speedup rand", "err diff rand %", "err diff full %"]
+
+
+def decompose_table(drows: list[dict]) -> tuple[list[str], list[list]]:
+    """``(head, rows)`` of :func:`bench_decompose`'s results: one row per PEFT step (PiSSA's ``pissa_niter_4``
+    gets its own), with qcorda's speedup over it and its error relative to PEFT's in %."""
+    rows = []
+    for d in drows:
+        steps = [(d["peft"], d["peft_s"], d["peft_err"])]
+        if "peft_niter_s" in d:
+            steps.append(("pissa_niter_4", d["peft_niter_s"], d["peft_niter_err"]))
+        for step, peft_s, peft_err in steps:
+            rows.append([d["shape"], d["method"], step, peft_s, d["full_s"], d["rand_s"], peft_s / d["full_s"], peft_s / d["rand_s"],
+                         100 * (d["rand_err"] - peft_err) / peft_err, 100 * (d["full_err"] - peft_err) / peft_err])
+    return DECOMPOSE_HEAD, rows
 
 
 # --------------------------------------------------------------------------- parent
@@ -483,18 +504,7 @@ def main(argv=None) -> int:
                   markdown_table(head, rows), ""]
 
     if "decompose" not in skip:
-        drows = bench_decompose(args)
-        rows = []
-        for d in drows:
-            rows.append([d["shape"], d["method"], d["peft"], d["peft_s"], d["full_s"], d["rand_s"],
-                         d["peft_s"] / d["full_s"], d["peft_s"] / d["rand_s"],
-                         100 * (d["rand_err"] - d["peft_err"]) / d["peft_err"], 100 * (d["full_err"] - d["peft_err"]) / d["peft_err"]])
-            if "peft_niter_s" in d:
-                rows.append([d["shape"], "PiSSA", "pissa_niter_4", d["peft_niter_s"], d["full_s"], d["rand_s"],
-                             d["peft_niter_s"] / d["full_s"], d["peft_niter_s"] / d["rand_s"],
-                             100 * (d["rand_err"] - d["peft_niter_err"]) / d["peft_niter_err"], 100 * (d["full_err"] - d["peft_niter_err"]) / d["peft_niter_err"]])
-        head = ["shape (out×in)", "method", "PEFT step", "PEFT s", "qcorda full s", "qcorda rand s", "speedup full",
-                "speedup rand", "err diff rand %", "err diff full %"]
+        head, rows = decompose_table(bench_decompose(args))
         title = f"Per-layer decomposition, Llama-7B shapes, r={args.rank}, CPU fp32"
         print_table(head, rows, title=title)
         lines += [f"## {title}", "",
