@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from qcorda.config import CalibConfig, InitConfig  # noqa: E402
 from qcorda.guard import DivergenceGuard  # noqa: E402
+from qcorda.lr import LR_FACTORS, QLORA_LR  # noqa: E402
 
 #: Every init of the study, by :func:`qcorda.lr.init_key`: (method, cal_start, calibration data).
 INITS: dict[str, tuple[str, str, str | None]] = {
@@ -268,6 +269,24 @@ def best_runs(entry: dict) -> tuple[float | None, list[dict]]:
     return lr, [entry["grid"][f"{lr:g}"]] + list(entry["seeds"].get(f"{lr:g}", {}).values())
 
 
+def _recommended_section(res: dict, inits: list[str]) -> list[str]:
+    """Each init at the learning rate ``learning_rate: auto`` gives it (:mod:`qcorda.lr`, base QLoRA's 2e-4)."""
+    lines = ["", f"## Each init at its recommended learning rate (`qcorda/lr.py`, base {QLORA_LR:g})", "",
+             "| init | factor | lr | n | held-out loss | train loss falls | held-out below init | diverged |", "|---|---|---|---|---|---|---|---|"]
+    for i in inits:
+        e = res["inits"][i]
+        lr = LR_FACTORS[i].factor * QLORA_LR
+        runs = [r for r in [e["grid"].get(f"{lr:g}")] if r] + list(e["seeds"].get(f"{lr:g}", {}).values())
+        if not runs:
+            lines.append(f"| {i} | {LR_FACTORS[i].factor:g} | {lr:g} | 0 | not run | | | |")
+            continue
+        falls = all(sum(r["train_loss"][-5:]) / 5 < sum(r["train_loss"][:5]) / 5 for r in runs)
+        below = all(r["gsm8k_loss"] < e["init"]["gsm8k_loss"] for r in runs)
+        lines.append(f"| {i} | {LR_FACTORS[i].factor:g} | {lr:g} | {len(runs)} | {_pm([r['gsm8k_loss'] for r in runs])} | "
+                     f"{'yes' if falls else 'NO'} | {'yes' if below else 'NO'} | {sum(bool(r['diverged']) for r in runs)} |")
+    return lines
+
+
 def write_report(out: Path, res: dict, args) -> None:
     """``out``.md with the tables, and the two plots."""
     inits = [i for i in args.inits if i in res["inits"]]
@@ -322,6 +341,7 @@ def write_report(out: Path, res: dict, args) -> None:
         lines.append(f"| {i} | {lr:g}{' (all diverged)' if best_lr(e['grid'])[1] else ''} | {ratio} | {len(runs)} | "
                      f"{_pm(get('gsm8k_loss'))} | {_pm(d('gsm8k_loss'))} | {_pm(get('nq_logprob'))} | {_pm(d('nq_logprob'))} | "
                      f"{_pm(get('ppl'), 2)} | {_pm(d('ppl'), 2)} | {'yes' if falls else 'NO'} | {'yes' if below else 'NO'} |")
+    lines += _recommended_section(res, inits)
     lines += ["", "## Time", ""]
     lines += [f"- {part}: {sec / 60:.0f} min" for part, sec in res.get("seconds", {}).items()]
     per = [r for i in inits for r in list(res["inits"][i]["grid"].values())]
