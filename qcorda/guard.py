@@ -4,8 +4,13 @@ Fed one training loss per logging step (the Trainer's loss is already the mean o
 steps since the last log), it smooths the losses with an exponential moving average and
 reports divergence when a loss is NaN/Inf, or when the smoothed loss stays above
 ``start × (1 + margin)`` for ``patience`` logging steps in a row, ``start`` being the mean
-of the first ``start_window`` logged losses (one batch alone is too noisy a reference). ``last_good`` is the last step whose smoothed loss was within the limit: the
-adapter of that step is the one to keep.
+of the first ``start_window`` logged losses. ``qcorda train`` uses the first logged loss alone
+(``start_window`` 1): it is already a mean over ``logging_steps × grad_accum × batch_size``
+sequences, and a longer window absorbs an early blow-up into the reference (Gemma-3-270M at
+100× its recommended lr logged 2.07, 21.9, 7.3: a 3-loss start of 10.4 never stopped the run).
+The fine-tuning study logs single batches and averages its first ``patience`` of them.
+``last_good`` is the last step whose smoothed loss was within the limit: the adapter of that
+step is the one to keep.
 
 Pure Python (no torch): ``qcorda train`` wraps it in a Trainer callback, and the fine-tuning
 study feeds it from its own loop, so both stop by the same rule.
@@ -27,7 +32,7 @@ class DivergenceGuard:
     """Logging steps in a row above the limit before the run is stopped."""
     smoothing: float = 0.5
     """EMA weight of the previous smoothed value (0: no smoothing)."""
-    start_window: int = 3
+    start_window: int = 1
     """Logged losses averaged into ``start``; only NaN/Inf stops the run before they are in."""
     start: float | None = None
     """The mean of the first ``start_window`` logged losses."""

@@ -159,6 +159,18 @@ def test_guard_rules():
     assert "nan" in DivergenceGuard().update(1, float("nan"))
 
 
+def test_guard_catches_a_blow_up_among_the_first_logged_losses():
+    """Defect: ``start`` was the mean of the first 3 logged losses, so a run that blew up at its
+    second log (Gemma-3-270M, qcorda-ipm at 100x its recommended lr: these losses, logged every
+    2 steps) raised its own reference to 10.4 and trained on. ``qcorda train``'s guard now starts
+    from the first logged loss."""
+    from qcorda.guard import DivergenceGuard
+
+    g = DivergenceGuard()  # qcorda train's defaults: margin 0.25, patience 3
+    said = [g.update(s, x) for s, x in zip(range(2, 20, 2), [2.073, 21.94, 7.343, 6.273, 8.127, 5.162])]
+    assert said[:3] == [None] * 3 and "stayed above 2.591" in said[3] and g.last_good == 2
+
+
 def test_guard_stops_a_blowing_up_run_and_keeps_the_last_good_adapter(tmp_path, prepared):
     """Adam moves every weight by ~lr per step: at lr 1e30 the logits overflow and the loss turns NaN."""
     from qcorda.train import TrainingDiverged
