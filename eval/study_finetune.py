@@ -376,7 +376,10 @@ def _plots(out: Path, res: dict, inits: list[str]) -> None:
             ax.scatter([p[0] for p in bad], [p[1] for p in bad], marker="x", s=80, color=line.get_color())
         ax.axhline(res["inits"][i]["init"]["gsm8k_loss"], color="gray", lw=0.3)
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate (x: the guard stopped the run)")
+    lrs = sorted({float(lr) for i in inits for lr in res["inits"][i]["grid"]})
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], fontsize=7)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the log axis would label 3e-5, 4e-5, ... over each other
+    ax.set_xlabel("learning rate (x: stopped by the guard; gray lines: loss at init)")
     ax.set_ylabel("held-out GSM8K answer loss")
     ax.set_title("held-out loss after training, by learning rate", fontsize=9)
     ax.legend(fontsize=7)
