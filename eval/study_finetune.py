@@ -33,6 +33,7 @@ against lr) and ``finetune_curves{,_cuda}.png`` (losses at each init's best lr, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qcorda import decompose  # noqa: E402
 from qcorda.config import CalibConfig, InitConfig  # noqa: E402
 from qcorda.guard import DivergenceGuard  # noqa: E402
 from qcorda.lr import LR_FACTORS, QLORA_LR  # noqa: E402
@@ -60,6 +62,9 @@ INITS: dict[str, tuple[str, str, str | None]] = {
     "qcorda-cal:ipm": ("qcorda-cal", "ipm", "gsm8k"),
     "qcorda-cal:zero": ("qcorda-cal", "zero", "gsm8k"),
     "qera": ("qera", "ipm", "gsm8k"),
+    # qcorda-ipm with the factors as they were before balancing (B = U√S/√s, A = √S·(VᵀC⁻¹)/√s: the same
+    # s·B·A and codes, ‖A_i‖/‖B_i‖ = ‖(VᵀC⁻¹)_i‖): does balancing change stability? (issue 15, item 2)
+    "qcorda-ipm:unbalanced": ("qcorda-ipm", "ipm", "gsm8k"),
 }
 #: Per-device defaults (a flag given on the command line wins).
 PRESETS = {
@@ -94,6 +99,18 @@ def dequantize_base(model):
     return model
 
 
+@contextlib.contextmanager
+def _unbalanced():
+    """Split as before balancing: every row of Vᵀ treated as orthonormal, so A keeps CorDA's (VᵀC⁻¹)_i
+    norms and B stays U√S/√s. A study-only switch: the package always balances."""
+    real = decompose._from_factors
+    decompose._from_factors = lambda *a, **k: real(*a, **{**k, "orthonormal": True})
+    try:
+        yield
+    finally:
+        decompose._from_factors = real
+
+
 def prepare_init(label: str, args, work: Path) -> tuple[Path, float]:
     """Prepare ``label`` once (cached under ``work``); returns the directory and the seconds it took."""
     from qcorda.data import load_records
@@ -116,7 +133,8 @@ def prepare_init(label: str, args, work: Path) -> tuple[Path, float]:
                      calib=CalibConfig(samples=args.calib_samples, max_length=128, batch_size=8, **kw))
     t = time.perf_counter()
     model, tok = load_model("gemma-3-270m")
-    prepare(model, cfg, out, tokenizer=tok, overwrite=True)
+    with _unbalanced() if label.endswith(":unbalanced") else contextlib.nullcontext():
+        prepare(model, cfg, out, tokenizer=tok, overwrite=True)
     seconds = time.perf_counter() - t
     (out / "study_prepare.json").write_text(json.dumps({"seconds": seconds}))
     return out, seconds
@@ -273,7 +291,7 @@ def _recommended_section(res: dict, inits: list[str]) -> list[str]:
     """Each init at the learning rate ``learning_rate: auto`` gives it (:mod:`qcorda.lr`, base QLoRA's 2e-4)."""
     lines = ["", f"## Each init at its recommended learning rate (`qcorda/lr.py`, base {QLORA_LR:g})", "",
              "| init | factor | lr | n | held-out loss | train loss falls | held-out below init | diverged |", "|---|---|---|---|---|---|---|---|"]
-    for i in inits:
+    for i in (i for i in inits if i in LR_FACTORS):
         e = res["inits"][i]
         lr = LR_FACTORS[i].factor * QLORA_LR
         runs = [r for r in [e["grid"].get(f"{lr:g}")] if r] + list(e["seeds"].get(f"{lr:g}", {}).values())
@@ -298,7 +316,7 @@ def write_report(out: Path, res: dict, args) -> None:
         f"- Inits: {', '.join(inits)}; rank {args.rank}, alpha = r, every linear layer of the 18 blocks, NF4 + double quant "
         f"(blocksize 64), prepared once by `qcorda.prepare` (seed 0). Calibration: the first {args.calib_samples} GSM8K-train "
         f"question+answer texts (≤ 128 tokens); qcorda-kpm: the last {args.calib_samples} NQ-open questions (never evaluated). "
-        "qcorda-cal: 5 iterations from the IPM split (`:ipm`) or from zero (`:zero`); loftq 5 iterations.",
+        "qcorda-cal: 5 iterations from the IPM split (`:ipm`) or from zero (`:zero`); loftq 5 iterations. qcorda-ipm:unbalanced (where run): qcorda-ipm with its factors as before balancing, B = U√S/√s and A = √S·(VᵀC⁻¹)/√s (the same s·B·A and codes).",
         f"- Training: {args.steps} steps x {args.batch_size} sequences (≤ {args.max_length} tokens, alpaca prompt, loss on the "
         f"answer + EOS) from the first {args.train_limit} GSM8K-train records, AdamW (fp32 states, no weight decay), cosine "
         f"schedule with {args.warmup_ratio:.0%} warmup, clipping {args.max_grad_norm}. The seed sets the data order, the same for every init.",
