@@ -37,7 +37,6 @@ import contextlib
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -309,8 +308,10 @@ def write_report(out: Path, res: dict, args) -> None:
     """``out``.md with the tables, and the two plots."""
     inits = [i for i in args.inits if i in res["inits"]]
     lines = [f"# Fine-tuning study ({args.device}): Gemma-3-270M, NF4 + rank-{args.rank} adapters trained on GSM8K", ""]
-    lines += ["Reproduce (resumable: finished (init, lr, seed) runs are kept in the JSON; rerun to continue):", "", "```",
-              "PYTHONPATH=$PWD python eval/study_finetune.py " + " ".join(shlex.quote(a) for a in res.get("argv", [])), "```", ""]
+    device = "" if args.device == "cpu" else f" --device {args.device}"
+    lines += ["Reproduce (resumable: finished (init, lr, seed) runs are kept in the JSON; rerun to continue; `--inits`, `--lrs` "
+              "and `--seeds` choose what runs next, and runs of a narrower command count for the full one):", "", "```",
+              f"PYTHONPATH=$PWD python eval/study_finetune.py{device}", "```", ""]
     lines += [
         "## Setup", "",
         f"- Inits: {', '.join(inits)}; rank {args.rank}, alpha = r, every linear layer of the 18 blocks, NF4 + double quant "
