@@ -67,7 +67,7 @@ INITS: dict[str, tuple[str, str, str | None]] = {
 }
 #: Per-device defaults (a flag given on the command line wins).
 PRESETS = {
-    "cpu": dict(steps=60, batch_size=4, lrs="2e-4,2e-5,6e-5,6e-4", gsm8k_limit=32, nq_limit=48, ppl_tokens=1024, eval_every=20),
+    "cpu": dict(steps=60, batch_size=4, lrs="2e-4,2e-5,6e-5,6e-4,1.2e-3", gsm8k_limit=32, nq_limit=48, ppl_tokens=1024, eval_every=20),
     "cuda": dict(steps=300, batch_size=8, lrs="2e-4,2e-5,6e-5,6e-4,1e-5,1e-3", gsm8k_limit=200, nq_limit=300, ppl_tokens=16384, eval_every=50),
 }
 #: Arguments that change the numbers: stored results are reused only when all of them match.
