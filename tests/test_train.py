@@ -118,7 +118,7 @@ def test_recipe_errors(tmp_path, prepared):
 
 @pytest.mark.parametrize("method,cal_start,factor", [
     ("qlora", "ipm", 1.0), ("loftq", "ipm", 1.0), ("qpissa", "ipm", 0.1), ("qcorda-ipm", "ipm", 0.1),
-    ("qcorda-cal", "ipm", 0.1), ("qcorda-cal", "zero", 1.0), ("qera", "ipm", 1.0),
+    ("qcorda-cal", "ipm", 0.1), ("qcorda-cal", "zero", 1.0), ("qera", "ipm", 1.0), ("qcorda-kpm", "ipm", 1.0),
 ])
 def test_learning_rate_auto_resolves_per_method(tmp_path, method, cal_start, factor):
     from qcorda.lr import LR_FACTORS, init_key
