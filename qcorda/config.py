@@ -116,7 +116,8 @@ class InitConfig:
     cal_start: Literal["ipm", "zero"] = "ipm"
     """Where qcorda-cal starts: ipm, the CorDA-IPM split (the adapter holds the principal components),
     or zero, B·A = 0 (the activation-norm LoftQ: the adapter holds only the quantization error; its first
-    iteration is qera). ipm has the lower held-out error (eval/results/fidelity.md)."""
+    iteration is qera). ipm has the lower held-out error (eval/results/fidelity.md); zero trains at QLoRA's
+    rate, tolerates 3x that rate and forgets less (eval/results/finetune.md)."""
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     """Module-name patterns to adapt: exact names, suffixes (q_proj), globs (*.mlp.*) or regexes (re:...).
     all-linear: every Linear/Conv1D in the decoder blocks, lm_head excluded."""
