@@ -356,7 +356,7 @@ def write_report(out: Path, res: dict, args) -> None:
         below = all(r["gsm8k_loss"] < b["gsm8k_loss"] for r in runs)
         get = lambda k: [r[k] for r in runs]  # noqa: E731
         d = lambda k: [r[k] - b[k] for r in runs]  # noqa: E731
-        ratio = f"{lr / q_lr:g}" if q_lr else "n/m"
+        ratio = f"{lr / q_lr:.2g}" if q_lr else "n/m"
         lines.append(f"| {i} | {lr:g}{' (all diverged)' if best_lr(e['grid'])[1] else ''} | {ratio} | {len(runs)} | "
                      f"{_pm(get('gsm8k_loss'))} | {_pm(d('gsm8k_loss'))} | {_pm(get('nq_logprob'))} | {_pm(d('nq_logprob'))} | "
                      f"{_pm(get('ppl'), 2)} | {_pm(d('ppl'), 2)} | {'yes' if falls else 'NO'} | {'yes' if below else 'NO'} |")
@@ -365,7 +365,7 @@ def write_report(out: Path, res: dict, args) -> None:
     lines += [f"- {part}: {sec / 60:.0f} min" for part, sec in res.get("seconds", {}).items()]
     per = [r for i in inits for r in list(res["inits"][i]["grid"].values())]
     if per:
-        lines.append(f"- one run: {_pm([r['train_seconds'] / 60 for r in per], 1)} min training, "
+        lines.append(f"- one run (part times add up every process that ran, here two one-thread ones at once): {_pm([r['train_seconds'] / 60 for r in per], 1)} min training, "
                      f"{_pm([(r['eval_seconds'] + r['curve_seconds']) / 60 for r in per], 1)} min measuring "
                      f"({len(per)} grid runs; machine: {res['runs'][-1].get('threads')} threads, load average "
                      f"{', '.join(f'{x:.1f}' for x in res['runs'][-1].get('load', []))} at the last save)")
