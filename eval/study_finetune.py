@@ -365,7 +365,7 @@ def write_report(out: Path, res: dict, args) -> None:
     lines += [f"- {part}: {sec / 60:.0f} min" for part, sec in res.get("seconds", {}).items()]
     per = [r for i in inits for r in list(res["inits"][i]["grid"].values())]
     if per:
-        lines.append(f"- one run (part times add up every process that ran, here two one-thread ones at once): {_pm([r['train_seconds'] / 60 for r in per], 1)} min training, "
+        lines.append(f"- one run (the part times add up every process that ran): {_pm([r['train_seconds'] / 60 for r in per], 1)} min training, "
                      f"{_pm([(r['eval_seconds'] + r['curve_seconds']) / 60 for r in per], 1)} min measuring "
                      f"({len(per)} grid runs; machine: {res['runs'][-1].get('threads')} threads, load average "
                      f"{', '.join(f'{x:.1f}' for x in res['runs'][-1].get('load', []))} at the last save)")
