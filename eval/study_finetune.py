@@ -278,12 +278,30 @@ def _pm(values: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
 
+def runs_at(entry: dict, lr: float) -> list[dict]:
+    """Every run of an init at ``lr``: the grid's seed and the extra seeds."""
+    return [r for r in [entry["grid"].get(f"{lr:g}")] if r] + list(entry["seeds"].get(f"{lr:g}", {}).values())
+
+
 def best_runs(entry: dict) -> tuple[float | None, list[dict]]:
-    """Each init's best lr and every run at it (the grid's seed and the extra seeds)."""
+    """Each init's best lr and every run at it."""
     lr, _ = best_lr(entry["grid"])
-    if lr is None:
-        return None, []
-    return lr, [entry["grid"][f"{lr:g}"]] + list(entry["seeds"].get(f"{lr:g}", {}).values())
+    return (None, []) if lr is None else (lr, runs_at(entry, lr))
+
+
+def _falls(runs: list[dict]) -> str:
+    """yes when, in every run, the mean of the last 5 training losses is below that of the first 5."""
+    return "yes" if all(sum(r["train_loss"][-5:]) / 5 < sum(r["train_loss"][:5]) / 5 for r in runs) else "NO"
+
+
+def _below_init(runs: list[dict], init: dict) -> str:
+    """yes when every run ends with a held-out loss below the init's."""
+    return "yes" if all(r["gsm8k_loss"] < init["gsm8k_loss"] for r in runs) else "NO"
+
+
+def _grid_lrs(res: dict, inits: list[str]) -> list[float]:
+    """Every lr the seed-0 grid holds for ``inits``, ascending."""
+    return sorted({float(lr) for i in inits for lr in res["inits"][i]["grid"]})
 
 
 def _recommended_section(res: dict, inits: list[str]) -> list[str]:
@@ -293,14 +311,12 @@ def _recommended_section(res: dict, inits: list[str]) -> list[str]:
     for i in (i for i in inits if i in LR_FACTORS):
         e = res["inits"][i]
         lr = LR_FACTORS[i].factor * QLORA_LR
-        runs = [r for r in [e["grid"].get(f"{lr:g}")] if r] + list(e["seeds"].get(f"{lr:g}", {}).values())
+        runs = runs_at(e, lr)
         if not runs:
             lines.append(f"| {i} | {LR_FACTORS[i].factor:g} | {lr:g} | 0 | not run | | | |")
             continue
-        falls = all(sum(r["train_loss"][-5:]) / 5 < sum(r["train_loss"][:5]) / 5 for r in runs)
-        below = all(r["gsm8k_loss"] < e["init"]["gsm8k_loss"] for r in runs)
         lines.append(f"| {i} | {LR_FACTORS[i].factor:g} | {lr:g} | {len(runs)} | {_pm([r['gsm8k_loss'] for r in runs])} | "
-                     f"{'yes' if falls else 'NO'} | {'yes' if below else 'NO'} | {sum(bool(r['diverged']) for r in runs)} |")
+                     f"{_falls(runs)} | {_below_init(runs, e['init'])} | {sum(bool(r['diverged']) for r in runs)} |")
     return lines
 
 
@@ -330,7 +346,7 @@ def write_report(out: Path, res: dict, args) -> None:
         f"(first {args.ppl_tokens} tokens).",
         "",
     ]
-    lrs = sorted({float(lr) for i in inits for lr in res["inits"][i]["grid"]})
+    lrs = _grid_lrs(res, inits)
     lines += ["## Held-out GSM8K loss over the learning-rate grid (seed " + str(args.seeds[0]) + ")", "",
               "| init | at init | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
     for i in inits:
@@ -352,14 +368,12 @@ def write_report(out: Path, res: dict, args) -> None:
         if lr is None:
             continue
         b = e["init"]
-        falls = all(sum(r["train_loss"][-5:]) / 5 < sum(r["train_loss"][:5]) / 5 for r in runs)
-        below = all(r["gsm8k_loss"] < b["gsm8k_loss"] for r in runs)
         get = lambda k: [r[k] for r in runs]  # noqa: E731
         d = lambda k: [r[k] - b[k] for r in runs]  # noqa: E731
         ratio = f"{lr / q_lr:.2g}" if q_lr else "n/m"
         lines.append(f"| {i} | {lr:g}{' (all diverged)' if best_lr(e['grid'])[1] else ''} | {ratio} | {len(runs)} | "
                      f"{_pm(get('gsm8k_loss'))} | {_pm(d('gsm8k_loss'))} | {_pm(get('nq_logprob'))} | {_pm(d('nq_logprob'))} | "
-                     f"{_pm(get('ppl'), 2)} | {_pm(d('ppl'), 2)} | {'yes' if falls else 'NO'} | {'yes' if below else 'NO'} |")
+                     f"{_pm(get('ppl'), 2)} | {_pm(d('ppl'), 2)} | {_falls(runs)} | {_below_init(runs, b)} |")
     lines += _recommended_section(res, inits)
     lines += ["", "## Time", ""]
     lines += [f"- {part}: {sec / 60:.0f} min" for part, sec in res.get("seconds", {}).items()]
@@ -395,7 +409,7 @@ def _plots(out: Path, res: dict, inits: list[str]) -> None:
             ax.scatter([p[0] for p in bad], [p[1] for p in bad], marker="x", s=80, color=line.get_color())
         ax.axhline(res["inits"][i]["init"]["gsm8k_loss"], color="gray", lw=0.3)
     ax.set_xscale("log")
-    lrs = sorted({float(lr) for i in inits for lr in res["inits"][i]["grid"]})
+    lrs = _grid_lrs(res, inits)
     ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], fontsize=7)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the log axis would label 3e-5, 4e-5, ... over each other
     ax.set_xlabel("learning rate (x: stopped by the guard; gray lines: loss at init)")
