@@ -289,6 +289,13 @@ def best_runs(entry: dict) -> tuple[float | None, list[dict]]:
     return (None, []) if lr is None else (lr, runs_at(entry, lr))
 
 
+def _paired(runs: list[dict], ref: list[dict]) -> list[float]:
+    """Held-out loss of ``runs`` minus that of ``ref`` for every seed both have: the seed sets the data
+    order, the same for every init, so the difference of two inits at one seed is paired."""
+    by_seed = {r["seed"]: r["gsm8k_loss"] for r in ref}
+    return [r["gsm8k_loss"] - by_seed[r["seed"]] for r in runs if r["seed"] in by_seed]
+
+
 def _falls(runs: list[dict]) -> str:
     """yes when, in every run, the mean of the last 5 training losses is below that of the first 5."""
     return "yes" if all(sum(r["train_loss"][-5:]) / 5 < sum(r["train_loss"][:5]) / 5 for r in runs) else "NO"
@@ -356,12 +363,12 @@ def write_report(out: Path, res: dict, args) -> None:
             r = e["grid"].get(f"{lr:g}")
             cells.append("" if r is None else f"{r['gsm8k_loss']:.3f}" + (f" † ({r['kept_step']})" if r["diverged"] else ""))
         lines.append(f"| {i} | {e['init']['gsm8k_loss']:.3f} | " + " | ".join(cells) + " |")
-    q_lr = best_lr(res["inits"]["qlora"]["grid"])[0] if "qlora" in res["inits"] else None
+    q_lr, q_runs = best_runs(res["inits"]["qlora"]) if "qlora" in res["inits"] else (None, [])
     lines += ["", "## Each init at its best learning rate", "",
               "Mean ± half the range over the seeds run so far (n). Δ = trained − init; a lower NQ log-lik or a higher "
-              "perplexity is forgetting.", "",
-              "| init | best lr | / qlora's | n | held-out loss | Δ loss | NQ gold log-lik | Δ NQ | wikitext-2 ppl | Δ ppl | train loss falls | held-out below init |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "perplexity is forgetting. vs qlora: held-out loss minus qlora's at its best lr, paired by seed (n pairs).", "",
+              "| init | best lr | / qlora's | n | held-out loss | vs qlora (n) | Δ loss | NQ gold log-lik | Δ NQ | wikitext-2 ppl | Δ ppl | train loss falls | held-out below init |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i in inits:
         e = res["inits"][i]
         lr, runs = best_runs(e)
@@ -372,7 +379,7 @@ def write_report(out: Path, res: dict, args) -> None:
         d = lambda k: [r[k] - b[k] for r in runs]  # noqa: E731
         ratio = f"{lr / q_lr:.2g}" if q_lr else "n/m"
         lines.append(f"| {i} | {lr:g}{' (all diverged)' if best_lr(e['grid'])[1] else ''} | {ratio} | {len(runs)} | "
-                     f"{_pm(get('gsm8k_loss'))} | {_pm(d('gsm8k_loss'))} | {_pm(get('nq_logprob'))} | {_pm(d('nq_logprob'))} | "
+                     f"{_pm(get('gsm8k_loss'))} | {_pm(_paired(runs, q_runs))} ({len(_paired(runs, q_runs))}) | {_pm(d('gsm8k_loss'))} | {_pm(get('nq_logprob'))} | {_pm(d('nq_logprob'))} | "
                      f"{_pm(get('ppl'), 2)} | {_pm(d('ppl'), 2)} | {_falls(runs)} | {_below_init(runs, b)} |")
     lines += _recommended_section(res, inits)
     lines += ["", "## Time", ""]
