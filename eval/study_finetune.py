@@ -283,6 +283,11 @@ def runs_at(entry: dict, lr: float) -> list[dict]:
     return [r for r in [entry["grid"].get(f"{lr:g}")] if r] + list(entry["seeds"].get(f"{lr:g}", {}).values())
 
 
+def recommended_lr(label: str) -> float | None:
+    """The lr ``learning_rate: auto`` gives an init (:mod:`qcorda.lr`, base QLoRA's 2e-4); None for a study-only init."""
+    return LR_FACTORS[label].factor * QLORA_LR if label in LR_FACTORS else None
+
+
 def best_runs(entry: dict) -> tuple[float | None, list[dict]]:
     """Each init's best lr and every run at it."""
     lr, _ = best_lr(entry["grid"])
@@ -317,7 +322,7 @@ def _recommended_section(res: dict, inits: list[str]) -> list[str]:
              "| init | factor | lr | n | held-out loss | train loss falls | held-out below init | diverged |", "|---|---|---|---|---|---|---|---|"]
     for i in (i for i in inits if i in LR_FACTORS):
         e = res["inits"][i]
-        lr = LR_FACTORS[i].factor * QLORA_LR
+        lr = recommended_lr(i)
         runs = runs_at(e, lr)
         if not runs:
             lines.append(f"| {i} | {LR_FACTORS[i].factor:g} | {lr:g} | 0 | not run | | | |")
@@ -463,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lrs", help="learning rates of the grid, in the order they run")
     p.add_argument("--seeds", default="0,1,2", help="the first runs the grid, all of them run each init's best lr")
+    p.add_argument("--seeds-at", default="best", choices=["best", "recommended"],
+                   help="the lr the seeds after the first run at: each init's best in the grid, or its recommended lr "
+                        "(qcorda/lr.py; the grid must hold that lr for the first seed)")
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--max-grad-norm", type=float, default=0.3)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
@@ -539,17 +547,20 @@ def main(argv: list[str] | None = None) -> int:
             grid[f"{lr:g}"] = run_one(prepared[label], lr, args.seeds[0], train, args)
             print({k: grid[f"{lr:g}"][k] for k in ("gsm8k_loss", "nq_logprob", "ppl", "diverged")}, flush=True)
             save("lr grid", time.perf_counter() - t)
-    for seed in args.seeds[1:]:  # 3. each init's best lr, more seeds
+    for seed in args.seeds[1:]:  # 3. each init's best (or recommended) lr, more seeds
         for label in args.inits:
             entry = res["inits"][label]
-            lr, _ = best_lr(entry["grid"])
+            lr = best_lr(entry["grid"])[0] if args.seeds_at == "best" else recommended_lr(label)
+            if lr is None:
+                print(f"== {label}: no {args.seeds_at} lr (a study-only init, or no grid run), skipped", flush=True)
+                continue
             done = entry["seeds"].setdefault(f"{lr:g}", {})
             if str(seed) in done:
                 continue
-            print(f"== {label} best lr {lr:g} seed {seed}", flush=True)
+            print(f"== {label} {args.seeds_at} lr {lr:g} seed {seed}", flush=True)
             t = time.perf_counter()
             done[str(seed)] = run_one(prepared[label], lr, seed, train, args)
-            save("best lr, more seeds", time.perf_counter() - t)
+            save(f"{args.seeds_at} lr, more seeds", time.perf_counter() - t)
     print(out.with_suffix(".md").read_text())
     return 0
 
