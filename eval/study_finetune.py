@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from qcorda import decompose  # noqa: E402
 from qcorda.config import CalibConfig, InitConfig  # noqa: E402
 from qcorda.guard import DivergenceGuard  # noqa: E402
-from qcorda.lr import LR_FACTORS, QLORA_LR  # noqa: E402
+from qcorda.lr import LR_FACTORS, QLORA_LR, recommended_lr  # noqa: E402
 
 #: Every init of the study, by :func:`qcorda.lr.init_key`: (method, cal_start, calibration data).
 INITS: dict[str, tuple[str, str, str | None]] = {
@@ -283,9 +283,11 @@ def runs_at(entry: dict, lr: float) -> list[dict]:
     return [r for r in [entry["grid"].get(f"{lr:g}")] if r] + list(entry["seeds"].get(f"{lr:g}", {}).values())
 
 
-def recommended_lr(label: str) -> float | None:
-    """The lr ``learning_rate: auto`` gives an init (:mod:`qcorda.lr`, base QLoRA's 2e-4); None for a study-only init."""
-    return LR_FACTORS[label].factor * QLORA_LR if label in LR_FACTORS else None
+def study_recommended_lr(label: str) -> float | None:
+    """The lr ``learning_rate: auto`` gives an init label (``method`` or ``qcorda-cal:<start>``) at base QLoRA's
+    2e-4; None for a study-only init."""
+    method, _, start = label.partition(":")
+    return recommended_lr(method, QLORA_LR, start or None) if label in LR_FACTORS else None
 
 
 def best_runs(entry: dict) -> tuple[float | None, list[dict]]:
@@ -322,7 +324,7 @@ def _recommended_section(res: dict, inits: list[str]) -> list[str]:
              "| init | factor | lr | n | held-out loss | train loss falls | held-out below init | diverged |", "|---|---|---|---|---|---|---|---|"]
     for i in (i for i in inits if i in LR_FACTORS):
         e = res["inits"][i]
-        lr = recommended_lr(i)
+        lr = study_recommended_lr(i)
         runs = runs_at(e, lr)
         if not runs:
             lines.append(f"| {i} | {LR_FACTORS[i].factor:g} | {lr:g} | 0 | not run | | | |")
@@ -550,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds[1:]:  # 3. each init's best (or recommended) lr, more seeds
         for label in args.inits:
             entry = res["inits"][label]
-            lr = best_lr(entry["grid"])[0] if args.seeds_at == "best" else recommended_lr(label)
+            lr = best_lr(entry["grid"])[0] if args.seeds_at == "best" else study_recommended_lr(label)
             if lr is None:
                 print(f"== {label}: no {args.seeds_at} lr (a study-only init, or no grid run), skipped", flush=True)
                 continue
