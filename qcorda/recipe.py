@@ -62,7 +62,8 @@ class TrainConfig:
     about. Recipe: ``train.learning_rate``."""
     base_learning_rate: float = QLORA_LR
     """QLoRA's learning rate for this setup, which ``learning_rate: auto`` scales per method (2e-4:
-    QLoRA's on GPUs). Recipe: ``train.base_learning_rate``."""
+    QLoRA's on GPUs). Set it to the rate QLoRA trains best at here: a short run wants more, and below it
+    the 0.1x inits train far too slowly (eval/results/finetune.md). Recipe: ``train.base_learning_rate``."""
     lr_scheduler: str = "cosine"
     """transformers scheduler name (cosine, linear, constant, constant_with_warmup). Recipe: ``train.lr_scheduler``."""
     warmup_ratio: float = 0.03
