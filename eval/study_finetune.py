@@ -384,9 +384,10 @@ def write_report(out: Path, res: dict, args) -> None:
         b = e["init"]
         get = lambda k: [r[k] for r in runs]  # noqa: E731
         d = lambda k: [r[k] - b[k] for r in runs]  # noqa: E731
+        vs_q = _paired(runs, q_runs)
         ratio = f"{lr / q_lr:.2g}" if q_lr else "n/m"
         lines.append(f"| {i} | {lr:g}{' (all diverged)' if best_lr(e['grid'])[1] else ''} | {ratio} | {len(runs)} | "
-                     f"{_pm(get('gsm8k_loss'))} | {_pm(_paired(runs, q_runs))} ({len(_paired(runs, q_runs))}) | {_pm(d('gsm8k_loss'))} | {_pm(get('nq_logprob'))} | {_pm(d('nq_logprob'))} | "
+                     f"{_pm(get('gsm8k_loss'))} | {_pm(vs_q)} ({len(vs_q)}) | {_pm(d('gsm8k_loss'))} | {_pm(get('nq_logprob'))} | {_pm(d('nq_logprob'))} | "
                      f"{_pm(get('ppl'), 2)} | {_pm(d('ppl'), 2)} | {_falls(runs)} | {_below_init(runs, b)} |")
     lines += _recommended_section(res, inits)
     lines += ["", "## Time", ""]

@@ -60,7 +60,7 @@ LR_FACTORS: dict[str, LrFactor] = {
                             f"6e-4) while qlora's is 1.2e-3, a ratio of 1/6; {_LEE}"),
     "qolora": LrFactor(0.1, "OLoRA's factors are Q, R of W (principal-component size): by analogy with PiSSA"),
     "qcorda-ipm": LrFactor(0.1, f"{_STUDY}: 0.976 at 6e-5, 0.964 ± 0.014 at 2e-4, 1.143 at 6e-4 while qlora's "
-                                f"best is 1.2e-3, a ratio of 1/6 to 1/20; {_LEE}"),
+                                f"best is 1.2e-3, a ratio of 1/6; {_LEE}"),
     "qcorda-cal:ipm": LrFactor(0.1, f"{_STUDY}: best at 2e-4 (0.949 ± 0.014; 0.958 at 6e-5, 1.120 at 6e-4), 1/6 of qlora's; starts from the CorDA-IPM "
                                     "split, as qcorda-ipm"),
 }
