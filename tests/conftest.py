@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tok():
-    import tiny
+    from qcorda.testing import tiny
 
     return tiny.tokenizer()
 

@@ -8,7 +8,7 @@ import shutil
 
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.config import InitConfig
 from qcorda.prepare import prepare
 from qcorda.prepared import load_prepared

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.config import InitConfig
 from qcorda.prepare import prepare
 from qcorda.recipe import load_recipe

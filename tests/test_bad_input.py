@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.cli import main
 
 CALIB = ["--calib-data", "gsm8k-train", "--calib-fields", "question,answer", "--calib-samples", "8", "--calib-max-length", "32"]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.baselines import baseline_layer, eva_components
 from qcorda.config import CalibConfig, ConfigError, InitConfig
 from qcorda.adapters import dense_weight, plain_lora_refusal

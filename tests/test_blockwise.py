@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.blockwise import NotBlockwise, collect_blockwise
 from qcorda.covariance import collect
 from qcorda.data import token_batches

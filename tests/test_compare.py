@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.config import CalibConfig, InitConfig
 from qcorda.compare import compare, effective_weight, layer_errors
 from qcorda.config import CompareConfig

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.config import ConfigError
 from qcorda.covariance import Covariances, collect
 from qcorda.data import token_batches

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.config import ConfigError, InitConfig
 from qcorda.data import load_records
 from qcorda.evaluate import (

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from export_helpers import eval_script, inputs
 from qcorda.config import CalibConfig, InitConfig
 from qcorda.prepare import prepare

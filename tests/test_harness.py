@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.config import ConfigError
 from qcorda.data import load_records
 from qcorda.evaluate import GSM8K_STOP, extract_answer, gsm8k, gsm8k_prompts, load_for_eval, nq_prompts

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.config import CalibConfig, ConfigError, InitConfig
 from qcorda.decompose import activation_fit, damp, svd_split
 import qcorda.calibration

@@ -150,7 +150,7 @@ def _recipe_file(tmp_path, model, **arch):
 
 
 def test_config_json_mismatch_names_the_recipe_key(tmp_path):
-    import tiny
+    from qcorda.testing import tiny
 
     model = tiny.save(tmp_path, "llama")
     cfg = json.loads((model / "config.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.prepared import OWNER_KEY, TRAIN_MARKER
 from export_helpers import prepared_and_trained
 from qcorda.cli import main

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.config import CalibConfig, ConfigError, InitConfig
 from qcorda.prepare import prepare
 from qcorda.prepared import load_prepared

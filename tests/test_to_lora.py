@@ -116,7 +116,7 @@ def test_refusals(setup, tmp_path):
         to_lora(prep, str(base), tmp_path / "a", "exact-delta", edited, verify=None, progress=False)
     # compress writes scale-folded factors, so the same adapter converts (exactly at rank 2r)
     to_lora(prep, str(base), tmp_path / "b", "compress", edited, rank=8, verify=None, progress=False)
-    import tiny
+    from qcorda.testing import tiny
 
     other = tiny.save(tmp_path / "other", "llama", seed=5)
     with pytest.raises(ConfigError, match="not the model .* was prepared from"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-import tiny
+from qcorda.testing import tiny
 from qcorda.config import CalibConfig, ConfigError, InitConfig
 from qcorda.prepare import prepare
 from qcorda.prepared import load_prepared

@@ -1,4 +1,4 @@
-"""Tiny random models and a tiny tokenizer for fast CPU tests."""
+"""Tiny random models and a tiny tokenizer for fast CPU tests (qcorda's tests and eval/ import them from here)."""
 
 from __future__ import annotations
 
