@@ -61,8 +61,8 @@ import golden_compare  # noqa: E402  (eval/, for golden_config and the golden me
 RESULTS = ROOT / "eval" / "results"
 GOLDEN = RESULTS / "compare_golden.json"
 COMPARE_CPU = RESULTS / "compare_default.md"
-SMOKE = ROOT / "recipes" / "gemma3-270m-cpu.yaml"
-LLAMA3_70B = ROOT / "recipes" / "llama3-70b" / "qcorda-ipm-metamath.yaml"
+SMOKE = ROOT / "qcorda" / "recipes" / "gemma3-270m-cpu.yaml"
+LLAMA3_70B = ROOT / "qcorda" / "recipes" / "llama3-70b" / "qcorda-ipm-metamath.yaml"
 GB = 1024**3
 #: The methods of the golden file, first: the budget may cut the tail of the list, never these.
 GOLDEN_METHODS = tuple(golden_compare.REFERENCE) + tuple(golden_compare.EXPECTED_FROM_MEASURED)

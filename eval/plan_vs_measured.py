@@ -42,8 +42,8 @@ MB = 1024**2
 
 #: name → (how to get the model, recipe overrides)
 CASES = {
-    "gemma3-270m (smoke recipe)": dict(model="gemma-3-270m", recipe=str(ROOT / "recipes/gemma3-270m-cpu.yaml"), overrides=[]),
-    "gemma3-270m b4x256": dict(model="gemma-3-270m", recipe=str(ROOT / "recipes/gemma3-270m-cpu.yaml"),
+    "gemma3-270m (smoke recipe)": dict(model="gemma-3-270m", recipe="gemma3-270m-cpu", overrides=[]),
+    "gemma3-270m b4x256": dict(model="gemma-3-270m", recipe="gemma3-270m-cpu",
                                overrides=["train.batch_size=4", "train.max_length=256"]),
     "small-llama V32k untied": dict(model="small-llama", arch=dict(layers=4, hidden=256, intermediate=688, heads=4, kv_heads=2,
                                                                    vocab=32000, tied_embeddings=False), overrides=[]),

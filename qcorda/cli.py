@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "quantization-error report for qlora / loftq / qpissa / qmilora / qcorda"),
     "train": ("train", "fine-tune the adapter of a prepared model from a YAML recipe"),
     "plan": ("plan", "estimate the peak GPU memory of a recipe"),
+    "recipes": ("recipes", "list the recipes shipped with qcorda, or copy one out to edit"),
     "merge": ("merge", "dequantize and export a merged fp16/bf16 model"),
     "to-lora": ("to_lora", "convert a trained adapter into a plain LoRA for the original base"),
     "eval": ("evaluate", "GSM8K accuracy, NQ-open retention and perplexity, or lm-evaluation-harness tasks"),

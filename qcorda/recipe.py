@@ -4,6 +4,10 @@ A recipe names where the prepared model comes from (``prepared:`` a directory wr
 ``qcorda prepare``, or ``init:`` the :class:`~qcorda.config.InitConfig` to prepare on the fly),
 the data, the trainer settings, and (for the planner) the model's architecture numbers.
 Every unknown key is an error, so a recipe cannot silently rot.
+
+The recipes shipped with the package live in ``qcorda/recipes/`` (``<model>/<method>-<task>.yaml``,
+plus accelerate configs under ``accelerate/``); wherever a recipe is accepted, a shipped recipe's
+name (``llama3-8b/qcorda-ipm-metamath``) works as well as a path (:func:`resolve_recipe`).
 """
 
 from __future__ import annotations
@@ -277,13 +281,55 @@ def build(cls, data: dict | None, where: str = ""):
         raise e.renamed(f"{where}.{e.field}" if where else e.field) from None
 
 
+# --------------------------------------------------------------------------- shipped recipes
+
+#: Where the shipped recipes live (package data).
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+#: The folder of shipped accelerate configs: files for ``accelerate launch --config_file``, not recipes.
+ACCELERATE_DIR = "accelerate"
+
+
+def shipped(configs: bool = False) -> dict[str, Path]:
+    """The shipped recipes by name (the path under ``qcorda/recipes/`` without ``.yaml``), sorted;
+    with ``configs`` also the accelerate configs (``accelerate/fsdp_qlora``)."""
+    out = {}
+    for p in sorted(RECIPES_DIR.rglob("*.yaml")):
+        name = p.relative_to(RECIPES_DIR).with_suffix("").as_posix()
+        if configs or not name.startswith(ACCELERATE_DIR + "/"):
+            out[name] = p
+    return out
+
+
+def shipped_recipe(name: str, configs: bool = False) -> Path:
+    """The file of the shipped recipe ``name`` (``gemma3-270m-cpu``, ``llama3-8b/qcorda-ipm-metamath``;
+    ``.yaml`` and a leading ``recipes/`` are allowed); with ``configs`` an accelerate config too. An
+    unknown name is a :class:`ConfigError` that lists the closest shipped names."""
+    import difflib
+
+    known = shipped(configs)
+    key = str(name).removeprefix("qcorda/").removeprefix("recipes/").removesuffix(".yaml")
+    if key in known:
+        return known[key]
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
+    close = close or [n for n in known if key and key.split("/")[-1] in n][:3]
+    hint = f"closest: {', '.join(close)}" if close else f"shipped: {', '.join(list(known)[:3])}, ..."
+    raise ConfigError(f"RECIPE {name}: no such file, and no shipped recipe has that name ({hint}); "
+                      "`qcorda recipes` lists them")
+
+
+def resolve_recipe(name_or_path: str | Path, configs: bool = False) -> Path:
+    """The file of a recipe given as a path or as a shipped recipe's name (:func:`shipped_recipe`);
+    an existing file wins over a name. The one place a recipe argument is turned into a file."""
+    path = Path(name_or_path)
+    return path if path.is_file() else shipped_recipe(str(name_or_path), configs)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read ``path`` (YAML), apply ``key=value`` overrides, return the typed :class:`Recipe`."""
+    """Read ``path`` (YAML; or a shipped recipe's name, :func:`resolve_recipe`), apply ``key=value``
+    overrides, return the typed :class:`Recipe`."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"RECIPE {path}: no such file; give a YAML recipe such as recipes/gemma3-270m-cpu.yaml")
+    path = resolve_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -308,4 +354,4 @@ def recipe_dict(recipe: Recipe) -> dict:
     return plain(dataclasses.asdict(recipe))
 
 
-__all__ = ["ArchConfig", "CalibConfig", "DataConfig", "InitConfig", "Recipe", "TrainConfig", "load_recipe", "recipe_dict"]
+__all__ = ["ArchConfig", "CalibConfig", "DataConfig", "InitConfig", "Recipe", "TrainConfig", "load_recipe", "recipe_dict", "resolve_recipe", "shipped", "shipped_recipe"]

@@ -82,8 +82,8 @@ def test_quant_storage_is_saved_and_changes_no_output(tmp_path, tok, monkeypatch
 
 
 def test_fsdp_config_is_an_fsdp_qlora_accelerate_config():
-    cfg = yaml.safe_load((ROOT / "recipes/accelerate/fsdp_qlora.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "qcorda/recipes/accelerate/fsdp_qlora.yaml").read_text())
     assert cfg["distributed_type"] == "FSDP" and cfg["mixed_precision"] == "bf16"
     f = cfg["fsdp_config"]
     assert f["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and f["fsdp_cpu_ram_efficient_loading"]
-    assert "quant_storage" in (ROOT / "recipes/accelerate/fsdp_qlora.yaml").read_text()
+    assert "quant_storage" in (ROOT / "qcorda/recipes/accelerate/fsdp_qlora.yaml").read_text()

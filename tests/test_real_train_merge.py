@@ -51,7 +51,7 @@ def test_smoke_recipe_train_merge_reload_plain_transformers(gemma_path, tmp_path
     from qcorda.prepared import load_prepared
 
     run = tmp_path / "run"
-    out = _cli("train", str(ROOT / "recipes/gemma3-270m-cpu.yaml"), *SHORT, f"output_dir={run}")
+    out = _cli("train", "gemma3-270m-cpu", *SHORT, f"output_dir={run}")
     assert "loss: " in out
     meta = json.loads((run / "adapter" / "qcorda_train.json").read_text())
     assert meta["global_step"] == 6

@@ -1,5 +1,7 @@
-"""Every recipe under recipes/ loads into the config dataclasses and fits the GPU it is sized for;
-``qcorda plan`` unit tests (NF4 storage == bitsandbytes, config.json checks, CLI)."""
+"""Every recipe shipped under qcorda/recipes/ loads into the config dataclasses and fits the GPU it is
+sized for, and ships in the wheel; names resolve wherever a recipe is accepted (``qcorda recipes``,
+``copy``, ``train``, ``plan``); ``qcorda plan`` unit tests (NF4 storage == bitsandbytes, config.json
+checks, CLI)."""
 
 import json
 from pathlib import Path
@@ -12,35 +14,38 @@ from qcorda.plan import (
     GB, PROJECTIONS, PlanInput, adam_state_bytes, check_arch, nf4_bytes, plan_input, plan_memory, plan_recipe,
     read_model_config, target_projections,
 )
-from qcorda.recipe import ArchConfig, load_recipe
+from qcorda.recipe import RECIPES_DIR, ArchConfig, load_recipe, resolve_recipe, shipped
 from qcorda.table import fmt
 
 ROOT = Path(__file__).resolve().parent.parent
-#: every training recipe (accelerate configs under recipes/accelerate/ are not recipes)
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+#: every training recipe (accelerate configs under qcorda/recipes/accelerate/ are not recipes), by name
+NAMES = list(shipped())
+RECIPES = [shipped()[n] for n in NAMES]
 
 
 def test_recipes_found():
     assert len(RECIPES) >= 7
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
-def test_recipe_loads_and_fits(path):
-    recipe = load_recipe(path)
+@pytest.mark.parametrize("name", NAMES)
+def test_recipe_loads_and_fits(name):
+    path = RECIPES_DIR / f"{name}.yaml"
+    recipe = load_recipe(name)
+    assert recipe == load_recipe(path)
     text = path.read_text()
-    assert "qcorda train " + str(path.relative_to(ROOT)) in text, "header shows the launch command"
+    assert f"qcorda train {name}\n" in text, "header shows the launch command, by name"
     assert recipe.output_dir and recipe.arch is not None and recipe.init is not None
     res = plan_recipe(recipe, "cuda", check=True)  # check=True: arch vs config.json where it is readable
     if recipe.gpu_memory_gb is not None:
         assert res.plan.fits(recipe.gpu_memory_gb), f"{path} plans {res.plan.total / GB:.2f} GB > {recipe.gpu_memory_gb} GB"
         # the header quotes the planner's figure for exactly this recipe
         assert f"qcorda plan: {fmt(round(res.plan.total / GB, 3))} GB planned" in text
-    if path.parent != ROOT / "recipes":  # recipes/<model>/<method>-<task>.yaml
+    if path.parent != RECIPES_DIR:  # qcorda/recipes/<model>/<method>-<task>.yaml
         assert path.stem.split("-")[0] in ("qcorda", "qpissa", "loftq", "qlora", "qmilora")
         assert path.stem.startswith(recipe.init.method)
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
+@pytest.mark.parametrize("path", RECIPES, ids=NAMES)
 def test_recipe_learning_rate_is_auto_or_explained(path):
     """Issue 15: the SVD inits diverged at QLoRA's learning rate; a recipe trains at its method's rate
     (learning_rate: auto) or says why not."""
@@ -167,7 +172,11 @@ def test_config_json_mismatch_names_the_recipe_key(tmp_path):
     # unreadable config.json: planned offline, nothing checked
     off = load_recipe(_recipe_file(tmp_path, "some-org/not-in-the-cache"))
     assert plan_recipe(off).checked_against is None
+    # the planner checks the key/value heads (GQA) against config.json too, naming both numbers
     assert cfg["num_key_value_heads"] == 2
+    bad = load_recipe(_recipe_file(tmp_path, model, head_dim=16), ["arch.kv_heads=4"])
+    with pytest.raises(ConfigError, match=r"arch\.kv_heads = 4 but .*num_key_value_heads = 2; set arch\.kv_heads: 2"):
+        plan_recipe(bad)
 
 
 def test_check_arch_reads_text_config_and_defaults():
@@ -182,17 +191,95 @@ def test_check_arch_reads_text_config_and_defaults():
 def test_plan_cli(tmp_path, capsys):
     from qcorda.cli import main
 
-    assert main(["plan", str(ROOT / "recipes/llama3-8b/qcorda-ipm-metamath.yaml")]) == 0
+    assert main(["plan", str(RECIPES_DIR / "llama3-8b/qcorda-ipm-metamath.yaml")]) == 0
     out = capsys.readouterr().out
     assert "| total" in out and "24 GB GPU: fits" in out and "48 GB GPU: fits" in out
-    assert main(["plan", str(ROOT / "recipes/llama3-70b/qcorda-ipm-metamath.yaml")]) == 0
+    assert main(["plan", "llama3-8b/qcorda-ipm-metamath"]) == 0  # by name: the same plan
+    assert capsys.readouterr().out.replace("plan llama3-8b/", "plan X/") == out.replace(f"plan {RECIPES_DIR}/llama3-8b/qcorda-ipm-metamath.yaml", "plan X/qcorda-ipm-metamath")
+    assert main(["plan", "llama3-70b/qcorda-ipm-metamath"]) == 0
     assert "24 GB GPU: does NOT fit" in capsys.readouterr().out
-    assert main(["plan", str(ROOT / "recipes/llama3-8b/qcorda-ipm-metamath.yaml"), "arch=null"]) == 2
+    assert main(["plan", "llama3-8b/qcorda-ipm-metamath", "arch=null"]) == 2
     assert "arch:" in capsys.readouterr().err
 
 
 def test_plan_input_cpu_defaults():
-    recipe = load_recipe(ROOT / "recipes/gemma3-270m-cpu.yaml")
+    recipe = load_recipe("gemma3-270m-cpu")
     cpu, gpu = plan_input(recipe, "cpu"), plan_input(recipe, "cuda")
     assert cpu.compute_bytes == 4 and gpu.compute_bytes == 2
     assert plan_memory(cpu).cuda_context == 0 < plan_memory(gpu).cuda_context
+
+
+# --------------------------------------------------------------------------- shipped recipes: names, list, copy, wheel
+
+
+def test_package_data_ships_every_recipe():
+    """pyproject's package-data globs match every file under qcorda/recipes/ (a recipe one folder deeper
+    would be left out of the wheel silently)."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["qcorda"]
+    pkg = RECIPES_DIR.parent
+    files = [p.relative_to(pkg).as_posix() for p in RECIPES_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert "recipes/accelerate/fsdp_qlora.yaml" in files and len(files) == len(shipped(configs=True))
+    # setuptools' * does not cross a folder (glob semantics); fnmatch's does, so compare by depth too
+    shipped_files = [f for f in files if any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert shipped_files == files
+
+
+def test_names_resolve_in_one_place(tmp_path, monkeypatch):
+    path = RECIPES_DIR / "llama3-8b/qcorda-ipm-metamath.yaml"
+    for given in ("llama3-8b/qcorda-ipm-metamath", "llama3-8b/qcorda-ipm-metamath.yaml", "recipes/llama3-8b/qcorda-ipm-metamath.yaml"):
+        assert resolve_recipe(given) == path
+    assert "accelerate/fsdp_qlora" not in shipped() and resolve_recipe("accelerate/fsdp_qlora", configs=True).is_file()
+    with pytest.raises(ConfigError, match="accelerate/fsdp_qlora: no such file"):
+        resolve_recipe("accelerate/fsdp_qlora")  # an accelerate config is not a training recipe
+    # a file of that name in the working directory wins over the shipped recipe
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gemma3-270m-cpu").write_text((RECIPES_DIR / "gemma3-270m-cpu.yaml").read_text().replace("max_steps: 20", "max_steps: 3"))
+    assert load_recipe("gemma3-270m-cpu").train.max_steps == 3
+    assert load_recipe("gemma3-270m-cpu.yaml").train.max_steps == 20
+    with pytest.raises(ConfigError, match=r"RECIPE llama3-8b/qcorda-ipm: no such file.*closest: llama3-8b/qcorda-ipm-metamath"):
+        load_recipe("llama3-8b/qcorda-ipm")
+
+
+def test_recipes_lists_each_with_the_planners_memory(capsys):
+    from qcorda.cli import main
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines() if line.startswith("| ")}
+    assert set(NAMES) <= set(rows)
+    for name in NAMES:
+        r = load_recipe(name)
+        total = plan_recipe(r, "cuda", check=False).plan.total / GB
+        model, method, rank, gpu, planned = rows[name]
+        assert (model, method, rank) == (r.model, r.init.method, str(r.init.rank))
+        assert planned.startswith(f"{total:.2f} GB"), (name, planned)
+        if r.gpu_memory_gb is not None:
+            assert gpu == f"{r.gpu_memory_gb:g} GB" and planned.endswith("(fits)")
+    assert "accelerate/fsdp_qlora" in out and "accelerate/fsdp_qlora" not in rows
+    assert main(["recipes", "--device", "cpu"]) == 0
+    cpu = capsys.readouterr().out
+    assert f"{plan_recipe(load_recipe('gemma3-270m-cpu'), 'cpu', check=False).plan.total / GB:.2f} GB" in cpu
+
+
+def test_recipes_copy(tmp_path, capsys):
+    from qcorda.cli import main
+
+    assert main(["recipes", "copy", "llama3-8b/qcorda-ipm-metamath", str(tmp_path / "mine")]) == 0
+    copied = tmp_path / "mine" / "qcorda-ipm-metamath.yaml"
+    assert copied.read_text() == (RECIPES_DIR / "llama3-8b/qcorda-ipm-metamath.yaml").read_text()
+    assert f"qcorda train {copied}" in capsys.readouterr().out
+    copied.write_text(copied.read_text().replace("rank: 64", "rank: 32"))
+    assert main(["recipes", "copy", "llama3-8b/qcorda-ipm-metamath", str(tmp_path / "mine")]) == 2
+    err = capsys.readouterr().err
+    assert "exists; pass --force" in err and "llama3-8b/qcorda-ipm-metamath" in err
+    assert load_recipe(copied).init.rank == 32, "a refused copy leaves the edited file alone"
+    assert main(["recipes", "copy", "llama3-8b/qcorda-ipm-metamath", str(tmp_path / "mine"), "--force"]) == 0
+    assert load_recipe(copied).init.rank == 64
+    assert main(["recipes", "copy", "gemma3-270m-cpu", str(tmp_path / "x.yaml")]) == 0 and (tmp_path / "x.yaml").is_file()
+    assert main(["recipes", "copy", "accelerate/fsdp_qlora", str(tmp_path)]) == 0 and (tmp_path / "fsdp_qlora.yaml").is_file()
+    assert main(["recipes", "copy", "gemma3-270m", str(tmp_path / "y")]) == 2
+    assert "RECIPE gemma3-270m: no such file, and no shipped recipe has that name (closest: gemma3-270m-cpu)" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -1,4 +1,4 @@
-"""``qcorda plan RECIPE.yaml [key=value ...] [--device cuda|cpu]``"""
+"""``qcorda plan RECIPE [key=value ...] [--device cuda|cpu]``"""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("recipe", help="a YAML recipe file, or a shipped recipe's name (`qcorda recipes` lists them)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides into the recipe, e.g. train.batch_size=8 init.rank=128")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),

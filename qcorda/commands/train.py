@@ -1,4 +1,4 @@
-"""``qcorda train RECIPE.yaml [train.max_steps=50 ...]``"""
+"""``qcorda train RECIPE [train.max_steps=50 ...]``"""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("recipe", help="a YAML recipe file, or a shipped recipe's name (`qcorda recipes` lists them)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides into the recipe, e.g. train.max_steps=50 output_dir=runs/x")
 
