@@ -1,47 +1,54 @@
-"""GPU readiness check (issue 17): everything qcorda does on one CUDA GPU, in one command and one results file.
+"""GPU check (issues 17, 24): everything qcorda does on one CUDA GPU, in one command of at most 5 minutes, with no download.
 
-    python eval/gpu_check.py --out eval/results/gpu_check.md     # one CUDA GPU, real sizes (target: <= 8 minutes)
-    python eval/gpu_check.py --dry-run                           # toy sizes on the CPU (< 2 minutes): the same code
+    python -m eval.gpu_bundle                           # here: the wheels the GPU machine lacks, and the command to run there
+    python -m eval.gpu_check --out $OUT/gpu_check.md    # there: one CUDA GPU, real shapes, <= 5 minutes (--budget)
+    python -m eval.gpu_check --dry-run                  # here: the same code at toy sizes on the CPU, <= 2 minutes
+    python -m eval.gpu_check --parts prepare,train      # a subset; --model DIR adds the real-model golden comparisons
 
-A GPU is at hand only now and then, for minutes, so this is ready beforehand and one run answers everything:
+The lent GPU machine reaches no registry and carries at most 64 MiB, so no model is downloaded: the parts run on
+real-shape models with seeded random weights built from the configs in ``eval/configs/`` (Gemma-3-270M's own
+``config.json`` with a 4096-token BPE tokenizer trained here on the bundled data, for prepare / compare / train /
+merge; Llama-3-8B's published numbers for the memory and speed parts). Correctness on the GPU is agreement with the
+CPU on the same weights, computed in the same run (the device's CPU cores): the error figures, the stored NF4 codes
+(byte-equal where the residual is the weight itself: bitsandbytes' quantizer is deterministic), the logits, the
+merged tensors. ``--model DIR`` (a real Gemma-3-270M directory) adds the golden figures of
+``eval/results/compare_golden.json``.
 
-1. ``prepare``     every method at r = 64 with bf16 compute, in-memory engine on the device: time, peak GPU memory
-                   (``torch.cuda.max_memory_allocated``) and peak host RSS; the reloaded directory's logits against the
-                   in-memory model's; prepare's weight error against the CPU golden figures of ``qcorda compare`` (±0.02).
-2. ``compare``     the golden compare settings on the device (every figure against the CPU golden ones, ±0.02), and the
-                   default ``qcorda compare`` (its methods, r = 16 and 64): its time against the CPU figure.
-3. ``train``       the CPU smoke recipe on the device for 50 steps with ``paged_adamw_8bit`` and bf16: loss, steps/s, peak
-                   GPU memory against ``qcorda plan --device cuda`` (target ratio 1 ± 15 %); the same run once more,
-                   interrupted at step 25 and resumed; one step of a paged optimizer on a tensor big enough to be paged.
-4. ``merge_eval``  merge to bf16 (merged vs trained 4-bit + adapter: top-1 agreement, max |Δlogit|), then perplexity and a
-                   small GSM8K subset of the merged model.
-5. ``decompose``   qcorda's CorDA-IPM and PiSSA splits (full and randomized SVD) against PEFT's CorDA eigen step and its
-                   PiSSA inits at Llama-3-8B and -70B shapes, fp32, r = 64, on the device (``bench_prepare.bench_decompose``).
-6. ``synthetic``   streamed prepare of a synthetic 8B-shaped bf16 checkpoint (``bench_prepare.write_synthetic``): wall
-                   time, peak GPU memory, peak host RSS; with a tiny one for the fixed costs, an extrapolation to
-                   Llama-3-70B, stated as such.
+Parts (:data:`PARTS`), in order:
 
-Every part runs even when an earlier one failed (the failure and its traceback tail are recorded), and the markdown
-and JSON results are rewritten after every part, so a run cut short still leaves what it measured. A part's status
-is ``ok``, ``check failed`` (it ran; a check missed its target) or ``error``. Parts that loop (methods, shapes) stop
-starting new items once their share of the time budget is spent, and say which they skipped.
+1. ``prepare``    every method at r = 64, bf16 compute, on the device: time, peak GPU memory, the error figure; for
+                  :data:`CPU_METHODS` the same prepare on the CPU from the same covariance file: error figures, NF4
+                  codes, logits of the two prepared directories.
+2. ``compare``    the default ``qcorda compare`` timed on the device against its CPU time (the first "Measured"
+                  section of eval/results/compare_default.md, with its thread count); with ``--model``, the golden
+                  settings against the golden file, every golden method or the part fails.
+3. ``train``      the smoke recipe with ``paged_adamw_8bit`` and bf16: loss, steps/s, peak GPU memory against
+                  ``qcorda plan --device cuda``; interrupted half-way and resumed; one paged-optimizer step.
+4. ``merge_eval`` merge to bf16 on the device and on the CPU (the merged tensors compared), the verification, a
+                  perplexity and GSM8K pass (timings: the weights are random).
+5. ``precision``  a few training steps of qlora and qpissa in fp32 and under bf16 autocast (PEFT then computes the
+                  LoRA product in bf16): whether the CPU-measured learning-rate factors carry over to a GPU.
+6. ``decompose``  qcorda's CorDA-IPM and PiSSA splits against PEFT's at Llama-3-8B layer shapes, fp32, on the device.
+7. ``synthetic``  streamed prepare of a Llama-3-8B-shaped checkpoint with a few of its 32 layers: wall time, peak
+                  GPU memory (one layer at a time: the 8B figure), peak host RSS, extrapolated to 32 layers.
 
-``--dry-run`` differs only in the sizes (:data:`SIZES`) and the default device: a tiny random Llama instead of
-Gemma-3-270M, 2 training steps, small shapes and a tiny synthetic checkpoint. Where a figure has a CPU reference
-only at real size (the golden file, the CPU compare time) the dry run says so instead of comparing; the golden
-check is made against the same compare run on the CPU at toy size. tests/test_gpu_check.py runs the dry run, so
-the script cannot rot between GPU runs. A dry run's figures are CPU figures at toy size, never GPU figures.
+Time: one deadline (``--budget``, 290 s on a GPU, 110 s in the dry run) for the whole run, setup included. Each part
+gets a share of the time left (:data:`WEIGHTS`: time a part leaves unused goes to the next) and checks it between
+items; a part still running at its share plus a grace period is interrupted by an alarm. A part that runs out
+records what it measured and its status says ``cut``. Setup (libraries, models) happens when a part first needs
+it; a failure there is recorded and skips only the parts that need it. The markdown and the JSON beside it are
+rewritten (atomically) after every part. FSDP needs several GPUs and is not part of this check
+(eval/results/fsdp_cpu.md ran it on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
 import re
-import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -50,85 +57,191 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "eval"), str(ROOT / "tests")]
+from eval.lib.measure import environment as machine_environment
+from eval.lib.measure import machine, peak_rss_mb, reset_peak_rss, rss_mb
+from qcorda.io import write_text_atomic
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import bench_prepare  # noqa: E402  (eval/, for write_synthetic, bench_decompose, peak_rss_mb, machine)
-import golden_compare  # noqa: E402  (eval/, for golden_config and the golden metrics)
-
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "eval" / "configs"
+GEMMA_CONFIG = CONFIGS / "gemma3-270m"
+LLAMA8B_CONFIG = CONFIGS / "llama3-8b"
 RESULTS = ROOT / "eval" / "results"
 GOLDEN = RESULTS / "compare_golden.json"
 COMPARE_CPU = RESULTS / "compare_default.md"
-SMOKE = ROOT / "qcorda" / "recipes" / "gemma3-270m-cpu.yaml"
-LLAMA3_70B = ROOT / "qcorda" / "recipes" / "llama3-70b" / "qcorda-ipm-metamath.yaml"
 GB = 1024**3
-#: The methods of the golden file, first: the budget may cut the tail of the list, never these.
-GOLDEN_METHODS = tuple(golden_compare.REFERENCE) + tuple(golden_compare.EXPECTED_FROM_MEASURED)
-#: The issue's tolerance for every error figure against its CPU golden value.
+#: The methods prepared on the CPU too: NF4 alone (its codes must be byte-equal), an SVD init, a calibrated one.
+CPU_METHODS = ("qlora", "qpissa", "qcorda-ipm")
+#: An error figure (error / qlora's) on the device against the CPU's, same weights and covariance: fp32 splits
+#: differ in rounding and, for randomized SVDs, in the device's random sketch.
+CPU_TOLERANCE = 5e-3
+#: The issue's tolerance for every golden figure against its CPU value.
 GOLDEN_TOLERANCE = 0.02
 #: ``qcorda plan --device cuda`` against ``max_memory_allocated``: the issue's target, as a ratio.
 PLAN_TOLERANCE = 0.15
 #: bitsandbytes pages an optimizer state only for parameters of at least this many values (get_state_buffer).
 PAGED_MIN_NUMEL = 100_000
-#: The tiny random Llama of the dry run: every projection has >= 128 rows and columns. Its rank is 16: PEFT's EVA
-#: does not converge at r = 64 on a random model this small (its activations have no dominant directions).
-TOY_LLAMA = dict(hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+#: Loss under bf16 autocast against fp32 at the same step: below this relative difference, a run's trajectory (and so
+#: its best learning rate) is taken as unchanged.
+AUTOCAST_TOLERANCE = 0.01
+#: Seconds past its share after which a part is interrupted (it checks its share between items before that).
+GRACE = {"gpu": 20.0, "toy": 8.0}
+#: Each part's share of the time left when it starts, relative to the parts still to run (first estimates of their
+#: GPU time: no GPU run yet).
+WEIGHTS = dict(prepare=70, compare=40, train=45, merge_eval=30, precision=30, decompose=25, synthetic=40)
 
 SIZES = {
     "gpu": dict(
-        model="gemma-3-270m", prepare_rank=64, compute_dtype="bfloat16", reload_records=4,
-        train_steps=50, resume_at=25, gsm8k_limit=32, gsm8k_new_tokens=256, ppl_tokens=8192, ppl_window=512, ppl_stride=256,
-        decompose_rank=64, shapes=("4096x4096", "14336x4096", "4096x14336", "8192x28672"),
-        synthetic=(8.0e9, 4096), synthetic_base=(8.5e6, 128), synthetic_rank=64,
-        # seconds per part after which a looping part starts no new item (first guesses: no GPU run yet)
-        budget=dict(prepare=100, compare=110, train=60, merge_eval=45, decompose=80, synthetic=120),
+        budget=290.0, gemma={}, methods=None, compare={}, rank=64, compute_dtype="bfloat16", reload_records=4, calib_samples=32, calib_max_length=256,
+        train_steps=30, resume_at=15, precision_steps=10, gsm8k_limit=16, gsm8k_new_tokens=64, ppl_tokens=4096,
+        ppl_window=512, ppl_stride=256, llama={}, llama_layers=2,
     ),
+    # the same code at toy size: two of Gemma's layers at their real width, the tokenizer's vocabulary; a narrow Llama
     "toy": dict(
-        model="tiny-llama", prepare_rank=16, compute_dtype="bfloat16", reload_records=2,
-        train_steps=2, resume_at=1, gsm8k_limit=2, gsm8k_new_tokens=16, ppl_tokens=512, ppl_window=128, ppl_stride=64,
-        decompose_rank=16, shapes=("128x128", "384x128", "128x384", "256x896"),
-        synthetic=(2.0e7, 256), synthetic_base=(8.5e6, 128), synthetic_rank=16,
-        budget={},
+        budget=110.0, gemma=dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], vocab_size=4096),
+        methods=CPU_METHODS + ("qcorda-cal", "qeva"),
+        compare=dict(methods=("qlora", "qpissa", "qcorda-ipm"), ranks=(16,), eval_samples=8, eval_max_length=64, eval_tokens=128),
+        rank=16, compute_dtype="bfloat16", reload_records=2, calib_samples=8, calib_max_length=64,
+        train_steps=2, resume_at=1, precision_steps=2, gsm8k_limit=2, gsm8k_new_tokens=8, ppl_tokens=256, ppl_window=128,
+        ppl_stride=64, llama=dict(hidden_size=256, intermediate_size=896, num_attention_heads=2, num_key_value_heads=1,
+                                  head_dim=128, vocab_size=4096), llama_layers=2,
     ),
 }
 
 
+class Cut(BaseException):
+    """The running part reached its share of the deadline. A BaseException: no ``except Exception`` in a library swallows it."""
+
+
+class Skipped(Exception):
+    """A part needs a setup step that failed."""
+
+
 @dataclass
 class Context:
-    """What every part reads: the mode's sizes, the device, a scratch directory, and what earlier parts left."""
+    """What every part reads: the mode's sizes, the device, the scratch directory, the deadline, what setup made."""
 
     sizes: dict
     device: str
     work: Path
     toy: bool
+    deadline: float
+    model: str | None = None
+    """``--model``: a real Gemma-3-270M directory for the golden comparisons."""
     inject: frozenset = frozenset()
-    model: str = ""
-    """The model of parts 1-4 (:func:`ready_model`)."""
+    overrun: frozenset = frozenset()
+    setup: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
-    part_started: float = 0.0
     part: str = ""
+    part_end: float = 0.0
+    checked: int = 0
 
-    def over_budget(self) -> bool:
-        """The running part has spent its share of the time budget (loops then start no new item)."""
-        budget = self.sizes["budget"].get(self.part)
-        return budget is not None and time.perf_counter() - self.part_started > budget
+    def left(self) -> float:
+        return self.part_end - time.perf_counter()
+
+    def check(self, what: str = "") -> None:
+        """Between two items of a part: raise :class:`Cut` once the part's share is spent."""
+        self.checked += 1
+        if time.perf_counter() > self.part_end:
+            raise Cut(f"share of the deadline spent before {what or 'the next item'}")
+        if self.part in self.overrun and self.checked > 1:  # --inject-overrun: hang past the share, checking nothing
+            while True:
+                time.sleep(1.0)
+
+    def need(self, name: str):
+        """The product of setup step ``name`` (made on first use, recorded in ``setup``), or :class:`Skipped`."""
+        if name not in self.setup:
+            t0 = time.perf_counter()
+            try:
+                value = SETUP[name](self)
+                self.setup[name] = {"status": "ok", "seconds": time.perf_counter() - t0, "value": value}
+            except Exception as e:  # noqa: BLE001  (recorded; only the parts that need it are skipped)
+                self.setup[name] = {"status": "error", "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}",
+                                    "traceback": traceback.format_exc()[-3000:]}
+        s = self.setup[name]
+        if s["status"] != "ok":
+            raise Skipped(f"setup '{name}' failed: {s['error']}")
+        return s["value"]
 
 
-def ready_model(ctx: Context) -> str:
-    """The directory of the model of parts 1-4: Gemma-3-270M (converted once, about a minute on a fresh machine),
-    or in the dry run a tiny random Llama saved in the work directory."""
-    from qcorda.models import resolve_model_path
+# --------------------------------------------------------------------------- setup
 
-    if not ctx.toy:
-        return resolve_model_path(ctx.sizes["model"])
-    import tiny
 
-    path = ctx.work / ctx.sizes["model"]
-    tiny.model("llama", **TOY_LLAMA).save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
+def setup_libs(ctx: Context) -> dict:
+    """bitsandbytes, TRL, datasets importable, and bitsandbytes' kernels working on the device (one NF4 round trip)."""
+    import bitsandbytes
+    import bitsandbytes.functional as F
+    import datasets
+    import torch
+    import trl
+
+    w = torch.randn(256, 64, device=ctx.device)
+    q, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    err = (F.dequantize_4bit(q, state, quant_type="nf4") - w).abs().max().item()
+    if not err < 1.0:
+        raise RuntimeError(f"bitsandbytes NF4 round trip on {ctx.device}: max error {err}")
+    return {"bitsandbytes": bitsandbytes.__version__, "trl": trl.__version__, "datasets": datasets.__version__}
+
+
+def setup_gemma(ctx: Context) -> str:
+    """A Gemma-3-270M directory with seeded random weights from ``eval/configs/gemma3-270m`` (fp32, as the converted
+    real one), its tokenizer beside it; in the dry run two layers and the tokenizer's vocabulary."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = ctx.work / "gemma3-270m-random"
+    config = AutoConfig.from_pretrained(GEMMA_CONFIG)
+    for k, v in ctx.sizes["gemma"].items():
+        setattr(config, k, v)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(GEMMA_CONFIG).save_pretrained(out)
+    del model
+    return str(out)
+
+
+def setup_real(ctx: Context) -> str:
+    """``--model``: a directory with Gemma-3-270M's weights."""
+    if ctx.model is None:
+        raise FileNotFoundError("no --model DIR given: the golden figures need the real Gemma-3-270M")
+    path = Path(ctx.model)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--model {path}: no config.json there")
     return str(path)
+
+
+def setup_llama(ctx: Context) -> dict:
+    """The Llama-3-8B numbers of ``eval/configs/llama3-8b`` (in the dry run, narrowed)."""
+    config = json.loads((LLAMA8B_CONFIG / "config.json").read_text())
+    return {**config, **ctx.sizes["llama"]}
+
+
+def write_tokenizer(out: Path = GEMMA_CONFIG, vocab: int = 4096) -> None:
+    """Train the check's tokenizer (``eval/configs/README.md``): byte-level BPE on the bundled data, Gemma's special ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qcorda.data import BUNDLED
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0-4, as Gemma-3's config.json expects
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([line for k in ("gsm8k-train", "nq-open", "wikitext2") for line in BUNDLED[k].read_text().splitlines()], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+                                   mask_token="<mask>")
+    fast.save_pretrained(out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers 5.17 (the device's) knows this name
+    write_text_atomic(out / "tokenizer_config.json", json.dumps(cfg, indent=2))
+
+
+SETUP = {"libs": setup_libs, "gemma": setup_gemma, "real": setup_real, "llama": setup_llama}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -142,7 +255,6 @@ def sync(device: str) -> None:
 
 
 def free(device: str) -> None:
-    """Drop what the last step left (a failed part leaves its tensors to the garbage collector)."""
     import torch
 
     gc.collect()
@@ -152,36 +264,23 @@ def free(device: str) -> None:
 
 @contextmanager
 def measured(device: str, into: dict):
-    """Wall time, peak GPU memory (``max_memory_allocated``, GB) and peak host RSS (GB) of the block, into ``into``;
-    also the host RSS at its start, so that what the block itself added can be told from the process's baseline."""
+    """Wall time, peak GPU memory (``max_memory_allocated``, GB) and peak host RSS (``VmHWM`` reset at the start, GB)
+    of the block into ``into``, with the RSS at its start: what the block added is the difference."""
     import torch
 
-    from qcorda.stream import _return_freed_memory
-
     free(device)
-    _return_freed_memory()  # freed heap of earlier parts would otherwise hide part of this block's growth
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux)
-    except OSError:
-        pass
-    into["host_start_gb"] = rss_gb("VmRSS")
+    reset_peak_rss()
+    into["host_start_gb"] = rss_mb() / 1024
     t0 = time.perf_counter()
     try:
         yield into
     finally:
         sync(device)
         into["seconds"] = time.perf_counter() - t0
-        into["host_peak_gb"] = bench_prepare.peak_rss_mb() / 1024
+        into["host_peak_gb"] = peak_rss_mb() / 1024
         into["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / GB if device == "cuda" else None
-
-
-def rss_gb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
 
 
 def check(name: str, value, target: str, passed: bool | None) -> dict:
@@ -189,188 +288,240 @@ def check(name: str, value, target: str, passed: bool | None) -> dict:
     return {"check": name, "value": value, "target": target, "pass": passed}
 
 
-def within(value: float, ref: float, tol: float) -> bool:
-    return abs(value - ref) <= tol
+def new_result(summary: str = "") -> dict:
+    """What a part fills in as it measures, so that a cut part still shows what it got."""
+    return {"summary": summary, "tables": [], "checks": [], "notes": [], "figures": {}}
 
 
-# --------------------------------------------------------------------------- golden figures
+def table(r: dict, title: str, head: list[str]) -> list:
+    """A new table of ``r``; returns its row list, to append to as rows are measured."""
+    rows: list = []
+    r["tables"].append({"title": title, "head": head, "rows": rows})
+    return rows
 
 
-def golden_figures(model, tok, methods, device: str, rank: int) -> tuple[dict, float]:
-    """``(method → golden metrics, seconds)``: ``qcorda compare`` with eval/golden_compare.py's settings on ``device``
-    (at ``rank``: the golden file's is 64, the dry run's smaller)."""
-    from qcorda.compare import compare
+def prepared_tensors(directory: Path) -> dict:
+    """``{name: tensor}`` of a prepared directory's model shards (not the adapter)."""
+    from safetensors.torch import load_file
 
-    cfg = golden_compare.golden_config(methods)
-    cfg = replace(cfg, ranks=(rank,), init=replace(cfg.init, device=device))
-    report = compare(model.to(device), tok, cfg, "golden", progress=False)
-    return {r["method"]: {k: r[k] for k in golden_compare.METRICS} for r in report.totals()}, report.seconds
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
 
 
-def reference_figures(ctx: Context) -> tuple[dict, str]:
-    """The CPU figures the device's are checked against, and where they come from: the golden file at real size;
-    in the dry run, the same golden compare run on the CPU on the toy model (computed once)."""
-    if "reference" not in ctx.cache:
-        if not ctx.toy:
-            ctx.cache["reference"] = (json.loads(GOLDEN.read_text())["measured"], f"{GOLDEN.relative_to(ROOT)} (CPU)")
-        else:
-            from qcorda.models import load_model
+def equal_fraction(a: dict, b: dict, keys) -> tuple[float, int]:
+    """``(fraction of equal bytes, values compared)`` of ``a[k]`` against ``b[k]`` over ``keys``."""
+    import torch
 
-            model, tok = load_model(ctx.model)
-            figures, _ = golden_figures(model, tok, GOLDEN_METHODS, "cpu", ctx.sizes["prepare_rank"])
-            ctx.cache["reference"] = (figures, f"the golden settings at r={ctx.sizes['prepare_rank']} on the CPU, toy model, "
-                                               "computed in this run")
-    return ctx.cache["reference"]
+    same = total = 0
+    for k in keys:
+        x, y = a[k].contiguous().view(-1).view(torch.uint8), b[k].contiguous().view(-1).view(torch.uint8)
+        same += int((x == y).sum())
+        total += x.numel()
+    return (same / total if total else float("nan")), total
+
+
+def held_out(tok, records: int):
+    from qcorda.scoring import held_out_batches
+
+    return list(held_out_batches(tok, "gsm8k-test", ("question", "answer"), records, 128, 2)[0])
 
 
 # --------------------------------------------------------------------------- 1. prepare
 
 
-def part_prepare(ctx: Context) -> dict:
-    """Every method through the in-memory engine on the device (bf16 compute, golden calibration), saved and reloaded."""
+def prepare_config(ctx: Context, method: str, device: str):
+    from qcorda.config import CalibConfig, InitConfig
+
+    s = ctx.sizes
+    calib = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=s["calib_samples"], max_length=s["calib_max_length"])
+    return InitConfig(method=method, rank=s["rank"], device=device, compute_dtype=s["compute_dtype"], calib=calib)
+
+
+def part_prepare(ctx: Context, r: dict) -> None:
+    """Every method streamed from the random Gemma on the device; :data:`CPU_METHODS` also on the CPU, compared."""
     from qcorda.config import METHODS
     from qcorda.models import load_model
     from qcorda.prepare import prepare
     from qcorda.prepared import load_prepared
-    from qcorda.scoring import held_out_batches, logit_agreement
+    from qcorda.scoring import logit_agreement
 
-    s, dev = ctx.sizes, ctx.device
-    ref, source = reference_figures(ctx)
-    base, tok = load_model(ctx.model)
-    batches = list(held_out_batches(tok, "gsm8k-test", ("question", "answer"), s["reload_records"], 128, 2)[0])
-    init = replace(golden_compare.golden_config(GOLDEN_METHODS).init, rank=s["prepare_rank"], device=dev, compute_dtype=s["compute_dtype"])
-    cov = ctx.work / "prepare-covariance.safetensors"  # the first data-driven method collects it, the others reuse it
-    rows, checks, skipped, figures = [], [], [], {}
-    for method in GOLDEN_METHODS + tuple(m for m in METHODS if m not in GOLDEN_METHODS):
-        if rows and ctx.over_budget():
-            skipped.append(method)
-            continue
-        cfg = replace(init, method=method)
+    ctx.need("libs")
+    model_dir = ctx.need("gemma")
+    dev, s = ctx.device, ctx.sizes
+    _, tok = load_model(model_dir)
+    batches = held_out(tok, s["reload_records"])
+    cov = ctx.work / "prepare-covariance.safetensors"  # collected once on the device; every other run reads it
+    order = list(CPU_METHODS) + [m for m in (s["methods"] or METHODS) if m not in CPU_METHODS]
+    rows = table(r, "On the device", ["method", "prepare s", "peak GPU GB", "peak host RSS GB", "weight err / qlora", "calibration"])
+    cpu_rows = table(r, "Device against the CPU, same weights and covariance",
+                     ["method", "CPU s", "err / qlora (device)", "(CPU)", "difference", "NF4 codes equal", "absmax bytes equal",
+                      "max |Δlogit|", "top-1"])
+    r["figures"] = {"device": {}, "cpu": {}, "not_run": list(order)}
+    for method in order:
+        ctx.check(f"prepare {method}")
+        r["figures"]["not_run"].remove(method)
+        cfg = prepare_config(ctx, method, dev)
         reuse = cfg.needs_covariance and cov.exists()
+        out = ctx.work / f"prepared-{method}"
         fig: dict = {}
         try:  # one method's failure is recorded, the others still run
-            model = copy.deepcopy(base).to(dev)  # calibration runs where the model is: put it on the device
             with measured(dev, fig):
-                p = prepare(model, cfg, ctx.work / "prepared", calib=cov if reuse else None, tokenizer=tok, overwrite=True,
-                            save_covariance=cov if cfg.needs_covariance and not reuse else None, progress=False)
-            reloaded = load_prepared(ctx.work / "prepared", is_trainable=False, device=dev)
-            agree = logit_agreement({"in-memory": p.model, "reloaded": reloaded}, [("in-memory", "reloaded")], batches, progress=False)[0]
+                p = prepare(model_dir, cfg, out, calib=cov if reuse else None, overwrite=True, progress=False,
+                            save_covariance=cov if cfg.needs_covariance and not reuse else None)
         except Exception as e:  # noqa: BLE001
-            figures[method] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
-            rows.append([method, f"error: {type(e).__name__}: {str(e)[:160]}"] + [None] * 6)
-            checks.append(check(f"{method}: prepared and reloaded", type(e).__name__, "no exception", False))
-            model = p = reloaded = None
+            r["figures"]["device"][method] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+            rows.append([method, f"error: {type(e).__name__}: {str(e)[:160]}", None, None, None, None])
+            r["checks"].append(check(f"{method}: prepared on {dev}", type(e).__name__, "no exception", False))
             free(dev)
             continue
         rel = p.report.err / p.report.qlora_err
-        golden = ref.get(method, {}).get("weight_err_rel")
-        figures[method] = dict(fig, weight_err_rel=rel, golden=golden, reload_max_abs_diff=agree.max_abs_diff, reload_top1=agree.top1,
-                               calibration="reused file" if reuse else ("collected" if cfg.needs_calibration else "none"))
-        rows.append([method, fig["seconds"], fig["gpu_peak_gb"], fig["host_peak_gb"], rel, golden, agree.max_abs_diff, agree.top1])
-        checks.append(check(f"{method}: reloaded logits = in-memory", agree.max_abs_diff, "max |Δlogit| = 0", agree.max_abs_diff == 0))
-        if golden is not None:
-            checks.append(check(f"{method}: weight error vs golden", rel - golden, f"within ±{GOLDEN_TOLERANCE} of {golden:.4f}",
-                                within(rel, golden, GOLDEN_TOLERANCE)))
-        del p, model, reloaded
+        calibration = "read the file" if reuse else ("collected" if cfg.needs_calibration else "none")
+        r["figures"]["device"][method] = dict(fig, weight_err_rel=rel, calibration=calibration)
+        rows.append([method, fig["seconds"], fig["gpu_peak_gb"], fig["host_peak_gb"], rel, calibration])
+        if method not in CPU_METHODS:
+            continue
+        ctx.check(f"prepare {method} on the CPU")
+        cpu_out = ctx.work / f"prepared-{method}-cpu"
+        t0 = time.perf_counter()
+        q = prepare(model_dir, prepare_config(ctx, method, "cpu"), cpu_out, calib=cov if cfg.needs_covariance else None,
+                    overwrite=True, progress=False)
+        cpu_s = time.perf_counter() - t0
+        cpu_rel = q.report.err / q.report.qlora_err
+        a, b = prepared_tensors(out), prepared_tensors(cpu_out)
+        codes = [k for k in a if k.endswith(".weight") and a[k].dtype.is_floating_point is False]
+        absmax = [k for k in a if "absmax" in k or "quant_map" in k]
+        codes_eq, n_codes = equal_fraction(a, b, codes)
+        absmax_eq, _ = equal_fraction(a, b, absmax)
+        ctx.check(f"logits of {method}")
+        on_dev, on_cpu = load_prepared(out, is_trainable=False, device=dev), load_prepared(cpu_out, is_trainable=False, device="cpu")
+        agree = logit_agreement({"cpu": on_cpu, dev: on_dev}, [("cpu", dev)], batches, progress=False)[0]
+        del on_dev, on_cpu
+        r["figures"]["cpu"][method] = {"seconds": cpu_s, "weight_err_rel": cpu_rel, "codes_equal": codes_eq, "codes": n_codes,
+                                       "absmax_equal": absmax_eq, "max_abs_diff": agree.max_abs_diff, "top1": agree.top1,
+                                       "mean_kl": agree.mean_kl}
+        cpu_rows.append([method, cpu_s, rel, cpu_rel, rel - cpu_rel, codes_eq, absmax_eq, agree.max_abs_diff, agree.top1])
+        r["checks"].append(check(f"{method}: error figure, device vs CPU", rel - cpu_rel, f"within ±{CPU_TOLERANCE}",
+                                 abs(rel - cpu_rel) <= CPU_TOLERANCE))
+        if method == "qlora":  # the residual is W itself: the same input to a deterministic quantizer
+            r["checks"].append(check("qlora: NF4 codes and absmax, device vs CPU", min(codes_eq, absmax_eq), "byte-equal (1.0)",
+                                     codes_eq == 1.0 and absmax_eq == 1.0))
+        r["checks"].append(check(f"{method}: logits of the two prepared models, top-1", agree.top1, ">= 0.99 (bf16 compute)",
+                                 agree.top1 >= 0.99))
         free(dev)
-    head = ["method", "prepare s", "peak GPU GB", "peak host RSS GB", "weight err / qlora", "golden", "reload max |Δlogit|", "reload top-1"]
-    notes = [f"Golden figures: {source}. Calibration: the golden setup (64 GSM8K train records ≤ 256 tokens), collected by "
-             "the first data-driven method and read from its saved file by the others; the model is moved to the device first, "
-             "so calibration runs there. The prepare time excludes loading the model; 'reload' is load_prepared of the saved "
-             "directory on the same device, compared on held-out GSM8K text."]
-    if skipped:
-        notes.append(f"Skipped (time budget of the part spent): {', '.join(skipped)}.")
-    return {"summary": f"{len(rows)} methods at r={s['prepare_rank']}, {s['compute_dtype']} compute on {dev}",
-            "tables": [{"title": "Per method", "head": head, "rows": rows}], "checks": checks, "notes": notes,
-            "figures": figures, "skipped": skipped}
+    r["notes"].append(f"Random Gemma-3-270M ({'2 layers, ' if ctx.toy else ''}seeded, eval/configs/gemma3-270m), streamed "
+                      f"prepare at r = {s['rank']}, {s['compute_dtype']} compute. Calibration: {s['calib_samples']} GSM8K train "
+                      "records, collected on the device by the first data-driven method and read from its file by every other "
+                      "run, the CPU ones included, so device and CPU split the same weights with the same covariance. 'NF4 codes "
+                      "equal': the fraction of equal bytes of the stored 4-bit weights; only qlora's must be 1 (the others "
+                      "quantize W − s·B·A, whose last bits differ between the devices' fp32 arithmetic). Logits: held-out GSM8K "
+                      "test text through each prepared directory loaded on its own device.")
+    r["summary"] = (f"{len(r['figures']['device'])} methods at r={s['rank']} on {dev}, "
+                    f"{len(r['figures']['cpu'])} of them against the CPU")
 
 
 # --------------------------------------------------------------------------- 2. compare
 
 
-def cpu_compare_seconds() -> float:
-    """compare's own timer in the default run recorded in eval/results/compare_default.md (CPU, 2 cores)."""
-    m = re.search(r"compare's own timer: (\d+(?:\.\d+)?) s", COMPARE_CPU.read_text())
-    if m is None:
-        raise ValueError(f"{COMPARE_CPU.relative_to(ROOT)} no longer states \"compare's own timer: N s\"")
-    return float(m.group(1))
+def cpu_compare_baseline() -> tuple[float, str]:
+    """``(seconds, where)``: compare's own timer in the newest measured section of eval/results/compare_default.md
+    (the first ``## Measured`` heading), with the thread count that heading states."""
+    text = COMPARE_CPU.read_text()
+    m = re.search(r"^## Measured[^\n]*?on (one core|\d+ cores|an idle \d-core machine)[^\n]*$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    t = m and re.search(r"compare's own timer: (\d+(?:\.\d+)?) s", m.group(2))
+    if t is None:
+        raise ValueError(f"{COMPARE_CPU.relative_to(ROOT)}: its first '## Measured ... on N cores' section no longer states "
+                         "\"compare's own timer: N s\"")
+    return float(t.group(1)), f"{COMPARE_CPU.relative_to(ROOT)}, section '{m.group(0).splitlines()[0][3:]}' (real Gemma-3-270M)"
 
 
-def part_compare(ctx: Context) -> dict:
-    """The default ``qcorda compare`` timed on the device, then the golden settings on the device against the CPU figures."""
+def part_compare(ctx: Context, r: dict) -> None:
+    """The default ``qcorda compare`` timed on the device; with ``--model``, the golden settings against the golden file."""
     from qcorda.compare import compare
     from qcorda.config import CompareConfig
     from qcorda.models import load_model
 
+    ctx.need("libs")
+    model_dir = ctx.need("gemma")
     dev = ctx.device
-    model, tok = load_model(ctx.model)
+    model, tok = load_model(model_dir)
     model.to(dev)
-    cfg = CompareConfig()
-    cfg = replace(cfg, init=replace(cfg.init, device=dev))
+    cfg = CompareConfig(**ctx.sizes["compare"])
+    calib = cfg.init.calib if not ctx.toy else replace(cfg.init.calib, samples=ctx.sizes["calib_samples"],
+                                                          max_length=ctx.sizes["calib_max_length"])
+    cfg = replace(cfg, init=replace(cfg.init, device=dev, calib=calib))
+    timing = table(r, "Default compare: time" + (" (dry run: 3 methods, r = 16, short eval)" if ctx.toy else ""), ["run", "methods", "ranks", f"{dev} s", "CPU s", "speedup", "peak GPU GB",
+                                                "peak host RSS GB"])
+    ctx.check("the default compare")
     fig: dict = {}
     with measured(dev, fig):
-        report = compare(model, tok, cfg, ctx.sizes["model"], progress=False)
-    cpu_s = None if ctx.toy else cpu_compare_seconds()
-    timing = [["default compare", ", ".join(cfg.methods), "16, 64", report.seconds, cpu_s, None if cpu_s is None else cpu_s / report.seconds,
-               fig["gpu_peak_gb"], fig["host_peak_gb"]]]
-    ref, source = reference_figures(ctx)
-    got, golden_s = golden_figures(model, tok, GOLDEN_METHODS, dev, ctx.sizes["prepare_rank"])
-    rows, checks = [], []
+        report = compare(model, tok, cfg, "gemma-3-270m (random weights)", progress=False)
+    cpu_s, source = (None, "") if ctx.toy else cpu_compare_baseline()
+    timing.append(["default compare", ", ".join(cfg.methods), ", ".join(map(str, cfg.ranks)), report.seconds, cpu_s,
+                   None if cpu_s is None else cpu_s / report.seconds, fig["gpu_peak_gb"], fig["host_peak_gb"]])
+    r["figures"].update(compare_seconds=report.seconds, timings=report.timings, cpu_seconds=cpu_s, cpu_source=source)
+    r["notes"].append(f"CPU time: {source}: the same shapes and settings on the real weights; the work does not depend on the "
+                      "weights' values except --iters auto's per-layer choice." if cpu_s else
+                      "Dry run: the CPU time of the default compare is a real-size figure, not comparable at toy size.")
+    r["summary"] = f"default compare {report.seconds:.1f} s on {dev}" + (f" (CPU {cpu_s:.0f} s: {cpu_s / report.seconds:.1f}x)" if cpu_s else "")
+    del model
+    free(dev)
+    if ctx.model is None:
+        r["notes"].append("No --model: the golden figures (real weights) were not compared; the prepare part compares the "
+                          "device with the CPU on the same random weights instead.")
+        return
+    from eval import golden_compare
+
+    real = ctx.need("real")
+    methods = tuple(golden_compare.REFERENCE) + tuple(golden_compare.EXPECTED_FROM_MEASURED)
+    ref = json.loads(GOLDEN.read_text())["measured"]
+    rows = table(r, "Golden settings on the device against the CPU golden file", ["method", "metric", dev, "golden (CPU)", "difference"])
+    r["checks"].append(check("golden methods compared", 0, f"all {len(methods)}", False))  # replaced once they are
+    ctx.check("the golden compare")
+    model, tok = load_model(real)
+    gcfg = golden_compare.golden_config(methods)
+    gcfg = replace(gcfg, init=replace(gcfg.init, device=dev))
+    golden = compare(model.to(dev), tok, gcfg, "golden", progress=False)
+    got = {row["method"]: {k: row[k] for k in golden_compare.METRICS} for row in golden.totals()}
+    r["checks"][-1] = check("golden methods compared", len(got), f"all {len(methods)}", set(methods) <= set(got))
     for method, metrics in got.items():
         for k, v in metrics.items():
-            r = ref[method][k]
-            rows.append([method, k, v, r, v - r])
-            checks.append(check(f"{method} {k}", v - r, f"within ±{GOLDEN_TOLERANCE} of {r:.4f}", within(v, r, GOLDEN_TOLERANCE)))
-    notes = [f"Reference: {source}. The default compare's CPU time is compare's own timer in "
-             f"{COMPARE_CPU.relative_to(ROOT)} (2 CPU cores)." if cpu_s else
-             "Dry run: the CPU time of the default compare is a Gemma-3-270M figure, not comparable at toy size."]
-    if dev == "cpu":
-        notes.append("Device and reference are both the CPU: the golden check agrees by construction and only exercises the code.")
-    return {"summary": f"default compare {report.seconds:.1f} s on {dev}" + (f" (CPU {cpu_s:.0f} s: {cpu_s / report.seconds:.1f}x)" if cpu_s else "")
-                       + f"; golden settings {golden_s:.1f} s",
-            "tables": [{"title": "Default compare: time", "head": ["run", "methods", "ranks", f"{dev} s", "CPU s", "speedup",
-                                                                    "peak GPU GB", "peak host RSS GB"], "rows": timing},
-                       {"title": "Golden settings on the device against the reference",
-                        "head": ["method", "metric", dev, "reference", "difference"], "rows": rows}],
-            "checks": checks, "notes": notes, "figures": {"compare_seconds": report.seconds, "timings": report.timings,
-                                                          "cpu_seconds": cpu_s, "golden": got, "golden_seconds": golden_s}}
+            rows.append([method, k, v, ref[method][k], v - ref[method][k]])
+            r["checks"].append(check(f"{method} {k}", v - ref[method][k], f"within ±{GOLDEN_TOLERANCE} of {ref[method][k]:.4f}",
+                                     abs(v - ref[method][k]) <= GOLDEN_TOLERANCE))
+    r["figures"]["golden"], r["figures"]["golden_seconds"] = got, golden.seconds
+    r["summary"] += f"; golden settings {golden.seconds:.1f} s, {len(got)} of {len(methods)} methods"
 
 
 # --------------------------------------------------------------------------- 3. train
 
 
+def smoke_path() -> Path:
+    """The CPU smoke recipe (qcorda/recipes/ since issue 23, recipes/ before)."""
+    for p in (ROOT / "qcorda" / "recipes" / "gemma3-270m-cpu.yaml", ROOT / "recipes" / "gemma3-270m-cpu.yaml"):
+        if p.exists():
+            return p
+    raise FileNotFoundError("gemma3-270m-cpu.yaml is in neither qcorda/recipes/ nor recipes/")
+
+
 def smoke_recipe(ctx: Context, run: str, steps: int, *extra: str):
-    """The CPU smoke recipe with the check's overrides (dry run: the tiny model and its ``arch:`` numbers)."""
+    """The smoke recipe on the random Gemma with the check's overrides (its ``arch:`` from the model's config)."""
     from qcorda.plan import ARCH_KEYS
     from qcorda.recipe import load_recipe
 
-    over = [f"output_dir={ctx.work / run}", f"train.max_steps={steps}", f"train.save_steps={steps}",
-            "train.optim=paged_adamw_8bit", "train.bf16=true"]
-    if ctx.toy:
-        config = json.loads((Path(ctx.model) / "config.json").read_text())
-        over += [f"model={ctx.model}"] + [f"arch.{k}={json.dumps(config[ck])}" for k, ck in ARCH_KEYS.items()]
-    return load_recipe(SMOKE, over + list(extra))
-
-
-def smoke_prepared(ctx: Context):
-    """``(recipe, prepared dir, seconds)``: the smoke recipe's init prepared once (streamed engine) into its output dir."""
-    from qcorda.prepare import prepare
-
-    recipe = smoke_recipe(ctx, "train", ctx.sizes["train_steps"])
-    prepared = Path(recipe.output_dir) / "prepared"
-    t0 = time.perf_counter()
-    if not (prepared / "qcorda.json").exists():  # as train() would, so that it loads this directory (its device: the default)
-        prepare(recipe.model, recipe.init, out=prepared, progress=False)
-    return recipe, prepared, time.perf_counter() - t0
+    model_dir = ctx.need("gemma")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    over = [f"output_dir={ctx.work / run}", f"model={model_dir}", f"train.max_steps={steps}", f"train.save_steps={steps}",
+            "train.optim=paged_adamw_8bit", "train.bf16=true", f"init.calib.samples={ctx.sizes['calib_samples']}"]
+    over += [f"arch.{k}={json.dumps(config[ck])}" for k, ck in ARCH_KEYS.items() if ck in config]
+    return load_recipe(smoke_path(), over + list(extra))
 
 
 def paged_probe(device: str) -> dict:
-    """One step of bitsandbytes' ``PagedAdamW8bit`` on a parameter big enough to be paged, against ``AdamW8bit``'s.
-
-    bitsandbytes pages a state only for parameters of >= 1e5 values; every adapter tensor of the smoke recipe
-    (r = 8) is smaller, so its training run allocates no paged memory. Returns the paged buffers the step added
-    (2 on a GPU: both Adam states; 0 on a CPU, where bitsandbytes falls back) and the largest difference of the
-    two updated parameters (0: paging changes where the states live, not the arithmetic)."""
+    """One step of bitsandbytes' ``PagedAdamW8bit`` on a parameter big enough to be paged, against ``AdamW8bit``'s:
+    the paged buffers it added (2 on a GPU, 0 on a CPU, where bitsandbytes falls back) and the largest difference of
+    the two updated parameters (0: paging moves the states, not the arithmetic)."""
     import bitsandbytes as bnb
     import torch
     from bitsandbytes.functional import GlobalPageManager
@@ -380,7 +531,7 @@ def paged_probe(device: str) -> dict:
     pages = GlobalPageManager.get_instance().paged_tensors
     out = {}
     for cls in (bnb.optim.PagedAdamW8bit, bnb.optim.AdamW8bit):
-        p = torch.nn.Parameter(init.to(device, copy=True))  # the step is in place: never on init itself
+        p = torch.nn.Parameter(init.to(device, copy=True))
         p.grad = grad.to(device, copy=True)
         before = len(pages)
         opt = cls([p], lr=1e-3)
@@ -389,314 +540,354 @@ def paged_probe(device: str) -> dict:
         out[cls.__name__] = (p.detach().cpu(), len(pages) - before)
         del opt
     (paged, added), (plain, _) = out["PagedAdamW8bit"], out["AdamW8bit"]
-    return {"paged_buffers": added, "max_diff_vs_unpaged": (paged - plain).abs().max().item(),
-            "moved": (paged - init).abs().max().item()}
+    return {"paged_buffers": added, "max_diff_vs_unpaged": (paged - plain).abs().max().item(), "moved": (paged - init).abs().max().item()}
 
 
-def adapter_numels(adapter: Path) -> list[int]:
-    from safetensors import safe_open
-
-    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        return [f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys()]
+def train_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
 
 
-def train_log(run: Path) -> dict:
-    """The Trainer's final record (``train_runtime``, ``train_steps_per_second``, ...) from ``log.jsonl``."""
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    return next((r for r in reversed(records) if "train_runtime" in r), {})
-
-
-def part_train(ctx: Context) -> dict:
-    """The smoke recipe for ``train_steps`` steps (measured against the plan), then interrupted and resumed."""
+def part_train(ctx: Context, r: dict) -> None:
+    """The smoke recipe for ``train_steps`` steps (measured against the plan), a paged-optimizer step, then the same run
+    interrupted half-way and resumed."""
     from bitsandbytes.functional import GlobalPageManager
 
     from qcorda.plan import plan_recipe
     from qcorda.train import train
 
+    ctx.need("libs")
     s, dev = ctx.sizes, ctx.device
-    recipe, prepared, prep_s = smoke_prepared(ctx)
+    rows = table(r, "Smoke recipe on the random Gemma", ["figure", "value"])
+    recipe = smoke_recipe(ctx, "train", s["train_steps"])
     pages = GlobalPageManager.get_instance().paged_tensors
     before = len(pages)
+    ctx.check("training")
     fig: dict = {}
     with measured(dev, fig):
         res = train(recipe, progress=False)
-    paged = len(pages) - before
-    ctx.cache["trained"] = (prepared, res.adapter)
-    log = train_log(Path(recipe.output_dir))
+    ctx.cache["trained"] = (res.prepared, res.adapter)
+    final = next((h for h in reversed(train_log(Path(recipe.output_dir))) if "train_runtime" in h), {})
     plan = plan_recipe(recipe, "cuda").plan
     planned = (plan.total - plan.cuda_context) / GB
     ratio = None if fig["gpu_peak_gb"] is None else planned / fig["gpu_peak_gb"]
-    expect_paged = 2 * sum(n >= PAGED_MIN_NUMEL for n in adapter_numels(res.adapter)) if dev == "cuda" else 0
-
-    # the same run once more, stopped at resume_at and resumed by the same command with the full step count
-    resume = [f"prepared={prepared}", "init=null"]
-    part1 = train(smoke_recipe(ctx, "resume", s["resume_at"], *resume), progress=False)
-    part2 = train(smoke_recipe(ctx, "resume", s["train_steps"], *resume), progress=False)
+    rows += [["train wall s (prepare + load + steps + save)", fig["seconds"]], ["steps", res.global_step],
+             ["steps/s (Trainer)", final.get("train_steps_per_second")], ["loss first -> last", f"{res.first_loss:.4f} -> {res.last_loss:.4f}"],
+             ["peak GPU GB (max_memory_allocated)", fig["gpu_peak_gb"]], ["plan GB (--device cuda, without the CUDA context)", planned],
+             ["plan / measured", ratio], ["peak host RSS GB", fig["host_peak_gb"]],
+             ["paged optimizer buffers in training", len(pages) - before]]
+    r["checks"] += [check("steps trained", res.global_step, str(s["train_steps"]), res.global_step == s["train_steps"]),
+                    check("plan / measured peak GPU memory", ratio, f"1 ± {PLAN_TOLERANCE}",
+                          None if ratio is None else abs(ratio - 1) <= PLAN_TOLERANCE)]
+    r["figures"].update(train=fig, log=final, plan_gb=planned, plan_ratio=ratio, first_loss=res.first_loss, last_loss=res.last_loss)
+    r["summary"] = f"{res.global_step} steps, loss {res.first_loss:.3f} -> {res.last_loss:.3f}" + (
+        f", peak {fig['gpu_peak_gb']:.2f} GB vs plan {planned:.2f} GB" if ratio else "")
+    ctx.check("the paged probe")
     probe = paged_probe(dev)
-    loss_diff = abs(part2.last_loss - res.last_loss) / abs(res.last_loss)
-
-    rows = [["prepare (streamed, once)", prep_s], ["train wall s (load + steps + save)", fig["seconds"]],
-            ["steps", res.global_step], ["steps/s (Trainer)", log.get("train_steps_per_second")],
-            ["loss first -> last", f"{res.first_loss:.4f} -> {res.last_loss:.4f}"],
-            ["peak GPU GB (max_memory_allocated)", fig["gpu_peak_gb"]], ["plan GB (--device cuda, without the CUDA context)", planned],
-            ["plan / measured", ratio], ["plan total GB with the CUDA context", plan.total / GB],
-            ["peak host RSS GB", fig["host_peak_gb"]], ["paged optimizer buffers in training (expected)", f"{paged} ({expect_paged})"],
-            [f"resumed run: steps 0-{part1.global_step}, then from", part2.resumed_from and Path(part2.resumed_from).name],
-            ["resumed run: last loss (relative difference)", f"{part2.last_loss:.4f} ({loss_diff:.2e})"],
-            ["paged probe: paged buffers, max |Δ| vs AdamW8bit", f"{probe['paged_buffers']}, {probe['max_diff_vs_unpaged']:.3g}"]]
-    checks = [
-        check("steps trained", res.global_step, str(s["train_steps"]), res.global_step == s["train_steps"]),
-        check("plan / measured peak GPU memory", ratio, f"1 ± {PLAN_TOLERANCE}",
-              None if ratio is None else within(ratio, 1.0, PLAN_TOLERANCE)),
-        check("paged optimizer buffers during training", paged, f"{expect_paged} (states of tensors >= {PAGED_MIN_NUMEL} values)",
-              paged == expect_paged),
-        check("resumed from the checkpoint", part2.resumed_from, f"checkpoint-{s['resume_at']}",
-              bool(part2.resumed_from) and Path(part2.resumed_from).name == f"checkpoint-{s['resume_at']}"),
-        check("resumed run's last loss vs the uninterrupted run", loss_diff, "relative difference <= 1e-2", loss_diff <= 1e-2),
-        check("paged probe: paged buffers", probe["paged_buffers"], "2 on CUDA, 0 on the CPU", probe["paged_buffers"] == (2 if dev == "cuda" else 0)),
-        check("paged probe: same update as AdamW8bit", probe["max_diff_vs_unpaged"], "0 (and the parameter moved)",
-              probe["max_diff_vs_unpaged"] == 0 and probe["moved"] > 0),
-    ]
-    notes = [f"bitsandbytes pages an optimizer state only for tensors of >= {PAGED_MIN_NUMEL} values; the smoke recipe's "
-             f"adapter tensors (r = {recipe.init.rank}) are smaller, so its run pages {expect_paged} buffers even on a GPU. The "
-             "paged probe steps PagedAdamW8bit on a 512 × 256 parameter instead and compares the step with AdamW8bit's.",
-             "Plan: `qcorda plan --device cuda` of the same recipe without its CUDA-context allowance, against "
-             "torch.cuda.max_memory_allocated over train() (loading the prepared model, the steps, saving the adapter)."]
-    if ratio is None:
-        notes.append("No GPU here: the plan ratio is not applicable in this run.")
-    return {"summary": f"{res.global_step} steps, loss {res.first_loss:.3f} -> {res.last_loss:.3f}"
-                       + (f", peak {fig['gpu_peak_gb']:.2f} GB vs plan {planned:.2f} GB" if ratio else ""),
-            "tables": [{"title": "Smoke recipe", "head": ["figure", "value"], "rows": rows}], "checks": checks, "notes": notes,
-            "figures": {"train": fig, "log": log, "plan_gb": planned, "plan_ratio": ratio, "paged": paged, "probe": probe,
-                        "result": {k: str(v) for k, v in vars(res).items()}, "resumed": str(part2.resumed_from)}}
+    rows.append(["paged probe: paged buffers, max |Δ| vs AdamW8bit", f"{probe['paged_buffers']}, {probe['max_diff_vs_unpaged']:.3g}"])
+    r["checks"] += [check("paged probe: paged buffers", probe["paged_buffers"], "2 on CUDA, 0 on the CPU",
+                          probe["paged_buffers"] == (2 if dev == "cuda" else 0)),
+                    check("paged probe: same update as AdamW8bit", probe["max_diff_vs_unpaged"], "0 (and the parameter moved)",
+                          probe["max_diff_vs_unpaged"] == 0 and probe["moved"] > 0)]
+    r["figures"]["probe"] = probe
+    resume = [f"prepared={res.prepared}", "init=null"]
+    ctx.check("the interrupted run")
+    part1 = train(smoke_recipe(ctx, "resume", s["resume_at"], *resume), progress=False)
+    ctx.check("the resumed run")
+    part2 = train(smoke_recipe(ctx, "resume", s["train_steps"], *resume), progress=False)
+    diff = abs(part2.last_loss - res.last_loss) / abs(res.last_loss)
+    rows += [[f"resumed run: steps 0-{part1.global_step}, then from", part2.resumed_from and Path(part2.resumed_from).name],
+             ["resumed run: last loss (relative difference)", f"{part2.last_loss:.4f} ({diff:.2e})"]]
+    r["checks"] += [check("resumed from the checkpoint", part2.resumed_from, f"checkpoint-{s['resume_at']}",
+                          bool(part2.resumed_from) and Path(part2.resumed_from).name == f"checkpoint-{s['resume_at']}"),
+                    check("resumed run's last loss vs the uninterrupted run", diff, "relative difference <= 1e-2", diff <= 1e-2)]
+    r["notes"] += [f"bitsandbytes pages an optimizer state only for tensors of >= {PAGED_MIN_NUMEL} values; the smoke "
+                   f"recipe's adapter tensors (r = {recipe.init.rank}) are smaller, so its run pages none; the paged probe "
+                   "steps PagedAdamW8bit on a 512 × 256 parameter instead.",
+                   "Plan: `qcorda plan --device cuda` of the same recipe without its CUDA-context allowance, against "
+                   "torch.cuda.max_memory_allocated over train() (prepare, loading, the steps, saving the adapter)."]
 
 
 # --------------------------------------------------------------------------- 4. merge + eval
 
 
-def part_merge_eval(ctx: Context) -> dict:
-    """The trained adapter (or, when training failed, the init adapter) merged to bf16, verified, then evaluated."""
+def part_merge_eval(ctx: Context, r: dict) -> None:
+    """The trained adapter (else the init adapter) merged to bf16 on the device, verified, the same merge on the CPU
+    compared tensor by tensor, then perplexity and GSM8K on the merged model."""
     from qcorda.config import VerifyConfig
     from qcorda.evaluate import evaluate, load_for_eval
     from qcorda.merge import merge
 
+    ctx.need("libs")
     s, dev = ctx.sizes, ctx.device
-    notes = []
+    rows = table(r, "Merged (bf16) model", ["figure", "value"])
     if "trained" in ctx.cache:
         prepared, adapter = ctx.cache["trained"]
     else:
-        _, prepared, _ = smoke_prepared(ctx)
+        prepared = ctx.work / "merge-prepared"
+        if not (prepared / "qcorda.json").exists():
+            from qcorda.prepare import prepare
+
+            prepare(ctx.need("gemma"), prepare_config(ctx, "qpissa", dev), prepared, progress=False)
         adapter = prepared / "adapter_init"
-        notes.append("Part train left no adapter: the untrained init adapter is merged instead.")
+        r["notes"].append("Part train left no adapter: the init adapter of a qpissa prepare is merged instead.")
+    ctx.check("the merge")
     fig: dict = {}
     with measured(dev, fig):
         m = merge(prepared, ctx.work / "merged", adapter, "bfloat16", verify=VerifyConfig(), overwrite=True, device=dev, progress=False)
     a = m.agreement[0]
+    rows += [["merge + verify s", fig["seconds"]], ["peak GPU GB (merge + verify)", fig["gpu_peak_gb"]],
+             ["peak host RSS GB", fig["host_peak_gb"]], ["verify tokens", a.n_tokens], ["top-1 agreement", a.top1],
+             ["max |Δlogit|", a.max_abs_diff], ["mean KL (nats)", a.mean_kl], ["non-finite tokens", a.nonfinite]]
+    r["checks"].append(check("non-finite logits", a.nonfinite, "0", a.nonfinite == 0))
+    r["figures"].update(merge=fig, agreement=vars(a))
+    r["summary"] = f"merged: top-1 {a.top1:.4f}, mean KL {a.mean_kl:.2e}"
+    ctx.check("the merge on the CPU")
+    t0 = time.perf_counter()
+    merge(prepared, ctx.work / "merged-cpu", adapter, "bfloat16", verify=None, overwrite=True, device="cpu", progress=False)
+    cpu_s = time.perf_counter() - t0
+    a_dev, a_cpu = prepared_tensors(ctx.work / "merged"), prepared_tensors(ctx.work / "merged-cpu")
+    same, n = equal_fraction(a_dev, a_cpu, sorted(a_dev))
+    worst = max(((a_dev[k].float() - a_cpu[k].float()).abs().max().item() for k in a_dev), default=0.0)
+    rows += [["CPU merge s", cpu_s], ["merged tensors: bf16 values equal, device vs CPU", same], ["max |Δ| of a merged weight", worst]]
+    r["checks"].append(check("merged tensors, device vs CPU", same, ">= 0.999 of the bf16 values equal (fp32 s·B·A rounds the same)",
+                             same >= 0.999))
+    r["figures"].update(cpu_merge_seconds=cpu_s, merged_equal=same, merged_values=n // 2, merged_max_diff=worst)
+    ctx.check("the evaluation")
     model, tok, _ = load_for_eval(ctx.work / "merged", device=dev)
     res = evaluate(model, tok, ("ppl", "gsm8k"), limit=s["gsm8k_limit"], progress=False, gsm8k_max_new_tokens=s["gsm8k_new_tokens"],
                    ppl_max_tokens=s["ppl_tokens"], ppl_window=s["ppl_window"], ppl_stride=s["ppl_stride"])
     ppl, gsm = res["ppl"], res["gsm8k"]
-    rows = [["merge + verify s", fig["seconds"]], ["verify tokens", a.n_tokens], ["top-1 agreement", a.top1],
-            ["max |Δlogit|", a.max_abs_diff], ["mean KL (nats)", a.mean_kl], ["non-finite tokens", a.nonfinite],
-            [f"perplexity wikitext-2 ({ppl.n} tokens)", ppl.metrics["ppl"]], [f"GSM8K accuracy ({gsm.n} questions)", gsm.metrics["accuracy"]],
-            ["GSM8K answer NLL", gsm.metrics["answer_nll"]], ["eval s (ppl, gsm8k)", f"{ppl.seconds:.1f}, {gsm.seconds:.1f}"],
-            ["peak GPU GB (merge + verify)", fig["gpu_peak_gb"]]]
-    checks = [check("merged bf16 vs trained 4-bit + adapter: top-1", a.top1, ">= 0.95 (tests/test_real_train_merge.py)", a.top1 >= 0.95),
-              check("non-finite logits", a.nonfinite, "0", a.nonfinite == 0)]
-    return {"summary": f"top-1 {a.top1:.4f}, max |Δlogit| {a.max_abs_diff:.3g}, ppl {ppl.metrics['ppl']:.2f}, "
-                       f"GSM8K {gsm.metrics['accuracy']:.3f} on {gsm.n}",
-            "tables": [{"title": "Merged (bf16) model", "head": ["figure", "value"], "rows": rows}], "checks": checks, "notes": notes,
-            "figures": {"merge": fig, "agreement": vars(a), "ppl": ppl.metrics, "gsm8k": gsm.metrics}}
+    rows += [[f"perplexity wikitext-2 ({ppl.n} tokens), s", f"{ppl.metrics['ppl']:.1f}, {ppl.seconds:.1f}"],
+             [f"GSM8K ({gsm.n} questions, {s['gsm8k_new_tokens']} new tokens), s", f"{gsm.metrics['accuracy']:.3f}, {gsm.seconds:.1f}"]]
+    r["figures"].update(ppl=ppl.metrics, gsm8k=gsm.metrics, eval_seconds=[ppl.seconds, gsm.seconds])
+    r["notes"].append("Random weights: the merged model's top-1 agreement with the 4-bit + adapter model is near-tie noise "
+                      "(a random model's logits are nearly flat), so it is reported, not checked; the tensor-by-tensor "
+                      "comparison with the CPU merge is the correctness check, perplexity and GSM8K are timings.")
 
 
-# --------------------------------------------------------------------------- 5. decomposition
+# --------------------------------------------------------------------------- 5. precision
 
 
-def part_decompose(ctx: Context) -> dict:
-    """eval/bench_prepare.py's per-layer comparison with PEFT, shape by shape, on the device."""
-    s = ctx.sizes
-    drows, skipped, failed, checks = [], [], {}, []
-    for shape in s["shapes"]:
-        if (drows or failed) and ctx.over_budget():
-            skipped.append(shape)
+def part_precision(ctx: Context, r: dict) -> None:
+    """qlora and qpissa (lr factors 1 and 1/6) trained a few steps in fp32 and under bf16 autocast, same data and seed."""
+    from qcorda.train import logged_losses, train
+
+    ctx.need("libs")
+    steps = ctx.sizes["precision_steps"]
+    rows = table(r, f"Loss per step, {steps} steps", ["init", "lr", "fp32 losses", "bf16 autocast losses", "max relative difference"])
+    worst = {}
+    for method in ("qlora", "qpissa"):
+        losses, lr = {}, None
+        for bf16 in (False, True):
+            ctx.check(f"{method} {'bf16' if bf16 else 'fp32'}")
+            run = f"precision-{method}-{'bf16' if bf16 else 'fp32'}"
+            res = train(smoke_recipe(ctx, run, steps, f"init.method={method}", f"train.bf16={str(bf16).lower()}",
+                                     "init.compute_dtype=float32", "train.logging_steps=1", "train.optim=adamw_torch"), progress=False)
+            losses[bf16] = [loss for _, loss in logged_losses(train_log(ctx.work / run))]
+            lr = res.learning_rate
+        rel = [abs(b - a) / abs(a) for a, b in zip(losses[False], losses[True], strict=True)]
+        worst[method] = max(rel)
+        rows.append([method, lr, " ".join(f"{x:.4f}" for x in losses[False]), " ".join(f"{x:.4f}" for x in losses[True]), worst[method]])
+        r["checks"].append(check(f"{method}: bf16 autocast vs fp32 loss", worst[method], f"<= {AUTOCAST_TOLERANCE} relative",
+                                 worst[method] <= AUTOCAST_TOLERANCE))
+    r["figures"]["max_relative_difference"] = worst
+    same = all(v <= AUTOCAST_TOLERANCE for v in worst.values())
+    r["summary"] = ("the lr factors carry over: bf16 autocast changes no init's first losses by more than "
+                    f"{AUTOCAST_TOLERANCE:.0%}" if same else
+                    "bf16 autocast changes the first losses by more than "
+                    f"{AUTOCAST_TOLERANCE:.0%}: the CPU-measured lr factors need remeasuring on a GPU")
+    r["notes"].append("The prepared model computes in fp32 (init.compute_dtype=float32) in both runs, so the only difference is "
+                      "the Trainer's bf16 autocast, under which PEFT computes the LoRA product in bf16 on CUDA (fp32 on the CPU). "
+                      "Both inits at their recommended lr (qcorda.lr): if neither run's trajectory moves, neither does its best "
+                      "lr, and the ratio of the two (the factor) transfers. A few steps show the dynamics, not the end loss.")
+
+
+# --------------------------------------------------------------------------- 6. decomposition
+
+
+def part_decompose(ctx: Context, r: dict) -> None:
+    """eval/bench_prepare.py's per-layer comparison with PEFT at Llama-3-8B's projection shapes, shape by shape."""
+    from eval import bench_prepare
+
+    c = ctx.need("llama")
+    h, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
+    shapes = list(dict.fromkeys((f"{h}x{h}", f"{kv}x{h}", f"{inter}x{h}", f"{h}x{inter}")))
+    drows: list = []
+    res = table(r, f"Per layer, fp32, r = {ctx.sizes['rank']}", list(bench_prepare.DECOMPOSE_HEAD))
+    r["figures"] = {"rows": drows, "not_run": list(shapes)}
+    for shape in shapes:
+        ctx.check(shape)
+        r["figures"]["not_run"].remove(shape)
+        try:
+            got = bench_prepare.bench_decompose(argparse.Namespace(rank=ctx.sizes["rank"], shapes=shape), device=ctx.device)
+        except Exception as e:  # noqa: BLE001  (one shape's failure is recorded, the next still runs)
+            r["checks"].append(check(f"{shape}: decomposed", f"{type(e).__name__}: {str(e)[:200]}", "no exception", False))
+            free(ctx.device)
             continue
-        try:  # the largest shape may not fit a 24 GB GPU: record it and go on
-            drows += bench_prepare.bench_decompose(argparse.Namespace(rank=s["decompose_rank"], shapes=shape), device=ctx.device)
-        except Exception as e:  # noqa: BLE001
-            failed[shape] = f"{type(e).__name__}: {e}"
-            checks.append(check(f"{shape}: decomposed", type(e).__name__, "no exception", False))
+        drows += got
+        res.extend(bench_prepare.decompose_table(got)[1])
+        for d in got:
+            diff = 100 * (d["rand_err"] - d["peft_err"]) / d["peft_err"]
+            r["checks"].append(check(f"{shape} {d['method']}: qcorda randomized error vs PEFT's", diff, "<= +1 %", diff <= 1.0))
         free(ctx.device)
-    head, rows = bench_prepare.decompose_table(drows)
-    # qcorda's randomized split is within 1 % of the exact one (README); against PEFT's it must not be worse than that
-    checks += [check(f"{r[0]} {r[1]} vs {r[2]}: qcorda randomized error", r[8], "<= +1 % of PEFT's", r[8] <= 1.0) for r in rows]
-    notes = ["Synthetic weights with a decaying spectrum plus noise, anisotropic covariance (bench_prepare.synthetic_weight, "
-             "synthetic_cov); CorDA error ‖(W − s·B·A)·C‖_F, PiSSA error ‖W − s·B·A‖_F; 'err diff' is qcorda's error relative "
-             "to PEFT's (negative: qcorda's is lower); speedup = PEFT s / qcorda s. Timings synchronize the device."]
-    notes += [f"Failed at {shape}: {err}" for shape, err in failed.items()]
-    if skipped:
-        notes.append(f"Skipped (time budget of the part spent): {', '.join(skipped)}.")
-    return {"summary": f"{len(drows) // 2} shapes at r={s['decompose_rank']} on {ctx.device}",
-            "tables": [{"title": f"Per layer, fp32, r = {s['decompose_rank']}", "head": head, "rows": rows}],
-            "checks": checks, "notes": notes, "figures": {"rows": drows, "skipped": skipped, "failed": failed}}
+    r["summary"] = f"{len(drows) // 2} Llama-3-8B shapes at r={ctx.sizes['rank']} on {ctx.device}"
+    r["notes"].append("Synthetic weights with a decaying spectrum (eval.lib.synthetic); CorDA error ‖(W − s·B·A)·C‖_F, PiSSA "
+                      "error ‖W − s·B·A‖_F; speedup = PEFT s / qcorda s; timings synchronize the device.")
 
 
-# --------------------------------------------------------------------------- 6. synthetic checkpoint
+# --------------------------------------------------------------------------- 7. synthetic 8B-shaped checkpoint
 
 
-def target_sizes(arch) -> tuple[int, int, int]:
-    """``(weights in target projections, largest target, all parameters)`` of a Llama-style ``arch``."""
-    from qcorda.plan import projection_shapes
+def part_synthetic(ctx: Context, r: dict) -> None:
+    """A Llama-3-8B-shaped bf16 checkpoint with ``llama_layers`` of its layers (seeded random weights, written by
+    transformers), stream-prepared on the device; per-layer time and memory, extrapolated to the 32 layers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    per_layer = [o * i for o, i in projection_shapes(arch).values()]
-    targets = arch.layers * sum(per_layer)
-    return targets, max(per_layer), targets + arch.vocab * arch.hidden * (1 if arch.tied_embeddings else 2)
-
-
-def arch_of(model_dir: Path):
-    from qcorda.plan import ARCH_KEYS
-    from qcorda.recipe import ArchConfig
-
-    config = json.loads((model_dir / "config.json").read_text())
-    return ArchConfig(**{k: config[ck] for k, ck in ARCH_KEYS.items() if ck in config})
-
-
-def stream_synthetic(ctx: Context, params: float, hidden: int) -> dict:
-    """Write a synthetic bf16 checkpoint of ``params`` parameters (``bench_prepare.write_synthetic``), stream-prepare it
-    on the device (measured), delete it; returns the measurement, the checkpoint's shape and its architecture."""
     from qcorda.config import InitConfig
     from qcorda.prepare import prepare
 
-    root = Path(tempfile.mkdtemp(dir=ctx.work, prefix="synthetic-"))
-    try:
-        need = params * 2 * 1.7  # the bf16 checkpoint, the NF4 output and its layer files at once
-        free_bytes = shutil.disk_usage(root).free
-        if free_bytes < need:
-            raise OSError(f"{root}: {free_bytes / 1e9:.1f} GB free, the synthetic checkpoint needs about {need / 1e9:.0f} GB; "
-                          "give --workdir on a larger disk")
-        t0 = time.perf_counter()
-        shape = bench_prepare.write_synthetic(root, params, hidden)
-        write_s = time.perf_counter() - t0
-        cfg = InitConfig(method="qpissa", rank=ctx.sizes["synthetic_rank"], svd="randomized", compute_dtype="bfloat16", device=ctx.device)
-        fig: dict = {}
-        with measured(ctx.device, fig):
-            report = prepare(str(root / "llama"), cfg, root / "prepared", progress=False).report
-        return dict(fig, write_seconds=write_s, shape=shape, targets=len(report.targets), sizes=target_sizes(arch_of(root / "llama")))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    ctx.need("libs")
+    c, dev, n = ctx.need("llama"), ctx.device, ctx.sizes["llama_layers"]
+    full_layers = c["num_hidden_layers"]
+    config = LlamaConfig(**{**c, "num_hidden_layers": n})
+    src = ctx.work / "llama3-8b-shaped"
+    rows = table(r, "Streamed prepare (qpissa, randomized SVD, bf16 compute)", ["figure", f"measured ({n} layers)",
+                                                                                 f"extrapolated ({full_layers} layers)"])
+    ctx.check("writing the checkpoint")
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(dev):  # random init is the slow part of writing: let the device do it
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(src)
+    from transformers import AutoTokenizer
 
-
-def extrapolate(big: float, base: float, x_big: float, x_base: float, x: float) -> float:
-    """The line through two measured points ``(x_base, base)``, ``(x_big, big)`` at ``x`` (its slope at least 0)."""
-    return big + max(0.0, (big - base) / (x_big - x_base)) * (x - x_big)
-
-
-def part_synthetic(ctx: Context) -> dict:
-    """The synthetic 8B-shaped checkpoint stream-prepared on the device, then a tiny one (the fixed costs), and through
-    the two a line to Llama-3-70B."""
-    from qcorda.recipe import load_recipe
-
-    s, dev = ctx.sizes, ctx.device
-    big = stream_synthetic(ctx, *s["synthetic"])  # first: the one-time costs (kernels, caches) fall on it, not on the base
-    base = stream_synthetic(ctx, *s["synthetic_base"])
-    arch = load_recipe(LLAMA3_70B).arch
-    t70, l70, p70 = target_sizes(arch)
-    (t_big, l_big, p_big), (_, l_base, p_base) = big["sizes"], base["sizes"]
-    est = {"seconds": extrapolate(big["seconds"], base["seconds"], p_big, p_base, p70),
-           "gpu_peak_gb": None if dev != "cuda" else extrapolate(big["gpu_peak_gb"], base["gpu_peak_gb"], l_big, l_base, l70),
-           "host_peak_gb": extrapolate(big["host_peak_gb"], base["host_peak_gb"], l_big, l_base, l70)}
-    sh = big["shape"]
-    rows = [["checkpoint", f"{p_big / 1e9:.2f} B parameters, {sh['layers']} × {sh['hidden']} × {sh['intermediate']}",
-             f"{base['shape']['params'] / 1e6:.1f} M, {base['shape']['layers']} × {base['shape']['hidden']}",
-             f"Llama-3-70B: {p70 / 1e9:.1f} B, {arch.layers} × {arch.hidden} × {arch.intermediate}"],
-            ["targets (weights, largest)", f"{big['targets']} ({t_big / 1e9:.2f} B, {l_big / 1e6:.1f} M)",
-             f"{base['targets']} ({l_base / 1e6:.2f} M)", f"{7 * arch.layers} ({t70 / 1e9:.1f} B, {l70 / 1e6:.0f} M)"],
-            ["write the bf16 checkpoint s", big["write_seconds"], base["write_seconds"], "-"],
-            ["streamed prepare wall s", big["seconds"], base["seconds"], est["seconds"]],
-            ["peak GPU GB (max_memory_allocated)", big["gpu_peak_gb"], base["gpu_peak_gb"], est["gpu_peak_gb"]],
-            ["peak host RSS GB (process RSS at start)", f"{big['host_peak_gb']:.2f} ({big['host_start_gb']:.2f})",
-             f"{base['host_peak_gb']:.2f} ({base['host_start_gb']:.2f})", est["host_peak_gb"]]]
-    notes = [f"qpissa, r = {s['synthetic_rank']}, randomized SVD, bf16 compute, on {dev}. Each checkpoint (random bf16 "
-             "weights, one shard per block, vocabulary 32000, written by bench_prepare.write_synthetic) lies in a temporary "
-             "directory on local disk and is deleted after its prepare.",
-             "The Llama-3-70B column is an extrapolation, not a measurement: a line through the two measured points, wall time "
-             "against all parameters (reading, quantizing and writing are linear in the weights, and so is a randomized SVD "
-             "at fixed r), peak GPU memory and peak host RSS against the largest target (the engine holds one fp32 target "
-             "and its workspace at a time); the small checkpoint gives the fixed part (libraries, tokenizer, CUDA "
-             f"workspaces). Architecture numbers from {LLAMA3_70B.relative_to(ROOT)}."]
-    if ctx.toy:
-        notes.append("Dry run: both points are toy-sized, so the extrapolation only exercises the arithmetic.")
-    return {"summary": f"{p_big / 1e9:.2f} B synthetic: prepare {big['seconds']:.0f} s"
-                       + (f", peak GPU {big['gpu_peak_gb']:.2f} GB" if dev == "cuda" else "")
-                       + f", peak RSS {big['host_peak_gb']:.2f} GB",
-            "tables": [{"title": "Streamed prepare", "head": ["figure", "measured", "measured (fixed costs)",
-                                                             "extrapolated (Llama-3-70B)"], "rows": rows}],
-            "checks": [], "notes": notes, "figures": {"measured": big, "base": base, "extrapolated_70b": est}}
+    AutoTokenizer.from_pretrained(GEMMA_CONFIG).save_pretrained(src)  # a tokenizer for the directory; prepare reads none
+    del model
+    free(dev)
+    write_s = time.perf_counter() - t0
+    bf16_gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / GB
+    ctx.check("the streamed prepare")
+    cfg = InitConfig(method="qpissa", rank=ctx.sizes["rank"], svd="randomized", compute_dtype="bfloat16", device=dev)
+    fig: dict = {}
+    with measured(dev, fig):
+        report = prepare(str(src), cfg, ctx.work / "llama3-8b-prepared", progress=False).report
+    layer_s = sum(layer.seconds for layer in report.layers)
+    fixed = fig["seconds"] - layer_s
+    est = fixed + layer_s * full_layers / n
+    rows += [["bf16 checkpoint GB (written in s)", f"{bf16_gb:.2f} ({write_s:.1f} s)", None],
+             ["targets", len(report.targets), len(report.targets) * full_layers // n],
+             ["prepare wall s (layers' own s)", f"{fig['seconds']:.1f} ({layer_s:.1f})", est],
+             ["peak GPU GB (max_memory_allocated)", fig["gpu_peak_gb"], fig["gpu_peak_gb"]],
+             ["peak host RSS GB (RSS at start)", f"{fig['host_peak_gb']:.2f} ({fig['host_start_gb']:.2f})", fig["host_peak_gb"]]]
+    r["figures"] = dict(fig, write_seconds=write_s, bf16_gb=bf16_gb, layer_seconds=layer_s, extrapolated_seconds=est, layers=n)
+    r["summary"] = (f"{n} of {full_layers} Llama-3-8B layers: prepare {fig['seconds']:.1f} s, est. {est:.0f} s for {full_layers}"
+                    + (f", peak GPU {fig['gpu_peak_gb']:.2f} GB" if fig["gpu_peak_gb"] is not None else ""))
+    r["notes"].append(f"Architecture: eval/configs/llama3-8b{' (narrowed for the dry run)' if ctx.toy else ''}, {n} layers, the "
+                      "embedding and head in full. The extrapolated column is not a measurement: the fixed part (reading the "
+                      "embedding and head, writing, the CUDA workspaces) plus the layers' own seconds scaled to all layers; the "
+                      "streamed engine holds one layer at a time, so the peaks are the full model's.")
 
 
 PARTS = {"prepare": part_prepare, "compare": part_compare, "train": part_train, "merge_eval": part_merge_eval,
-         "decompose": part_decompose, "synthetic": part_synthetic}
+         "precision": part_precision, "decompose": part_decompose, "synthetic": part_synthetic}
 
 
 # --------------------------------------------------------------------------- running and writing
 
 
 def environment(ctx: Context) -> dict:
-    import bitsandbytes
+    """Versions, the device and torch's fp32 matmul precision (TF32 or not): the device's figures depend on it."""
+    import accelerate
     import peft
     import torch
     import transformers
-    import trl
 
     cuda = torch.cuda.is_available()
-    return {"device": ctx.device, "gpu": torch.cuda.get_device_name(0) if cuda else None,
-            "gpu_memory_gb": torch.cuda.get_device_properties(0).total_memory / GB if cuda else None,
-            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "bitsandbytes": bitsandbytes.__version__,
-                         "transformers": transformers.__version__, "peft": peft.__version__, "trl": trl.__version__},
-            "machine": bench_prepare.machine()}
+    env = {"device": ctx.device, "gpu": torch.cuda.get_device_name(0) if cuda else None,
+           "gpu_memory_gb": torch.cuda.get_device_properties(0).total_memory / GB if cuda else None,
+           "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+                        "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__},
+           "float32_matmul_precision": torch.get_float32_matmul_precision(),
+           "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+           "machine": machine(machine_environment())}
+    return env
 
 
-def run_part(ctx: Context, name: str) -> dict:
-    """One part, whatever happens: its result, or the exception and the tail of its traceback."""
-    ctx.part, ctx.part_started = name, time.perf_counter()
-    entry: dict = {"part": name}
+def _alarm(signum, frame):
+    raise Cut("interrupted at its share of the deadline plus the grace period")
+
+
+def run_part(ctx: Context, name: str, remaining: list[str], deadline: float) -> dict:
+    """One part, whatever happens: its result, its status (ok, check failed, cut, skipped, error) and its time."""
+    now = time.perf_counter()
+    weights = sum(WEIGHTS[n] for n in remaining)
+    ctx.part, ctx.checked = name, 0
+    ctx.part_end = now + max(0.0, deadline - now) * WEIGHTS[name] / weights
+    grace = GRACE["toy" if ctx.toy else "gpu"]
+    entry: dict = {"part": name, "share_seconds": ctx.part_end - now}
+    r = new_result()
+    hard = signal.getsignal(signal.SIGALRM)
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(0.01, ctx.part_end - now + grace))
     try:
         if name in ctx.inject:
             raise RuntimeError(f"failure injected by --inject-failure {name}")
-        result = PARTS[name](ctx)
-        failed = [c for c in result.get("checks", []) if c["pass"] is False]
-        entry.update(status="check failed" if failed else "ok", result=result)
+        PARTS[name](ctx, r)
+        failed = [c for c in r["checks"] if c["pass"] is False]
+        entry["status"] = "check failed" if failed else "ok"
+    except Cut as e:
+        entry.update(status="cut", error=f"cut: {e}")
+        r["notes"].append(f"Cut after {time.perf_counter() - now:.1f} s ({e}); what it measured before is above.")
+    except Skipped as e:
+        entry.update(status="skipped", error=str(e))
     except Exception as e:  # noqa: BLE001  (the point: record it and go on with the next part)
         entry.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
-    entry["seconds"] = time.perf_counter() - ctx.part_started
-    free(ctx.device)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, hard)
+    entry["result"] = r
+    entry["seconds"] = time.perf_counter() - now
+    try:
+        free(ctx.device)
+    except Exception:  # noqa: BLE001  (a broken CUDA context is the next part's error to record)
+        pass
     return entry
 
 
 def render(doc: dict) -> str:
     from qcorda.table import fmt, markdown_table
 
-    env = doc["environment"]
+    env = doc.get("environment") or {}
     lines = [f"# qcorda GPU check{' (dry run: toy sizes, not GPU figures)' if doc['dry_run'] else ''}", "",
-             f"Command: `{doc['command']}`. Started {doc['started']}; {doc['seconds']:.0f} s so far"
-             + (" (finished)" if doc["finished"] else " (running or cut short)")
-             + f", of which {doc['setup_seconds']:.0f} s setup (model at hand, CUDA context).", "",
-             f"Device: {env['device']}" + (f", {env['gpu']} ({env['gpu_memory_gb']:.0f} GB)" if env["gpu"] else "") + ". "
-             + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f". Machine: {env['machine']}.", ""]
+             f"Command: `{doc['command']}`. Started {doc['started']}; {doc['seconds']:.0f} s of a {doc['budget']:.0f} s budget"
+             + (" (finished)" if doc["finished"] else " (running or cut short)") + ".", ""]
+    if env:
+        lines += [f"Device: {env['device']}" + (f", {env['gpu']} ({env['gpu_memory_gb']:.0f} GB)" if env.get("gpu") else "") + ". "
+                  + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ". fp32 matmul precision: "
+                  f"{env['float32_matmul_precision']} (cuda.matmul.allow_tf32 {env['cuda_matmul_allow_tf32']}, cudnn.allow_tf32 "
+                  f"{env['cudnn_allow_tf32']}). Machine: {env['machine']}.", ""]
     if doc["dry_run"]:
-        lines += ["A dry run exercises every part at toy size (tiny random Llama, small shapes) so that the script cannot rot "
-                  "between GPU runs; its figures say nothing about a GPU.", ""]
-    lines += [markdown_table(["part", "status", "seconds", "summary"],
-                             [[p["part"], p["status"], p["seconds"], p.get("result", {}).get("summary", p.get("error", ""))]
+        lines += ["A dry run runs every part at toy size so that the script cannot rot between GPU runs; its figures say "
+                  "nothing about a GPU.", ""]
+    lines += ["Setup:", "", markdown_table(["step", "status", "seconds", "detail"], [
+        [k, v["status"], v["seconds"], v.get("error") or (json.dumps(v["value"], default=str)[:120])] for k, v in doc["setup"].items()]), ""]
+    lines += [markdown_table(["part", "status", "seconds", "share s", "summary"],
+                             [[p["part"], p["status"], p["seconds"], p["share_seconds"], p["result"]["summary"] or p.get("error", "")]
                               for p in doc["parts"]]), ""]
+    lines += ["FSDP needs a machine with several GPUs and is not part of this check: eval/results/fsdp_cpu.md.", ""]
     for i, p in enumerate(doc["parts"], 1):
         lines += [f"## {i}. {p['part']}: {p['status']} ({p['seconds']:.1f} s)", ""]
-        if p["status"] == "error":
-            lines += [f"Error: `{p['error']}`", "", "```", p["traceback"].rstrip(), "```", ""]
-            continue
+        if "error" in p:
+            lines += [f"{p['error']}", ""]
+        if "traceback" in p:
+            lines += ["```", p["traceback"].rstrip(), "```", ""]
         r = p["result"]
-        lines += [r["summary"] + ".", ""]
+        if r["summary"]:
+            lines += [r["summary"] + ".", ""]
         for t in r["tables"]:
-            lines += [f"{t['title']}:", "", markdown_table(t["head"], t["rows"]), ""]
+            if t["rows"]:
+                lines += [f"{t['title']}:", "", markdown_table(t["head"], t["rows"]), ""]
         if r["checks"]:
             verdict = {True: "pass", False: "**FAIL**", None: "n/a"}
             lines += [markdown_table(["check", "value", "target", "verdict"],
@@ -708,58 +899,73 @@ def render(doc: dict) -> str:
 def write(doc: dict, out: Path) -> None:
     """The markdown at ``out`` and the same content as JSON beside it, each replaced atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, render(doc)), (out.with_suffix(".json"), json.dumps(doc, indent=1, default=str))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_text_atomic(out.with_suffix(".json"), json.dumps(doc, indent=1, default=str))
+    write_text_atomic(out, render(doc))
 
 
 def main(argv=None) -> int:
-    import torch
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="toy sizes; on the CPU it finishes in under 2 minutes")
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when present, else cpu")
     ap.add_argument("--out", default=None, help="results markdown; the JSON goes beside it (default: eval/results/gpu_check.md, "
                                                 "for --dry-run eval/results/gpu_check_dryrun.md)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts to run, in order (default: all of {','.join(PARTS)})")
-    ap.add_argument("--workdir", default=None, help="scratch space (models, runs, the synthetic checkpoint); default: system temp")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run, setup included (default: 290 on a GPU, "
+                                                               "110 for --dry-run)")
+    ap.add_argument("--model", default=None, help="a real Gemma-3-270M directory: adds the golden comparisons")
+    ap.add_argument("--workdir", default=None, help="scratch space (models, runs, checkpoints); default: system temp")
     ap.add_argument("--inject-failure", default="", help="comma list of parts made to raise at their start (tests the recording)")
+    ap.add_argument("--write-tokenizer", action="store_true", help="retrain eval/configs/gemma3-270m's tokenizer and exit")
+    ap.add_argument("--inject-overrun", default="", help="comma list of parts made to hang after their first item (tests the cut)")
     args = ap.parse_args(argv)
+    if args.write_tokenizer:
+        write_tokenizer()
+        return 0
+    t0 = time.perf_counter()
+    import torch
+
     cuda = torch.cuda.is_available()
     device = args.device or ("cuda" if cuda else "cpu")
     if device == "cuda" and not cuda:
-        ap.error("no CUDA device here; run the toy check with --dry-run")
+        ap.error("--device cuda: no CUDA device here; run the toy check with --dry-run")
     if device == "cpu" and cuda:  # the Trainer and every default device would still use the GPU
-        ap.error("qcorda uses a visible GPU by default: hide it (CUDA_VISIBLE_DEVICES=) for a run on the CPU")
+        ap.error("--device cpu: qcorda uses a visible GPU by default; hide it (CUDA_VISIBLE_DEVICES=) for a run on the CPU")
     if not args.dry_run and device != "cuda":
-        ap.error("real sizes need a CUDA GPU; use --dry-run on the CPU")
+        ap.error("real shapes need a CUDA GPU; use --dry-run on the CPU")
     names = [n for n in args.parts.split(",") if n]
     unknown = [n for n in names if n not in PARTS]
     if unknown:
         ap.error(f"--parts: unknown {', '.join(unknown)}; choose from {','.join(PARTS)}")
+    sizes = SIZES["toy" if args.dry_run else "gpu"]
+    budget = args.budget if args.budget is not None else sizes["budget"]
+    deadline = t0 + budget
     out = Path(args.out or RESULTS / ("gpu_check_dryrun.md" if args.dry_run else "gpu_check.md"))
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="gpu-check-") as work:
-        ctx = Context(SIZES["toy" if args.dry_run else "gpu"], device, Path(work), args.dry_run,
-                      frozenset(filter(None, args.inject_failure.split(","))))
-        ctx.model = ready_model(ctx)  # set up before the parts: no part's time
-        if device == "cuda":
-            torch.ones(8, 8, device="cuda").matmul(torch.ones(8, 8, device="cuda"))  # the CUDA context and cuBLAS, likewise
-            torch.cuda.synchronize()
-        doc = {"format": "qcorda.gpu_check/1", "dry_run": args.dry_run, "command": " ".join(["python", "eval/gpu_check.py", *(argv or sys.argv[1:])]),
-               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(ctx), "sizes": ctx.sizes,
-               "setup_seconds": time.perf_counter() - t0, "parts": [], "seconds": 0.0, "finished": False}
-        for name in names:
+        ctx = Context(sizes, device, Path(work), args.dry_run, deadline, args.model,
+                      frozenset(filter(None, args.inject_failure.split(","))), frozenset(filter(None, args.inject_overrun.split(","))))
+        doc = {"format": "qcorda.gpu_check/2", "dry_run": args.dry_run, "budget": budget,
+               "command": " ".join(["python -m eval.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
+               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": None, "sizes": sizes,
+               "setup": ctx.setup, "parts": [], "seconds": 0.0, "finished": False}
+        try:
+            if device == "cuda":  # the CUDA context and cuBLAS, before any part's timer
+                torch.ones(8, 8, device="cuda").matmul(torch.ones(8, 8, device="cuda"))
+                torch.cuda.synchronize()
+            doc["environment"] = environment(ctx)
+        except Exception as e:  # noqa: BLE001  (recorded; the parts then say what they can)
+            ctx.setup["environment"] = {"status": "error", "seconds": 0.0, "error": f"{type(e).__name__}: {e}",
+                                        "traceback": traceback.format_exc()[-3000:]}
+        write(doc, out)
+        for i, name in enumerate(names):
             print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
-            entry = run_part(ctx, name)
+            entry = run_part(ctx, name, names[i:], deadline)
             doc["parts"].append(entry)
             doc["seconds"] = time.perf_counter() - t0
             write(doc, out)
             print(f"[gpu_check] {name}: {entry['status']} in {entry['seconds']:.1f} s"
-                  + (f" ({entry['error']})" if "error" in entry else ""), file=sys.stderr, flush=True)
-    doc["seconds"], doc["finished"] = time.perf_counter() - t0, True
-    write(doc, out)
+                  + (f" ({entry['error'][:300]})" if "error" in entry else ""), file=sys.stderr, flush=True)
+        doc["seconds"], doc["finished"] = time.perf_counter() - t0, True
+        write(doc, out)
     print(f"wrote {out} and {out.with_suffix('.json')} ({doc['seconds']:.0f} s)")
     return 0
 

@@ -26,13 +26,14 @@ Resumable: every finished (init, lr, seed) is kept in the JSON; rerun the same c
 Results: ``eval/results/finetune{,_cuda}.{md,json}``, ``finetune_lr{,_cuda}.png`` (held-out loss
 against lr) and ``finetune_curves{,_cuda}.png`` (losses at each init's best lr, seed spread).
 
-    python -m eval.study_finetune                     # CPU: hours; run it in the background
-    python -m eval.study_finetune --device cuda       # the GPU preset (longer runs, larger eval sets)
+    PYTHONPATH=$PWD python eval/study_finetune.py                     # CPU: hours; run it in the background
+    PYTHONPATH=$PWD python eval/study_finetune.py --device cuda       # minutes on one GPU (longer runs, larger eval sets)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -42,13 +43,13 @@ from pathlib import Path
 
 import torch
 
-from qcorda.config import CalibConfig, InitConfig
-from qcorda.guard import DivergenceGuard
-from qcorda.lr import LR_FACTORS, QLORA_LR, recommended_lr
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from qcorda.io import write_text_atomic
-
-from .lib import RESULTS, Results
+from qcorda import decompose  # noqa: E402
+from qcorda.config import CalibConfig, InitConfig  # noqa: E402
+from qcorda.guard import DivergenceGuard  # noqa: E402
+from qcorda.lr import LR_FACTORS, QLORA_LR, recommended_lr  # noqa: E402
 
 #: Every init of the study, by :func:`qcorda.lr.init_key`: (method, cal_start, calibration data).
 INITS: dict[str, tuple[str, str, str | None]] = {
@@ -60,13 +61,9 @@ INITS: dict[str, tuple[str, str, str | None]] = {
     "qcorda-cal:ipm": ("qcorda-cal", "ipm", "gsm8k"),
     "qcorda-cal:zero": ("qcorda-cal", "zero", "gsm8k"),
     "qera": ("qera", "ipm", "gsm8k"),
-}
-#: Inits whose runs the saved results hold but this script no longer makes: reported, marked, never rerun.
-RETIRED = {
-    "qcorda-ipm:unbalanced": "qcorda-ipm with its factors as before balancing, B = U√S/√s and A = √S·(VᵀC⁻¹)/√s (the same "
-                             "s·B·A and codes); run on 2026-11-29 with the code of commit ff0a645, which switched the package's "
-                             "private factor builder from this script. The ablation answered its question (balancing is more "
-                             "stable) and was removed when eval/ moved to the public API only (issue 23)",
+    # qcorda-ipm with the factors as they were before balancing (B = U√S/√s, A = √S·(VᵀC⁻¹)/√s: the same
+    # s·B·A and codes, ‖A_i‖/‖B_i‖ = ‖(VᵀC⁻¹)_i‖): does balancing change stability? (issue 15, item 2)
+    "qcorda-ipm:unbalanced": ("qcorda-ipm", "ipm", "gsm8k"),
 }
 #: Per-device defaults (a flag given on the command line wins).
 PRESETS = {
@@ -101,6 +98,18 @@ def dequantize_base(model):
     return model
 
 
+@contextlib.contextmanager
+def _unbalanced():
+    """Split as before balancing: every row of Vᵀ treated as orthonormal, so A keeps CorDA's (VᵀC⁻¹)_i
+    norms and B stays U√S/√s. A study-only switch: the package always balances."""
+    real = decompose._from_factors
+    decompose._from_factors = lambda *a, **k: real(*a, **{**k, "orthonormal": True})
+    try:
+        yield
+    finally:
+        decompose._from_factors = real
+
+
 def prepare_init(label: str, args, work: Path) -> tuple[Path, float]:
     """Prepare ``label`` once (cached under ``work``); returns the directory and the seconds it took."""
     from qcorda.data import load_records
@@ -123,7 +132,8 @@ def prepare_init(label: str, args, work: Path) -> tuple[Path, float]:
                      calib=CalibConfig(samples=args.calib_samples, max_length=128, batch_size=8, **kw))
     t = time.perf_counter()
     model, tok = load_model("gemma-3-270m")
-    prepare(model, cfg, out, tokenizer=tok, overwrite=True)
+    with _unbalanced() if label.endswith(":unbalanced") else contextlib.nullcontext():
+        prepare(model, cfg, out, tokenizer=tok, overwrite=True)
     seconds = time.perf_counter() - t
     (out / "study_prepare.json").write_text(json.dumps({"seconds": seconds}))
     return out, seconds
@@ -142,12 +152,14 @@ def load(prepared: Path, device: str, adapter: Path | None = None, trainable: bo
 
 
 def heldout_loss(model, tok, args) -> float:
-    """NLL per token of the gold solutions of the first ``gsm8k_limit`` GSM8K test questions
-    (:func:`qcorda.evaluate.gsm8k`'s ``answer_nll``, without decoding)."""
-    from qcorda.evaluate import gsm8k
+    """NLL per token of the gold solutions of the first ``gsm8k_limit`` GSM8K test questions."""
+    from qcorda.data import format_record, load_records
+    from qcorda.scoring import completion_logprobs
 
-    return gsm8k(model, tok, limit=args.gsm8k_limit, batch_size=args.eval_batch_size, progress=False,
-                 generate_answers=False).metrics["answer_nll"]
+    held = [format_record(r, ("question", "answer")) for r in load_records("gsm8k-test")[: args.gsm8k_limit]]
+    lls = completion_logprobs(model, tok, [e.prompt for e in held], [e.completion for e in held], args.eval_batch_size,
+                              progress=False)
+    return -sum(ll for ll, _ in lls) / sum(n for _, n in lls)
 
 
 def measure(model, tok, args) -> dict:
@@ -323,20 +335,19 @@ def _recommended_section(res: dict, inits: list[str]) -> list[str]:
 
 
 def write_report(out: Path, res: dict, args) -> None:
-    """``out``.md with the tables, and the two plots (written atomically: a cut run leaves the last whole report)."""
-    inits = [i for i in [*args.inits, *RETIRED] if i in res["inits"]]
+    """``out``.md with the tables, and the two plots."""
+    inits = [i for i in args.inits if i in res["inits"]]
     lines = [f"# Fine-tuning study ({args.device}): Gemma-3-270M, NF4 + rank-{args.rank} adapters trained on GSM8K", ""]
     device = "" if args.device == "cpu" else f" --device {args.device}"
     lines += ["Reproduce (resumable: finished (init, lr, seed) runs are kept in the JSON; rerun to continue; `--inits`, `--lrs` "
               "and `--seeds` choose what runs next, and runs of a narrower command count for the full one):", "", "```",
-              f"python -m eval.study_finetune{device}", "```", ""]
+              f"PYTHONPATH=$PWD python eval/study_finetune.py{device}", "```", ""]
     lines += [
         "## Setup", "",
         f"- Inits: {', '.join(inits)}; rank {args.rank}, alpha = r, every linear layer of the 18 blocks, NF4 + double quant "
         f"(blocksize 64), prepared once by `qcorda.prepare` (seed 0). Calibration: the first {args.calib_samples} GSM8K-train "
         f"question+answer texts (≤ 128 tokens); qcorda-kpm: the last {args.calib_samples} NQ-open questions (never evaluated). "
-        "qcorda-cal: 5 iterations from the IPM split (`:ipm`) or from zero (`:zero`); loftq 5 iterations.",
-        *[f"- {i} (an earlier code version): {why}." for i, why in RETIRED.items() if i in inits],
+        "qcorda-cal: 5 iterations from the IPM split (`:ipm`) or from zero (`:zero`); loftq 5 iterations. qcorda-ipm:unbalanced (where run): qcorda-ipm with its factors as before balancing, B = U√S/√s and A = √S·(VᵀC⁻¹)/√s (the same s·B·A and codes).",
         f"- Training: {args.steps} steps x {args.batch_size} sequences (≤ {args.max_length} tokens, alpaca prompt, loss on the "
         f"answer + EOS) from the first {args.train_limit} GSM8K-train records, AdamW (fp32 states, no weight decay), cosine "
         f"schedule with {args.warmup_ratio:.0%} warmup, clipping {args.max_grad_norm}. The seed sets the data order, the same for every init.",
@@ -393,7 +404,7 @@ def write_report(out: Path, res: dict, args) -> None:
     old = path.read_text() if path.exists() else ""
     if "## Reading" in old and "READING_PLACEHOLDER" not in old.split("## Reading", 1)[1]:  # keep a hand-written reading
         lines[-2] = old.split("## Reading", 1)[1].strip()
-    write_text_atomic(path, "\n".join(lines))
+    path.write_text("\n".join(lines))
     _plots(out, res, inits)
 
 
@@ -490,9 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [i for i in args.inits if i not in INITS]
     if unknown:
         raise SystemExit(f"--inits: unknown {', '.join(unknown)}; choose from {', '.join(INITS)}")
-    out = Path(args.out) if args.out else RESULTS / ("finetune" if args.device == "cpu" else "finetune_cuda")
-    store = Results(out, key={k: getattr(args, k) for k in RESULT_KEYS})
-    res = {"inits": {}, "runs": [], "seconds": {}, **store.load()}
+    out = Path(args.out) if args.out else ROOT / "eval" / "results" / ("finetune" if args.device == "cpu" else "finetune_cuda")
+    raw = out.with_suffix(".json")
+    key = {k: getattr(args, k) for k in RESULT_KEYS}
+    res = {"key": key, "inits": {}, "runs": [], "seconds": {}}
+    if raw.exists():
+        saved = json.loads(raw.read_text())
+        if saved.get("key") == key:
+            res = saved
     res["argv"] = argv
     if args.report_only:
         write_report(out, res, args)
@@ -504,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         res["seconds"][part] = res["seconds"].get(part, 0.0) + seconds
         res["runs"][-1]["load"] = os.getloadavg()
         res["runs"][-1]["seconds"] = time.perf_counter() - t0
-        store.save(res)
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps(res, indent=1))
         write_report(out, res, args)
 
     from qcorda.data import load_examples

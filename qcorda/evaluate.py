@@ -211,18 +211,17 @@ def gsm8k_prompts(records: Sequence[dict], shots: int = 0, shot_source: str = "g
 GSM8K_STOP = r"####\s*[-$]?[\d,.]+\s*\n|\n###|\n\n\n"
 
 
-def gsm8k(model, tok, data: str = "gsm8k-test", limit: int | None = None, shots: int = 0, max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True, generate_answers: bool = True) -> TaskResult:
+def gsm8k(model, tok, data: str = "gsm8k-test", limit: int | None = None, shots: int = 0, max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True) -> TaskResult:
     """Greedy-decoding accuracy, plus the teacher-forced NLL per token of the gold solutions.
 
     ``accuracy``: :func:`extract_answer` of the continuation equals that of the gold solution.
     ``answer_nll``: mean −log p per token over all gold-solution tokens (held-out answer loss).
-    ``generate_answers=False`` skips generation, the slow part (``accuracy`` is then None).
     """
     t0 = time.perf_counter()
     records = _records(data, limit, "--gsm8k-data")
     pairs = gsm8k_prompts(records, shots)
     prompts = [p for p, _ in pairs]
-    outs = generate(model, tok, prompts, max_new_tokens, batch_size, GSM8K_STOP, progress, "gsm8k generate") if generate_answers else [""] * len(prompts)
+    outs = generate(model, tok, prompts, max_new_tokens, batch_size, GSM8K_STOP, progress, "gsm8k generate")
     lls = completion_logprobs(model, tok, prompts, [g for _, g in pairs], batch_size, progress, "gsm8k answer loss")
     samples, correct = [], 0
     for r, (_, gold_text), out, (ll, n) in zip(records, pairs, outs, lls):
@@ -231,7 +230,7 @@ def gsm8k(model, tok, data: str = "gsm8k-test", limit: int | None = None, shots:
         correct += ok
         samples.append({"question": r["question"], "gold": gold, "pred": pred, "correct": ok, "output": out, "answer_logprob": ll, "answer_tokens": n})
     tokens = sum(n for _, n in lls)
-    metrics = {"accuracy": correct / len(records) if generate_answers else None, "answer_nll": -sum(ll for ll, _ in lls) / max(tokens, 1)}
+    metrics = {"accuracy": correct / len(records), "answer_nll": -sum(ll for ll, _ in lls) / max(tokens, 1)}
     cfg = {"data": data, "limit": limit, "shots": shots, "template": "alpaca", "max_new_tokens": max_new_tokens, "decoding": "greedy"}
     return TaskResult("gsm8k", metrics, len(records), time.perf_counter() - t0, cfg, samples)
 

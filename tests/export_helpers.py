@@ -1,5 +1,5 @@
 """Shared test setup: a prepared tiny model and a 'trained' adapter (merge / to-lora tests), and
-the scripts under eval/ imported as modules."""
+the scripts under eval/ loaded as modules."""
 
 from __future__ import annotations
 
@@ -44,7 +44,11 @@ def edited_adapter(trained, out, **config_updates):
 
 
 def eval_script(name: str):
-    """The script ``eval/NAME.py``, imported as the module ``eval.NAME`` (the repository root is on pytest's path)."""
-    import importlib
+    """``eval/NAME.py`` loaded as a module (eval/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
 
-    return importlib.import_module(f"eval.{name}")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "eval" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

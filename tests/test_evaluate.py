@@ -283,19 +283,3 @@ def test_study_report_best_lr_skips_diverged_runs_and_keeps_the_reading(tmp_path
     out.with_suffix(".md").write_text(text.replace("READING_PLACEHOLDER", "Hand-written."))
     study.write_report(out, res, args)
     assert "Hand-written." in out.with_suffix(".md").read_text()
-
-
-def test_gsm8k_answer_loss_without_generation(tok, monkeypatch):
-    """``generate_answers=False``: the same held-out answer loss, no decoding, no accuracy."""
-    import qcorda.evaluate as ev
-
-    model = tiny.model("llama")
-    full = gsm8k(model, tok, limit=3, max_new_tokens=4, batch_size=2, progress=False)
-
-    def refuse(*a, **k):
-        raise AssertionError("generate() called")
-
-    monkeypatch.setattr(ev, "generate", refuse)
-    fast = gsm8k(model, tok, limit=3, batch_size=2, progress=False, generate_answers=False)
-    assert fast.metrics["accuracy"] is None and fast.metrics["answer_nll"] == pytest.approx(full.metrics["answer_nll"], rel=1e-6)
-    assert "answer_nll" in fast.summary()
