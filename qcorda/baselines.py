@@ -74,7 +74,7 @@ def baseline_layer(weight: torch.Tensor, cfg: InitConfig, name: str, eva_A: torc
     W = weight.detach().float()
     method = cfg.method
     if method not in BASELINES:
-        raise ValueError(f"{method} is not a baseline; use qcorda.prepare.prepare_layer")
+        raise ValueError(f"{method} is not a baseline; use qcorda.layer.prepare_layer")
     if method == "qeva":
         if eva_A is None:
             raise ConfigError(f"method qeva needs calibration data for layer {name}; pass --calib-data")

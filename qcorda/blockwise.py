@@ -130,9 +130,9 @@ def collect_blockwise(
     """C = XᵀX/n per target group of a checkpoint, one decoder block at a time.
 
     ``skeleton``: the model on the ``meta`` device (not modified; a weightless copy is used).
-    ``get(key)``: the checkpoint tensor of state-dict ``key`` (e.g. :meth:`qcorda.stream.Checkpoint.get`).
+    ``get(key)``: the checkpoint tensor of state-dict ``key`` (e.g. :meth:`qcorda.checkpoint.Checkpoint.get`).
     ``get_rows(key, ids)``: rows ``ids`` (sorted) of that tensor, read without the rest
-    (:meth:`qcorda.stream.Checkpoint.rows`); only the embedding rows of the calibration tokens are loaded.
+    (:meth:`qcorda.checkpoint.Checkpoint.rows`); only the embedding rows of the calibration tokens are loaded.
     ``spill``: an existing directory; each block's finished covariances are written there
     (``block-NNNNN.safetensors``) and freed, and the result reads them back one at a time
     (:class:`qcorda.covariance.OnDisk`). Without it every covariance stays in memory: for

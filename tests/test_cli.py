@@ -72,3 +72,15 @@ def test_errors_name_the_flag_on_the_command_line_and_the_key_in_a_recipe(tmp_pa
         load_recipe(path)
     assert main(["compare", "--ranks", "16,x"]) == 2
     assert "error: --ranks must be comma-separated integers, got '16,x'" in capsys.readouterr().err
+
+
+def test_package_docstring_example_imports():
+    """The first thing a newcomer reads: the import lines of ``qcorda``'s docstring example run."""
+    import qcorda
+
+    code = qcorda.__doc__.split("::", 1)[1]
+    imports = [line.strip() for line in code.splitlines() if line.strip().startswith(("from ", "import "))]
+    assert imports
+    for line in imports:
+        exec(line, {})
+    assert "InitConfig(" in code and "prepare(" in code and "load_prepared(" in code
