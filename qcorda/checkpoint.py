@@ -78,6 +78,8 @@ class Checkpoint:
         self._where: dict[str, Path] = {}
         self._specs: dict[str, tuple[tuple[int, ...], str]] = {}
         self._metadata: dict[Path, dict] = {}
+        self._disk: dict[str, str] = {}  # a model view's key → the key in the file (identity when absent)
+        self.fused: dict[str, tuple[str, ...]] = {}
         for f in self.files:
             self._read_header(f)
 
@@ -145,13 +147,29 @@ class Checkpoint:
         """file name → :func:`file_fingerprint`."""
         return {f.name: file_fingerprint(f) for f in self.files}
 
+    def model_view(self, model: torch.nn.Module) -> "Checkpoint":
+        """This checkpoint keyed by ``model``'s state-dict names, the way transformers maps them when it
+        loads the architecture (:func:`conversion_map`): GPT-NeoX's ``embed_out`` read as ``lm_head``,
+        Mixtral's ``block_sparse_moe`` as ``mlp``. Keys that transformers fuses from several tensors
+        (per-expert matrices into one 3-D parameter) are not readable keys; they are listed in
+        ``fused`` (model key → on-disk keys)."""
+        import copy
+
+        renamed, fused = conversion_map(model, self.keys())
+        view = copy.copy(self)
+        view._where = {m: self._where[d] for m, d in renamed.items()}
+        view._specs = {m: self._specs[d] for m, d in renamed.items()}
+        view._disk = {m: d for m, d in renamed.items() if m != d}
+        view.fused = fused
+        return view
+
     def _read(self, key: str, fn):
         from safetensors import safe_open
 
         f = self._where[key]
         try:  # a fresh handle per read: closing it unmaps the pages it touched
             with safe_open(str(f), framework="pt") as h:
-                return fn(h)
+                return fn(_Renamed(h, self._disk))
         except Exception as e:
             raise ConfigError(f"{self.flag} {self.path}: tensor {key} cannot be read from {f.name} ({e}); {self.hint}") from e
 
@@ -188,6 +206,49 @@ class Checkpoint:
             parts = (self._read(key, lambda h, a=a: h.get_slice(key)[a : a + step]) for a in range(0, shape[0], step))
         for t in parts:
             yield t.float().to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+class _Renamed:
+    """A safetensors handle read by a model view's keys."""
+
+    def __init__(self, handle, disk: dict[str, str]):
+        self.handle, self.disk = handle, disk
+
+    def get_tensor(self, key: str):
+        return self.handle.get_tensor(self.disk.get(key, key))
+
+    def get_slice(self, key: str):
+        return self.handle.get_slice(self.disk.get(key, key))
+
+
+def conversion_map(model: torch.nn.Module, disk_keys: Iterable[str]) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """``(renamed, fused)``: the model key of every on-disk key, by transformers' own conversion mapping
+    for ``model``'s architecture (``get_model_conversion_mapping`` + ``rename_source_key``, present in
+    transformers 5.17 to 5.25), the one place qcorda maps checkpoint names.
+
+    ``renamed``: model key → the one on-disk key it is read from (a rename or the same name).
+    ``fused``: model key → the on-disk keys a ``WeightConverter`` combines into it (per-expert
+    matrices stacked into a 3-D parameter). Without these APIs every key maps to itself."""
+    disk_keys = list(disk_keys)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings reads checkpoints by name
+        return {k: k for k in disk_keys}, {}
+    transforms = get_model_conversion_mapping(model) if hasattr(model, "config") else []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    renamed: dict[str, str] = {}
+    fused: dict[str, list[str]] = {}
+    for key in disk_keys:
+        new, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if pattern is None:
+            renamed[new] = key
+        else:
+            fused.setdefault(new, []).append(key)
+    return renamed, {k: tuple(v) for k, v in fused.items()}
 
 
 # --------------------------------------------------------------------------- writing

@@ -120,7 +120,12 @@ class InitConfig:
     rate, tolerates 3x that rate and forgets less (eval/results/finetune.md)."""
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     """Module-name patterns to adapt: exact names, suffixes (q_proj), globs (*.mlp.*) or regexes (re:...).
-    all-linear: every Linear/Conv1D in the decoder blocks, lm_head excluded."""
+    all-linear: every Linear/Conv1D in the decoder blocks, lm_head and routers excluded."""
+    keep_full_precision: tuple[str, ...] = ()
+    """Module-name patterns (as target_modules) of block weights to keep in full precision. Every other
+    block Linear is stored in NF4 (the targets' residuals, the rest as W itself, no adapter); routers
+    always stay full precision. prepare refuses to store under 90 % of the block weights' bytes in NF4
+    unless what stays in full precision is named here."""
     ridge: float = 0.01
     """Initial damping λ: C + λ·mean(diag C)·I, grown 10x at most max_damping_steps times while C is not
     positive definite."""
@@ -161,6 +166,8 @@ class InitConfig:
         one_of("cal_start", self.cal_start, Literal["ipm", "zero"])
         if not self.target_modules:
             raise ConfigError("is empty; give patterns such as q_proj,v_proj or all-linear", "target_modules")
+        if isinstance(self.keep_full_precision, str) or not all(isinstance(p, str) and p for p in self.keep_full_precision):
+            raise ConfigError(f"must be a list of non-empty module-name patterns, got {self.keep_full_precision!r}", "keep_full_precision")
         if not self.ridge > 0:
             raise ConfigError(f"must be positive, got {self.ridge}", "ridge")
         positive("max_damping_steps", self.max_damping_steps, 0)

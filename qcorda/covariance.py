@@ -199,11 +199,15 @@ class Accumulator:
                 self._last_x, self._last_group = x, name
             elif self.group_of[name] != name:
                 return
-            mask = self.mask
-            if x.dim() != 3 or x.shape[:2] != mask.shape:
+            mask, held = self.mask, self.held_mask
+            if x.dim() == 2 and x.shape[0] == mask.numel():
+                # OPT flattens the hidden states to (batch·seq, features) before fc1/fc2: the same tokens,
+                # in the mask's row-major order
+                mask, held = mask.reshape(-1), None if held is None else held.reshape(-1)
+            elif x.dim() != 3 or x.shape[:2] != mask.shape:
                 raise ConfigError(
-                    f"layer {name}: input of shape {tuple(x.shape)} is not (batch, seq, features) "
-                    f"matching the attention mask {tuple(mask.shape)}; leave it out of --target-modules"
+                    f"layer {name}: input of shape {tuple(x.shape)} is neither (batch, seq, features) nor "
+                    f"(batch·seq, features) matching the attention mask {tuple(mask.shape)}; leave it out of --target-modules"
                 )
             X = x[mask].to(device=self.device, dtype=self.dtype)
             if not torch.isfinite(X).all():
@@ -212,8 +216,8 @@ class Accumulator:
                     "check the model's dtype (load it in float32) and the calibration text"
                 )
             self._add(self.sums, name, X)
-            if self.held_mask is not None and self.held_mask.any():
-                self._add(self.held_sums, name, x[self.held_mask].to(device=self.device, dtype=self.dtype))
+            if held is not None and held.any():
+                self._add(self.held_sums, name, x[held].to(device=self.device, dtype=self.dtype))
 
         return module.register_forward_pre_hook(hook)
 

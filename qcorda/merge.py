@@ -35,6 +35,8 @@ from .scoring import held_out_batches, logit_agreement
 VERIFY_FILE = "qcorda_verify.json"
 MERGE_FILE = "qcorda_merge.json"
 PREPARED_HINT = "it is corrupted: run qcorda prepare again"
+#: The key suffix bitsandbytes saves beside every 4-bit NF4 weight (``<module>.weight`` + this).
+NF4_STATE = ".weight.quant_state.bitsandbytes__nf4"
 
 
 # --------------------------------------------------------------------------- layers
@@ -106,13 +108,15 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
     reader = Checkpoint(prepared, "model", "PREPARED", PREPARED_HINT)
     conv1d, needed = plain_layout(plain_config(prepared, dtype))
     target_set = set(targets)
-    quant_suffix = tuple(f"{t}.weight." for t in targets)
+    # every Linear4bit of the prepared base: the targets' residuals and the other block Linears' NF4(W)
+    nf4 = {k.removesuffix(NF4_STATE) for k in reader.keys() if k.endswith(NF4_STATE)}
+    quant_suffix = tuple(f"{t}.weight." for t in target_set | nf4)
     specs: dict[str, torch.Tensor] = {}
     for key in reader.keys():
         if key.startswith(quant_suffix):
             continue
         name = key.removesuffix(".weight")
-        q = stored_nf4(reader, name) if name in target_set else None
+        q = stored_nf4(reader, name) if name in target_set or name in nf4 else None
         if q is not None:
             out_f, in_f = q.quant_state.shape
             shape = (in_f, out_f) if name in conv1d else (out_f, in_f)
@@ -127,6 +131,9 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
 
     def produce(key: str) -> torch.Tensor:
         name = key.removesuffix(".weight")
+        if name in nf4 and name not in target_set:  # a 4-bit base layer without adapter: deq(Q(W)), in fp32, cast once
+            W = dequantized(reader, name).to(dtype)
+            return (W.T if name in conv1d else W).contiguous()
         if name not in target_set:
             t = reader.get(key)
             return t.to(dtype) if t.is_floating_point() else t

@@ -36,9 +36,9 @@ from .covariance import Covariances
 from .layer import prepare_layer
 from .models import load_model, resolve_compute_dtype, resolve_device
 from .prepared import LayerResult, PrepareReport, lora_config, save_prepared, versions
-from .quantize import bnb_config, linear4bit
+from .quantize import bnb_config, linear4bit, quantize_nf4
 from .stream import STREAMED, stream_prepare
-from .targets import check_rank, find_targets, weight_of
+from .targets import check_loadable, check_rank, find_targets, storage_plan, weight_of
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,8 @@ def prepare_model(model, config: InitConfig, model_id: str = "", calib: Covarian
         raise ConfigError("the model is already quantized; pass the original (16/32-bit) model to prepare")
     targets = find_targets(model, config.target_modules)
     check_rank(model, targets, config.rank)
+    plan = storage_plan(model, targets, config.keep_full_precision, config.method not in UNQUANTIZED)
+    check_loadable(model, targets + list(plan.base))
     device = resolve_device(config.device)
     covs, eva, calibration = _calibration(model, config, model_id, targets, calib, tokenizer, save_covariance, progress, device)
     layers: dict[str, tuple] = {}
@@ -111,11 +113,13 @@ def prepare_model(model, config: InitConfig, model_id: str = "", calib: Covarian
         layers[name] = (split, q)
         results.append(result)
         bar.set_postfix(err=f"{result.rel_err:.3f}")
+    base = {n: quantize_nf4(weight_of(model.get_submodule(n)).detach().to(device=device, dtype=torch.float32)) for n in plan.base}
     compute_dtype = resolve_compute_dtype(config.compute_dtype)
-    peft_model = assemble(model, config, layers, compute_dtype, device)
+    peft_model = assemble(model, config, layers, compute_dtype, device, base, plan.skip_modules)
     report = PrepareReport(
         config=config, model=model_id, targets=tuple(targets), layers=tuple(results), calibration=calibration,
         compute_dtype=str(compute_dtype).removeprefix("torch."), seconds=time.perf_counter() - t_start, versions=versions(),
+        storage=plan.to_json(),
     )
     return peft_model, report
 
@@ -149,11 +153,14 @@ def _calibration(model, config: InitConfig, model_id: str, targets: list[str], c
     return covs, {}, dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=config.calib.data)
 
 
-def assemble(model, config: InitConfig, layers: dict[str, tuple], compute_dtype: torch.dtype, device: torch.device):
+def assemble(model, config: InitConfig, layers: dict[str, tuple], compute_dtype: torch.dtype, device: torch.device,
+             base: dict | None = None, skip_modules: tuple[str, ...] = ("lm_head",)):
     """The ``PeftModel`` of a prepared model, the model ``from_pretrained`` + PEFT would load from its directory.
 
-    ``layers``: target name → (split, NF4 codes or None). Every target with codes becomes a
-    ``Linear4bit`` holding exactly them (its bias in ``compute_dtype``). The one dtype rule for the
+    ``layers``: target name → (split, NF4 codes or None). Every target with codes, and every
+    non-target of ``base`` (name → NF4(W), no adapter), becomes a
+    ``Linear4bit`` holding exactly them (its bias in ``compute_dtype``); ``skip_modules``: the Linear
+    modules config.json tells the bitsandbytes loader to leave alone. The one dtype rule for the
     rest: parameters and persistent floating buffers in ``compute_dtype``, non-persistent buffers
     (rotary ``inv_freq``, embedding scales) as the model computed them, since they are not in the
     checkpoint and ``from_pretrained`` leaves them so. Then PEFT wraps the targets and B, A (and
@@ -161,7 +168,7 @@ def assemble(model, config: InitConfig, layers: dict[str, tuple], compute_dtype:
     from peft import get_peft_model
 
     quantized = config.method not in UNQUANTIZED
-    for name, (_, q) in layers.items():
+    for name, q in [(n, q) for n, (_, q) in layers.items()] + list((base or {}).items()):
         if q is not None:
             module = model.get_submodule(name)
             bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
@@ -177,7 +184,7 @@ def assemble(model, config: InitConfig, layers: dict[str, tuple], compute_dtype:
                 setattr(mod, bname, b.to(compute_dtype))
     model.to(device)
     if quantized:
-        mark_quantized(model, compute_dtype)
+        mark_quantized(model, compute_dtype, list(skip_modules))
     model.config.use_cache = False
     peft_model = get_peft_model(model, lora_config(config, list(layers)))
     with torch.no_grad():
@@ -193,12 +200,12 @@ def assemble(model, config: InitConfig, layers: dict[str, tuple], compute_dtype:
     return peft_model
 
 
-def mark_quantized(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+def mark_quantized(model: torch.nn.Module, compute_dtype: torch.dtype, skip_modules: list[str] | None = None) -> None:
     """Give the model the attributes ``from_pretrained`` gives a bnb 4-bit model, so that
     transformers, PEFT and the Trainer treat the in-memory model like the loaded one."""
     from transformers.quantizers import AutoHfQuantizer
 
-    qcfg = bnb_config(compute_dtype, skip_modules=["lm_head"])
+    qcfg = bnb_config(compute_dtype, skip_modules=skip_modules or ["lm_head"])
     model.config.quantization_config = qcfg
     model.hf_quantizer = AutoHfQuantizer.from_config(qcfg, pre_quantized=True)
     model.is_loaded_in_4bit = True

@@ -82,6 +82,9 @@ class PrepareReport:
     compute_dtype: str
     seconds: float
     versions: dict = field(default_factory=dict)
+    storage: dict | None = None
+    """:meth:`qcorda.targets.StoragePlan.to_json`: the NF4 fraction of the block weights' bytes, the
+    non-target Linears stored as NF4(W), every weight left in full precision with its reason."""
 
     @property
     def err(self) -> float:
@@ -103,6 +106,7 @@ def config_json(cfg: InitConfig) -> dict:
     """``cfg`` as ``qcorda.json`` records it (lists, resolved alpha and iterations)."""
     d = asdict(cfg)
     d["target_modules"] = list(cfg.target_modules)
+    d["keep_full_precision"] = list(cfg.keep_full_precision)
     d["calib"]["fields"] = list(cfg.calib.fields)
     d["lora_alpha"] = cfg.lora_alpha
     d["iters"] = cfg.iters if cfg.iters == "auto" else cfg.n_iters

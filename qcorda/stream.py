@@ -47,8 +47,8 @@ from .io import atomic_dir, check_out_dir, replace_atomic, write_text_atomic
 from .layer import prepare_layer
 from .models import resolve_compute_dtype, resolve_device, resolve_local, skeleton
 from .prepared import LayerResult, PrepareReport, config_json, versions, write_prepared
-from .quantize import bnb_config, linear4bit
-from .targets import check_rank, find_targets
+from .quantize import bnb_config, linear4bit, quantize_nf4
+from .targets import StoragePlan, check_loadable, check_rank, find_targets, storage_plan
 
 #: Version 2: layer files of iterative methods hold Q_T (see ``qcorda.prepared.FORMAT``); a work
 #: directory of an older version is never resumed, its layers would mix two definitions.
@@ -85,6 +85,13 @@ class Source:
     has_bias: frozenset[str]
     order: tuple[str, ...]
     """The untied state-dict keys of the original model, in module order."""
+    plan: StoragePlan
+    """How every block weight is stored: the targets, the other block Linears in NF4 (``plan.base``), the rest."""
+
+    @property
+    def quantized(self) -> tuple[str, ...]:
+        """Every module written as Linear4bit: the targets (with an adapter), then ``plan.base`` (W itself)."""
+        return self.targets + self.plan.base
 
 
 def open_source(model_id: str, cfg: InitConfig, out: Path, trust_remote_code: bool) -> Source:
@@ -93,7 +100,14 @@ def open_source(model_id: str, cfg: InitConfig, out: Path, trust_remote_code: bo
     if o == s or o in s.parents:
         raise ConfigError(f"--out {out} is the model directory {path} or contains it; choose another --out")
     _, skel = skeleton(path, trust_remote_code)
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(path).model_view(skel)  # read by the model's names, as transformers maps them
+    fused = sorted(ckpt.fused)
+    if fused:
+        raise ConfigError(
+            f"MODEL {path}: {type(skel).__name__} fuses the per-expert tensors on disk into 3-D expert parameters "
+            f"({fused[0]} from {len(ckpt.fused[fused[0]])} tensors such as {ckpt.fused[fused[0]][0]}); this qcorda version "
+            "does not prepare fused mixture-of-experts layers, and it never leaves experts silently in 16 bits"
+        )
     targets = find_targets(skel, cfg.target_modules)
     check_rank(skel, targets, cfg.rank)
     seen: set[int] = set()
@@ -108,9 +122,12 @@ def open_source(model_id: str, cfg: InitConfig, out: Path, trust_remote_code: bo
             f"MODEL {ckpt.path}: the checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more) that "
             f"{type(skel).__name__} expects; save the model with transformers' save_pretrained and pass that directory"
         )
-    conv = frozenset(t for t in targets if type(skel.get_submodule(t)).__name__ == "Conv1D")
-    bias = frozenset(t for t in targets if getattr(skel.get_submodule(t), "bias", None) is not None)
-    return Source(model_id, path, skel, ckpt, tuple(targets), conv, bias, tuple(order))
+    plan = storage_plan(skel, targets, cfg.keep_full_precision)
+    stored = list(targets) + list(plan.base)
+    check_loadable(skel, stored)
+    conv = frozenset(t for t in stored if type(skel.get_submodule(t)).__name__ == "Conv1D")
+    bias = frozenset(t for t in stored if getattr(skel.get_submodule(t), "bias", None) is not None)
+    return Source(model_id, path, skel, ckpt, tuple(targets), conv, bias, tuple(order), plan)
 
 
 # --------------------------------------------------------------------------- the work directory
@@ -130,6 +147,7 @@ def work_manifest(src: Source, cfg: InitConfig, covariance: str | Path | None) -
         "files": src.ckpt.fingerprint(),
         "config": dict(config_json(cfg), device=resolve_device(cfg.device).type),
         "targets": list(src.targets),
+        "base_nf4": list(src.plan.base),
         "calibration": calibration,
         "versions": versions(),
     }
@@ -176,11 +194,13 @@ def _layer_file(work: Path, i: int) -> Path:
 
 
 def read_layer(path: Path):
-    """(checkpoint, LayerResult, key order) of a finished layer file, or None if unreadable."""
+    """(checkpoint, LayerResult or the module name of a base layer, key order) of a finished layer
+    file, or None if unreadable."""
     try:
         ckpt = Checkpoint(path, flag="work directory")
         meta = json.loads(ckpt.metadata()["qcorda"])
-        return ckpt, LayerResult(**dict(meta["result"], shape=tuple(meta["result"]["shape"]))), meta["keys"]
+        r = meta["result"]
+        return ckpt, (meta["name"] if r is None else LayerResult(**dict(r, shape=tuple(r["shape"])))), meta["keys"]
     except Exception:
         return None
 
@@ -221,7 +241,8 @@ def stream_prepare(
             covs = None  # the covariances are done with: free them before the output shards are assembled
             _return_freed_memory()
             report = PrepareReport(cfg, model, src.targets, tuple(replace(r, seconds=0.0) for r in results), calibration,
-                                   str(resolve_compute_dtype(cfg.compute_dtype)).removeprefix("torch."), 0.0, versions())
+                                   str(resolve_compute_dtype(cfg.compute_dtype)).removeprefix("torch."), 0.0, versions(),
+                                   src.plan.to_json())
             with atomic_dir(out, overwrite) as tmp:
                 _write_output(tmp, src, work, report, trust_remote_code)
                 timings = {"seconds": time.perf_counter() - t_start, "resumed_layers": resumed, "layers": {r.name: r.seconds for r in results}}
@@ -320,6 +341,17 @@ def _layers(work: Path, src: Source, cfg: InitConfig, covs: Covariances | None, 
         bar.set_postfix(err=f"{result.rel_err:.3f}")
         if delay:
             time.sleep(delay)
+    bias = src.has_bias
+    for i, name in enumerate(src.plan.base, start=len(src.targets)):  # the rest of the 4-bit base: NF4(W), no adapter
+        f = _layer_file(work, i)
+        got = read_layer(f) if f.exists() else None
+        if got is not None and got[1] == name:
+            continue
+        W = src.ckpt.get(f"{name}.weight")
+        q = quantize_nf4((W.T if name in src.conv1d else W).to(device=device, dtype=torch.float32))
+        sd = linear4bit(q, src.ckpt.get(f"{name}.bias").float() if name in bias else None, compute_dtype).state_dict()
+        save_tensors(f, sd, metadata={"qcorda": json.dumps({"name": name, "result": None, "keys": list(sd)})}, fsync=True)
+        del W, q, sd
     return results, resumed
 
 
@@ -342,7 +374,7 @@ def _write_output(tmp: Path, src: Source, work: Path, report: PrepareReport, tru
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     compute_dtype = getattr(torch, report.compute_dtype)
-    index = {name: i for i, name in enumerate(src.targets)}
+    index = {name: i for i, name in enumerate(src.quantized)}
     specs: dict[str, torch.Tensor] = {}
     source: dict[str, tuple] = {}  # key → (checkpoint, key in it)
     adapter: dict[str, torch.Tensor] = {}
@@ -357,14 +389,15 @@ def _write_output(tmp: Path, src: Source, work: Path, report: PrepareReport, tru
             for lk in keys:
                 specs[f"{mod}.{lk}"] = meta_tensor(*layer.spec(lk))
                 source[f"{mod}.{lk}"] = (layer, lk)
-            adapter[f"{mod}.lora_A.weight"], adapter[f"{mod}.lora_B.weight"] = layer.get("lora_A"), layer.get("lora_B")
+            if index[mod] < len(src.targets):
+                adapter[f"{mod}.lora_A.weight"], adapter[f"{mod}.lora_B.weight"] = layer.get("lora_A"), layer.get("lora_B")
 
     def produce(k: str):
         ckpt, key = source[k]
         return ckpt.blocks(key, specs[k].dtype) if ckpt is src.ckpt else ckpt.get(key)
 
     config = AutoConfig.from_pretrained(str(src.path), trust_remote_code=trust_remote_code)
-    config.quantization_config = bnb_config(compute_dtype, skip_modules=["lm_head"])
+    config.quantization_config = bnb_config(compute_dtype, skip_modules=list(src.plan.skip_modules))
     config.use_cache = False
     config.dtype = torch.float32  # as the in-memory engine, which loads the original in fp32
     try:

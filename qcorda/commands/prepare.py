@@ -57,3 +57,9 @@ def _summary(report, cfg, out) -> None:
     rows.append(["total", len(report.layers), report.err / report.qlora_err, None, report.seconds])
     print_table(["layers", "n", "err / plain NF4", "max damping λ", "seconds"], rows,
                 title=f"prepared {cfg.method} r={cfg.rank} alpha={cfg.lora_alpha:g} -> {out}")
+    storage = report.storage
+    if storage:
+        kept = storage["full_precision"]
+        print(f"NF4: {storage['nf4_fraction']:.1%} of the block weights' bytes ({len(report.targets)} targets with an adapter, "
+              f"{len(storage['base_nf4'])} other block Linears as NF4(W)); full precision: "
+              + ("none" if not kept else "; ".join(f"{d['name']} ({d['reason']})" for d in kept[:8]) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")))

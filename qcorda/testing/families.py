@@ -1,0 +1,94 @@
+"""Tiny random models of the architectures people fine-tune, built from transformers' config classes (no hub).
+
+:data:`FAMILIES` names each one; :func:`save` writes one with the tiny tokenizer as an HF
+directory (``save_pretrained``: the checkpoint's own on-disk layout, e.g. GPT-NeoX's
+``embed_out``, Mixtral's per-expert ``block_sparse_moe.experts.{e}.w1``). :data:`SUBSET`: a
+target subset per family (what ``--target-modules q_proj,v_proj`` is for Llama). :data:`REFUSED`:
+the families qcorda refuses at prepare, with the pattern of the refusal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import tiny
+
+_ATT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_MOE = dict(num_experts_per_tok=2)
+
+
+def _configs() -> dict:
+    import transformers as T
+
+    return {
+        "llama": lambda: T.LlamaConfig(**_ATT, tie_word_embeddings=True),
+        "llama-untied": lambda: T.LlamaConfig(**_ATT, tie_word_embeddings=False),
+        "qwen2": lambda: T.Qwen2Config(**_ATT),
+        "qwen3": lambda: T.Qwen3Config(**_ATT, head_dim=16),
+        "mistral": lambda: T.MistralConfig(**_ATT),
+        "phi3": lambda: T.Phi3Config(**_ATT),
+        "gemma2": lambda: T.Gemma2Config(**_ATT, head_dim=16),
+        "gemma3": lambda: T.Gemma3TextConfig(**_ATT, head_dim=16, sliding_window=16),
+        "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+        "stablelm": lambda: T.StableLmConfig(**_ATT),
+        "olmo2": lambda: T.Olmo2Config(**_ATT),
+        "cohere": lambda: T.CohereConfig(**_ATT),
+        "gpt-neox": lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        "opt": lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
+        "falcon": lambda: T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+        "mixtral": lambda: T.MixtralConfig(**_ATT, num_local_experts=4, **_MOE),
+        "qwen3-moe": lambda: T.Qwen3MoeConfig(**_ATT, head_dim=16, moe_intermediate_size=32, num_experts=4, **_MOE),
+        "qwen2-moe": lambda: T.Qwen2MoeConfig(**_ATT, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, **_MOE),
+        "gpt-oss": lambda: T.GptOssConfig(**_ATT, head_dim=16, num_local_experts=4, **_MOE),
+    }
+
+
+FAMILIES: tuple[str, ...] = ("llama", "llama-untied", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "gpt2", "stablelm",
+                             "olmo2", "cohere", "gpt-neox", "opt", "falcon", "mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss")
+DENSE: tuple[str, ...] = FAMILIES[:15]
+MOE: tuple[str, ...] = FAMILIES[15:]
+
+#: A target subset per family: the attention's query and value projections.
+SUBSET: dict[str, tuple[str, ...]] = {
+    **{f: ("q_proj", "v_proj") for f in FAMILIES},
+    "phi3": ("qkv_proj",),
+    "gpt2": ("c_attn",),
+    "gpt-neox": ("query_key_value",),
+    "falcon": ("query_key_value",),
+}
+
+#: Families prepare refuses, and a regex of the refusal: Falcon's FalconLinear is not converted to 4-bit by
+#: transformers' bitsandbytes loader; the MoE families' experts are fused 3-D parameters (never silently 16-bit).
+REFUSED: dict[str, str] = {
+    "falcon": r"FalconLinear.*does not convert to 4-bit",
+    "mixtral": r"fuses the per-expert tensors.*does not prepare fused mixture-of-experts",
+    "qwen3-moe": r"fuses the per-expert tensors.*does not prepare fused mixture-of-experts",
+    "qwen2-moe": r"fuses the per-expert tensors.*does not prepare fused mixture-of-experts",
+    "gpt-oss": r"of the block weights' bytes would be stored in NF4 .*--keep-full-precision",
+}
+
+
+def config(family: str):
+    """The tiny config of ``family`` (hidden 64, 2 blocks, vocabulary of :data:`qcorda.testing.tiny.VOCAB`)."""
+    c = _configs()[family]()
+    c.vocab_size, c.pad_token_id, c.bos_token_id, c.eos_token_id = tiny.VOCAB, 0, 1, 2
+    return c
+
+
+def model(family: str, seed: int = 0):
+    """A tiny random fp32 model of ``family``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(config(family), dtype=torch.float32)
+    return m.eval()
+
+
+def save(directory: str | Path, family: str, seed: int = 0) -> Path:
+    """``directory/tiny-FAMILY``: the model (``save_pretrained``) and the tiny tokenizer."""
+    path = Path(directory) / f"tiny-{family}"
+    model(family, seed).save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    return path
