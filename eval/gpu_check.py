@@ -155,6 +155,8 @@ class Context:
         if name not in self.setup:
             t0 = time.perf_counter()
             try:
+                if name in self.inject:
+                    raise RuntimeError(f"failure injected by --inject-failure {name}")
                 value = SETUP[name](self)
                 self.setup[name] = {"status": "ok", "seconds": time.perf_counter() - t0, "value": value}
             except Exception as e:  # noqa: BLE001  (recorded; only the parts that need it are skipped)
@@ -424,16 +426,17 @@ def part_prepare(ctx: Context, r: dict) -> None:
 # --------------------------------------------------------------------------- 2. compare
 
 
-def cpu_compare_baseline() -> tuple[float, str]:
+def cpu_compare_baseline(text: str | None = None) -> tuple[float, str]:
     """``(seconds, where)``: compare's own timer in the newest measured section of eval/results/compare_default.md
-    (the first ``## Measured`` heading), with the thread count that heading states."""
-    text = COMPARE_CPU.read_text()
+    (``text``; the first ``## Measured`` heading: the file puts the newest first), with the thread count that heading
+    states (the old check searched the whole file and called the figure a two-core one; it is a one-thread one)."""
+    text = COMPARE_CPU.read_text() if text is None else text
     m = re.search(r"^## Measured[^\n]*?on (one core|\d+ cores|an idle \d-core machine)[^\n]*$(.*?)(?=^## |\Z)", text, re.M | re.S)
     t = m and re.search(r"compare's own timer: (\d+(?:\.\d+)?) s", m.group(2))
     if t is None:
         raise ValueError(f"{COMPARE_CPU.relative_to(ROOT)}: its first '## Measured ... on N cores' section no longer states "
                          "\"compare's own timer: N s\"")
-    return float(t.group(1)), f"{COMPARE_CPU.relative_to(ROOT)}, section '{m.group(0).splitlines()[0][3:]}' (real Gemma-3-270M)"
+    return float(t.group(1)), f"{COMPARE_CPU.name}, section '{m.group(0).splitlines()[0][3:]}' (real Gemma-3-270M)"
 
 
 def part_compare(ctx: Context, r: dict) -> None:
@@ -613,7 +616,7 @@ def part_train(ctx: Context, r: dict) -> None:
 def part_merge_eval(ctx: Context, r: dict) -> None:
     """The trained adapter (else the init adapter) merged to bf16 on the device, verified, the same merge on the CPU
     compared tensor by tensor, then perplexity and GSM8K on the merged model."""
-    from qcorda.config import VerifyConfig
+    from qcorda.config import EvalConfig, MergeConfig
     from qcorda.evaluate import evaluate, load_for_eval
     from qcorda.merge import merge
 
@@ -633,7 +636,7 @@ def part_merge_eval(ctx: Context, r: dict) -> None:
     ctx.check("the merge")
     fig: dict = {}
     with measured(dev, fig):
-        m = merge(prepared, ctx.work / "merged", adapter, "bfloat16", verify=VerifyConfig(), overwrite=True, device=dev, progress=False)
+        m = merge(prepared, ctx.work / "merged", MergeConfig(dtype="bfloat16", device=dev), adapter=adapter, overwrite=True, progress=False)
     a = m.agreement[0]
     rows += [["merge + verify s", fig["seconds"]], ["peak GPU GB (merge + verify)", fig["gpu_peak_gb"]],
              ["peak host RSS GB", fig["host_peak_gb"]], ["verify tokens", a.n_tokens], ["top-1 agreement", a.top1],
@@ -643,7 +646,8 @@ def part_merge_eval(ctx: Context, r: dict) -> None:
     r["summary"] = f"merged: top-1 {a.top1:.4f}, mean KL {a.mean_kl:.2e}"
     ctx.check("the merge on the CPU")
     t0 = time.perf_counter()
-    merge(prepared, ctx.work / "merged-cpu", adapter, "bfloat16", verify=None, overwrite=True, device="cpu", progress=False)
+    merge(prepared, ctx.work / "merged-cpu", MergeConfig(dtype="bfloat16", device="cpu", verify=False), adapter=adapter, overwrite=True,
+          progress=False)
     cpu_s = time.perf_counter() - t0
     a_dev, a_cpu = prepared_tensors(ctx.work / "merged"), prepared_tensors(ctx.work / "merged-cpu")
     same, n = equal_fraction(a_dev, a_cpu, sorted(a_dev))
@@ -654,8 +658,8 @@ def part_merge_eval(ctx: Context, r: dict) -> None:
     r["figures"].update(cpu_merge_seconds=cpu_s, merged_equal=same, merged_values=n // 2, merged_max_diff=worst)
     ctx.check("the evaluation")
     model, tok, _ = load_for_eval(ctx.work / "merged", device=dev)
-    res = evaluate(model, tok, ("ppl", "gsm8k"), limit=s["gsm8k_limit"], progress=False, gsm8k_max_new_tokens=s["gsm8k_new_tokens"],
-                   ppl_max_tokens=s["ppl_tokens"], ppl_window=s["ppl_window"], ppl_stride=s["ppl_stride"])
+    res = evaluate(model, tok, EvalConfig(tasks=("ppl", "gsm8k"), limit=s["gsm8k_limit"], gsm8k_max_new_tokens=s["gsm8k_new_tokens"],
+                                          ppl_tokens=s["ppl_tokens"], ppl_window=s["ppl_window"], ppl_stride=s["ppl_stride"]), progress=False)
     ppl, gsm = res["ppl"], res["gsm8k"]
     rows += [[f"perplexity wikitext-2 ({ppl.n} tokens), s", f"{ppl.metrics['ppl']:.1f}, {ppl.seconds:.1f}"],
              [f"GSM8K ({gsm.n} questions, {s['gsm8k_new_tokens']} new tokens), s", f"{gsm.metrics['accuracy']:.3f}, {gsm.seconds:.1f}"]]
@@ -706,26 +710,26 @@ def part_precision(ctx: Context, r: dict) -> None:
 
 
 def part_decompose(ctx: Context, r: dict) -> None:
-    """eval/bench_prepare.py's per-layer comparison with PEFT at Llama-3-8B's projection shapes, shape by shape."""
-    from eval import bench_prepare
+    """The per-layer comparison with PEFT (:mod:`eval.lib.peft_decompose`) at Llama-3-8B's projection shapes, shape by shape."""
+    from eval.lib import peft_decompose
 
     c = ctx.need("llama")
     h, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
     shapes = list(dict.fromkeys((f"{h}x{h}", f"{kv}x{h}", f"{inter}x{h}", f"{h}x{inter}")))
     drows: list = []
-    res = table(r, f"Per layer, fp32, r = {ctx.sizes['rank']}", list(bench_prepare.DECOMPOSE_HEAD))
+    res = table(r, f"Per layer, fp32, r = {ctx.sizes['rank']}", list(peft_decompose.DECOMPOSE_HEAD))
     r["figures"] = {"rows": drows, "not_run": list(shapes)}
     for shape in shapes:
         ctx.check(shape)
         r["figures"]["not_run"].remove(shape)
         try:
-            got = bench_prepare.bench_decompose(argparse.Namespace(rank=ctx.sizes["rank"], shapes=shape), device=ctx.device)
+            got = peft_decompose.bench_decompose(ctx.sizes["rank"], shape, device=ctx.device, log=False)
         except Exception as e:  # noqa: BLE001  (one shape's failure is recorded, the next still runs)
             r["checks"].append(check(f"{shape}: decomposed", f"{type(e).__name__}: {str(e)[:200]}", "no exception", False))
             free(ctx.device)
             continue
         drows += got
-        res.extend(bench_prepare.decompose_table(got)[1])
+        res.extend(peft_decompose.decompose_table(got)[1])
         for d in got:
             diff = 100 * (d["rand_err"] - d["peft_err"]) / d["peft_err"]
             r["checks"].append(check(f"{shape} {d['method']}: qcorda randomized error vs PEFT's", diff, "<= +1 %", diff <= 1.0))
@@ -914,7 +918,7 @@ def main(argv=None) -> int:
                                                                "110 for --dry-run)")
     ap.add_argument("--model", default=None, help="a real Gemma-3-270M directory: adds the golden comparisons")
     ap.add_argument("--workdir", default=None, help="scratch space (models, runs, checkpoints); default: system temp")
-    ap.add_argument("--inject-failure", default="", help="comma list of parts made to raise at their start (tests the recording)")
+    ap.add_argument("--inject-failure", default="", help="comma list of parts (or setup steps: libs, gemma, real, llama) made to raise at their start (tests the recording)")
     ap.add_argument("--write-tokenizer", action="store_true", help="retrain eval/configs/gemma3-270m's tokenizer and exit")
     ap.add_argument("--inject-overrun", default="", help="comma list of parts made to hang after their first item (tests the cut)")
     args = ap.parse_args(argv)

