@@ -290,6 +290,9 @@ class EvalConfig:
     """Sequences per forward / generate call."""
     device: str | None = None
     """cuda or cpu (default cuda when present)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of a plain HF model (a merged export, an original): auto, the dtype it is stored in (one copy of
+    it in memory); float32 upcasts it. A prepared directory computes in its own compute dtype."""
     gsm8k_data: str = "gsm8k-test"
     """File or bundled alias with question/answer records."""
     shots: int = 0
@@ -324,6 +327,7 @@ class EvalConfig:
         if self.limit is not None:
             positive("limit", self.limit)
         positive("batch_size", self.batch_size)
+        one_of("dtype", self.dtype, Literal["auto", "float32", "bfloat16", "float16"])
         positive("shots", self.shots, 0)
         positive("ppl_tokens", self.ppl_tokens, 0)
         positive("ppl_window", self.ppl_window)

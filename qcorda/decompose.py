@@ -33,8 +33,9 @@ Every function here is pure: tensors in, a frozen :class:`Split` out; the quanti
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import torch
 
@@ -274,6 +275,42 @@ def _svd_defaults(kw: dict) -> dict:
         "power_iters": kw.get("power_iters", 4),
         "seed": kw.get("seed", 0),
     }
+
+
+def matmul_precision() -> str:
+    """torch's fp32 matmul precision as results record it: ``highest`` (full fp32), ``high`` (TF32 on
+    CUDA), ``medium``; ``cuda:<fp32_precision>`` where the environment set it through torch's newer
+    per-backend API (``torch.backends.cuda.matmul.fp32_precision``), which the legacy getter refuses."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return f"cuda:{torch.backends.cuda.matmul.fp32_precision}"
+
+
+@contextmanager
+def full_fp32_matmul() -> Iterator[None]:
+    """fp32 matmuls at full precision inside, whatever the environment asked for (TF32 on an Ampere or
+    later GPU: ``torch.backends.cuda.matmul.allow_tf32``, ``set_float32_matmul_precision("high")``), and
+    the setting restored after. TF32 rounds the inputs to 10 mantissa bits: an SVD of W·C would differ
+    from the CPU's in the 4th digit. The API the environment used is the one set (torch refuses a mix)."""
+    try:
+        before = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        before = None
+    if before is not None:
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def decompose(

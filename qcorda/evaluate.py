@@ -26,10 +26,10 @@ from typing import Sequence
 
 import torch
 
-from .config import TASKS, ConfigError
+from .config import EvalConfig, ConfigError
 from .data import format_record, load_records
-from .models import load_model, resolve_device
-from .prepared import load_prepared
+from .models import load_model
+from .prepared import device_map, load_prepared
 from .scoring import completion_logprobs, model_device, sequence_nll
 
 
@@ -113,13 +113,16 @@ def is_prepared(path: str | Path) -> bool:
     return (Path(path) / "qcorda.json").exists()
 
 
-def load_for_eval(model_or_prepared: str | Path, adapter: str | Path | None = None, device: str | None = None, trust_remote_code: bool = False):
-    """``(model, tokenizer, kind)`` for evaluation, in eval mode.
+def load_for_eval(model_or_prepared: str | Path, adapter: str | Path | None = None, device: str | None = None,
+                  trust_remote_code: bool = False, dtype: str = "auto"):
+    """``(model, tokenizer, kind)`` for evaluation, in eval mode, loaded straight onto ``device``
+    (default CUDA when present).
 
     - a prepared directory (it holds ``qcorda.json``): the 4-bit model with ``adapter``
-      (default ``adapter_init``), kind ``prepared``;
-    - any other HF directory, hub id or ``gemma-3-270m`` (fp16/fp32, or a merged export):
-      the model in fp32, kind ``hf``; with ``adapter`` a plain PEFT LoRA is attached (``hf+lora``).
+      (default ``adapter_init``) in its compute dtype, kind ``prepared``;
+    - any other HF directory, hub id or ``gemma-3-270m`` (a merged export, an original model):
+      the model in ``dtype`` (auto: the dtype it is stored in), kind ``hf``; with ``adapter`` a
+      plain PEFT LoRA is attached (``hf+lora``).
     """
     from transformers import AutoTokenizer
 
@@ -130,8 +133,7 @@ def load_for_eval(model_or_prepared: str | Path, adapter: str | Path | None = No
         tok = AutoTokenizer.from_pretrained(str(model_or_prepared))
         kind = "prepared"
     else:
-        model, tok = load_model(str(model_or_prepared), trust_remote_code, flag="MODEL")
-        model.to(resolve_device(device))
+        model, tok = load_model(str(model_or_prepared), trust_remote_code, "MODEL", dtype, device_map(device))
         kind = "hf"
         if adapter is not None:
             from peft import PeftModel
@@ -211,17 +213,18 @@ def gsm8k_prompts(records: Sequence[dict], shots: int = 0, shot_source: str = "g
 GSM8K_STOP = r"####\s*[-$]?[\d,.]+\s*\n|\n###|\n\n\n"
 
 
-def gsm8k(model, tok, data: str = "gsm8k-test", limit: int | None = None, shots: int = 0, max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True) -> TaskResult:
+def gsm8k(model, tok, data: str = "gsm8k-test", limit: int | None = None, shots: int = 0, max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True, generate_answers: bool = True) -> TaskResult:
     """Greedy-decoding accuracy, plus the teacher-forced NLL per token of the gold solutions.
 
     ``accuracy``: :func:`extract_answer` of the continuation equals that of the gold solution.
     ``answer_nll``: mean −log p per token over all gold-solution tokens (held-out answer loss).
+    ``generate_answers=False`` skips generation, the slow part (``accuracy`` is then None).
     """
     t0 = time.perf_counter()
     records = _records(data, limit, "--gsm8k-data")
     pairs = gsm8k_prompts(records, shots)
     prompts = [p for p, _ in pairs]
-    outs = generate(model, tok, prompts, max_new_tokens, batch_size, GSM8K_STOP, progress, "gsm8k generate")
+    outs = generate(model, tok, prompts, max_new_tokens, batch_size, GSM8K_STOP, progress, "gsm8k generate") if generate_answers else [""] * len(prompts)
     lls = completion_logprobs(model, tok, prompts, [g for _, g in pairs], batch_size, progress, "gsm8k answer loss")
     samples, correct = [], 0
     for r, (_, gold_text), out, (ll, n) in zip(records, pairs, outs, lls):
@@ -230,7 +233,7 @@ def gsm8k(model, tok, data: str = "gsm8k-test", limit: int | None = None, shots:
         correct += ok
         samples.append({"question": r["question"], "gold": gold, "pred": pred, "correct": ok, "output": out, "answer_logprob": ll, "answer_tokens": n})
     tokens = sum(n for _, n in lls)
-    metrics = {"accuracy": correct / len(records), "answer_nll": -sum(ll for ll, _ in lls) / max(tokens, 1)}
+    metrics = {"accuracy": correct / len(records) if generate_answers else None, "answer_nll": -sum(ll for ll, _ in lls) / max(tokens, 1)}
     cfg = {"data": data, "limit": limit, "shots": shots, "template": "alpaca", "max_new_tokens": max_new_tokens, "decoding": "greedy"}
     return TaskResult("gsm8k", metrics, len(records), time.perf_counter() - t0, cfg, samples)
 
@@ -345,26 +348,17 @@ def perplexity(model, tok, data: str = "wikitext2", max_tokens: int | None = 819
 # --------------------------------------------------------------------------- front door
 
 
-def parse_tasks(value: str | Sequence[str]) -> tuple[str, ...]:
-    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
-    names = [n for n in names if n]
-    unknown = [n for n in names if n not in TASKS]
-    if unknown or not names:
-        raise ConfigError(f"--tasks: unknown task {', '.join(unknown) or '(none)'}; choose from {','.join(TASKS)}")
-    return tuple(dict.fromkeys(names))
-
-
-def evaluate(model, tok, tasks: Sequence[str] = TASKS, limit: int | None = None, batch_size: int = 8, progress: bool = True, echo: bool = False, **options) -> dict[str, TaskResult]:
-    """Run ``tasks`` in order; ``options`` are keyword arguments prefixed by task
-    (``gsm8k_shots``, ``gsm8k_max_new_tokens``, ``nq_max_new_tokens``, ``ppl_max_tokens``,
-    ``ppl_window``, ``ppl_stride``). ``limit`` applies to gsm8k and nq."""
-    fns = {"gsm8k": gsm8k, "nq": nq, "ppl": perplexity}
+def evaluate(model, tok, cfg: EvalConfig = EvalConfig(), progress: bool = True, echo: bool = False) -> dict[str, TaskResult]:
+    """Run ``cfg.builtin_tasks`` in order with ``cfg``'s settings (``cfg.limit`` applies to gsm8k and nq);
+    ``echo`` prints each task's summary line as it finishes."""
+    runs = {
+        "gsm8k": lambda: gsm8k(model, tok, cfg.gsm8k_data, cfg.limit, cfg.shots, cfg.gsm8k_max_new_tokens, cfg.batch_size, progress),
+        "nq": lambda: nq(model, tok, cfg.nq_data, cfg.limit, cfg.nq_max_new_tokens, cfg.batch_size, progress),
+        "ppl": lambda: perplexity(model, tok, cfg.ppl_data, cfg.ppl_tokens or None, cfg.ppl_window, cfg.ppl_stride, cfg.batch_size, progress),
+    }
     results = {}
-    for task in parse_tasks(tasks):
-        kw = {k[len(task) + 1 :]: v for k, v in options.items() if k.startswith(task + "_")}
-        if task != "ppl":
-            kw["limit"] = limit
-        results[task] = fns[task](model, tok, batch_size=batch_size, progress=progress, **kw)
+    for task in cfg.builtin_tasks:
+        results[task] = runs[task]()
         if echo:
             print(results[task].summary(), flush=True)
     return results

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, get_args
+from typing import Callable
 
 import torch
 
 from .adapters import AdapterSpec, check_adapter, read_adapter
 from .checkpoint import Checkpoint, write_shards
-from .config import ConfigError, MergeDtype, VerifyConfig
+from .config import ConfigError, MergeConfig, VerifyConfig
+from .decompose import matmul_precision
 from .io import atomic_dir, check_out_dir
-from .models import resolve_device
-from .prepared import ADAPTER_INIT, load_prepared, manifest_sha256, read_manifest
+from .prepared import ADAPTER_INIT, device_map, load_prepared, manifest_sha256, read_manifest
 from .quantize import NF4Weight, dequantize_nf4, nf4_from_state_dict
 from .scoring import held_out_batches, logit_agreement
 
@@ -166,36 +166,35 @@ class ExportResult:
     seconds: float = 0.0
 
 
-def resolve_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
-    if name not in get_args(MergeDtype):
-        raise ConfigError(f"{flag} must be one of {', '.join(get_args(MergeDtype))}; got {name!r}")
-    return getattr(torch, name)
+def verification(cfg) -> VerifyConfig | None:
+    """The held-out text of ``cfg`` (a :class:`MergeConfig` / :class:`ToLoraConfig`), or None when
+    ``cfg.verify`` is off. The default fields belong to the default data: other data reads its own
+    (text, or the only field)."""
+    if not cfg.verify:
+        return None
+    v = cfg.verification
+    if v.data != VerifyConfig.data and v.fields == VerifyConfig.fields:
+        return replace(v, fields=())
+    return v
 
 
-def load_plain(directory: str | Path, dtype: torch.dtype, device: torch.device | None = None):
-    """A merged directory loaded by plain transformers (no qcorda, no bitsandbytes involved)."""
+def load_plain(directory: str | Path, dtype: torch.dtype | str = "auto", device: str | torch.device | None = None):
+    """A merged (or any plain HF) directory loaded by plain transformers (no qcorda, no bitsandbytes
+    involved), straight onto ``device`` (default CUDA when present) in ``dtype`` (default: as stored)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
-    return model.to(device) if device is not None else model
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map=device_map(device))
 
 
-def merge(
-    prepared: str | Path,
-    out: str | Path,
-    adapter: str | Path | None = None,
-    dtype: str = "float16",
-    verify: VerifyConfig | None = VerifyConfig(),
-    overwrite: bool = False,
-    device: str | None = None,
-    progress: bool = True,
-) -> ExportResult:
-    """Write the merged plain HF model to ``out`` (atomically) and, unless ``verify`` is None,
-    compare it with the trained 4-bit + adapter model (saved as ``qcorda_verify.json``)."""
+def merge(prepared: str | Path, out: str | Path, cfg: MergeConfig = MergeConfig(), *, adapter: str | Path | None = None,
+          overwrite: bool = False, progress: bool = True) -> ExportResult:
+    """Write the merged plain HF model of ``prepared`` + ``adapter`` (default ``adapter_init``) to ``out``
+    (atomically) in ``cfg.dtype`` and, when ``cfg.verify``, compare it with the trained 4-bit + adapter
+    model on ``cfg.verification``'s held-out text (saved as ``qcorda_verify.json``)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = getattr(torch, cfg.dtype)
     check_out_dir(out, overwrite)
     manifest = read_manifest(prepared)
     prepared = Path(prepared)
@@ -203,8 +202,9 @@ def merge(
     spec = read_adapter(adapter_path)
     check_adapter(prepared, manifest, spec, read_adapter(prepared / ADAPTER_INIT, "PREPARED/adapter_init"))
     targets = list(manifest["targets"])
+    verify = verification(cfg)
     with atomic_dir(out, overwrite) as tmp:
-        with tqdm(total=len(targets), desc=f"merge -> {dtype}", unit="layer", disable=not progress) as bar:
+        with tqdm(total=len(targets), desc=f"merge -> {cfg.dtype}", unit="layer", disable=not progress) as bar:
             specs, produce, layers = merged_tensors(prepared, spec, torch_dtype, targets, bar.update)
             write_shards(tmp, specs, produce, plain_config(prepared, torch_dtype), _generation_config(prepared))
         _copy_tokenizer(prepared, tmp)
@@ -213,28 +213,30 @@ def merge(
             "prepared": str(prepared),
             "prepared_sha256": manifest_sha256(prepared),
             "adapter": str(adapter_path),
-            "dtype": dtype,
+            "dtype": cfg.dtype,
             "method": manifest["config"]["method"],
             "layers": [asdict(l) for l in layers],
         }
         (tmp / MERGE_FILE).write_text(json.dumps(info, indent=2))
         agreement = ()
         if verify is not None:
-            agreement = tuple(verify_merged(prepared, adapter_path, tmp, torch_dtype, verify, resolve_device(device), progress))
-            (tmp / VERIFY_FILE).write_text(json.dumps({"config": asdict(verify), "results": [asdict(a) for a in agreement]}, indent=2))
-    return ExportResult(Path(out), dtype, tuple(layers), agreement, time.perf_counter() - t0)
+            agreement = tuple(verify_merged(prepared, adapter_path, tmp, torch_dtype, verify, cfg.device, progress))
+            (tmp / VERIFY_FILE).write_text(json.dumps({"config": asdict(verify), "float32_matmul_precision": matmul_precision(),
+                                                      "results": [asdict(a) for a in agreement]}, indent=2))
+    return ExportResult(Path(out), cfg.dtype, tuple(layers), agreement, time.perf_counter() - t0)
 
 
-def verify_merged(prepared, adapter, merged_dir, dtype, verify: VerifyConfig, device, progress: bool = True):
-    """Merged (plain transformers, ``dtype``) against the trained 4-bit + adapter model."""
+def verify_merged(prepared, adapter, merged_dir, dtype, verify: VerifyConfig, device=None, progress: bool = True):
+    """Merged (plain transformers, ``dtype``) against the trained 4-bit + adapter model, loaded one
+    after the other onto ``device`` (:func:`qcorda.scoring.logit_agreement`)."""
     from transformers import AutoTokenizer
 
-    trained = load_prepared(prepared, adapter, is_trainable=False, device=str(device))
-    merged = load_plain(merged_dir, dtype, device)
     tok = AutoTokenizer.from_pretrained(str(prepared))
     batches, n = held_out_batches(tok, verify.data, verify.fields, verify.samples, verify.max_length, verify.batch_size, verify.template)
-    return logit_agreement({"trained 4-bit+adapter": trained, f"merged {str(dtype).removeprefix('torch.')}": merged},
-                   [("trained 4-bit+adapter", f"merged {str(dtype).removeprefix('torch.')}")], batches, progress, n)
+    name = f"merged {str(dtype).removeprefix('torch.')}"
+    models = {"trained 4-bit+adapter": lambda: load_prepared(prepared, adapter, is_trainable=False, device=device),
+              name: lambda: load_plain(merged_dir, dtype, device)}
+    return logit_agreement(models, [("trained 4-bit+adapter", name)], batches, progress, n)
 
 
 def _generation_config(prepared: Path):

@@ -24,6 +24,7 @@ from .io import atomic_dir
 #: The alias that names the bundled model wherever a model path is accepted.
 GEMMA3_270M = "gemma-3-270m"
 
+
 def cache_dir() -> Path:
     """``$QCORDA_CACHE`` or ``~/.cache/qcorda``."""
     return Path(os.environ.get("QCORDA_CACHE", Path.home() / ".cache" / "qcorda"))
@@ -73,7 +74,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        # a V100 / T4 "supports" bf16 by emulation only: fp32 there
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
@@ -85,8 +87,10 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "MODEL"):
-    """The original model in fp32 (an exact upcast of bf16/fp16 checkpoints) and its tokenizer."""
+def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "MODEL", dtype: torch.dtype | str = torch.float32,
+               device_map: dict | None = None):
+    """The original model in fp32 (an exact upcast of bf16/fp16 checkpoints; ``dtype="auto"``: as stored),
+    placed by ``device_map`` (default the CPU), and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -95,7 +99,8 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "
         raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
     try:
         # use_safetensors: never unpickle a *.bin checkpoint (arbitrary code on load)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
     except ValueError as e:
         raise ConfigError(f"{flag} {name_or_path}: not a causal language model ({e})") from e
     except OSError as e:

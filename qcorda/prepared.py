@@ -29,6 +29,7 @@ import torch
 
 from .checkpoint import ADAPTER_PREFIX, dedupe_tied, write_adapter, write_shards
 from .config import ConfigError, InitConfig
+from .decompose import matmul_precision
 from .io import atomic_dir
 from .models import resolve_device
 from .quantize import keep_dequantize_path
@@ -114,13 +115,16 @@ def config_json(cfg: InitConfig) -> dict:
 
 
 def versions() -> dict:
-    """The versions of qcorda and of the libraries whose numbers it stores."""
+    """The versions of qcorda and of the libraries whose numbers it stores, and torch's fp32 matmul
+    precision (``float32_matmul_precision``: ``high`` is TF32 on CUDA; the splits themselves always run
+    at ``highest``, :func:`qcorda.decompose.full_fp32_matmul`)."""
     out = {}
     for pkg in ("qcorda", "torch", "transformers", "peft", "bitsandbytes"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = None
+    out["float32_matmul_precision"] = matmul_precision()
     return out
 
 
@@ -231,17 +235,47 @@ def save_prepared(peft_model, out: str | Path, tokenizer, report: PrepareReport,
 # --------------------------------------------------------------------------- reading
 
 
+def device_map(device: str | torch.device | None) -> dict[str, str]:
+    """``{"": device}`` for ``from_pretrained``: the whole model on one device, always explicit.
+
+    ``device_map=None`` is not "the CPU" for a bitsandbytes checkpoint: transformers' quantizer then
+    maps the model to the current CUDA device. A bare ``cuda`` is resolved to the current device's
+    index (``cuda:N``), the device a process of ``accelerate launch`` was given."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return {"": str(dev)}
+
+
+def compute_in(model, dtype: torch.dtype) -> int:
+    """Make every ``Linear4bit`` of ``model`` dequantize straight into ``dtype``, its compute dtype.
+
+    A ``QuantState`` keeps the dtype the weight was quantized from (fp32 for qcorda's residuals), and
+    bitsandbytes dequantizes into it in every forward and backward, then casts: an fp32 ``(out, in)``
+    temporary per layer and step. Dequantizing into ``dtype`` gives the same numbers (each element is
+    one product absmax·code rounded once). Only the loaded model changes: the files keep their state.
+    Returns the number of layers changed."""
+    n = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if type(module).__name__ in ("Linear4bit", "LinearNF4") and state is not None and state.dtype != dtype:
+            state.dtype = dtype
+            n += 1
+    return n
+
+
 def load_prepared(prepared: str | Path, adapter: str | Path | None = None, is_trainable: bool = True, device: str | None = None):
-    """The prepared 4-bit model with ``adapter`` (default ``adapter_init``) attached, as a ``PeftModel``,
-    computing with the dequantized NF4 weight as training does (:func:`qcorda.quantize.keep_dequantize_path`)."""
+    """The prepared 4-bit model with ``adapter`` (default ``adapter_init``) attached, as a ``PeftModel``, on
+    ``device`` (default CUDA when present) in the stored compute dtype, computing with the dequantized NF4
+    weight as training does (:func:`qcorda.quantize.keep_dequantize_path`, :func:`compute_in`)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     manifest = read_manifest(prepared)
     dtype = getattr(torch, manifest["compute_dtype"])
-    dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(prepared), dtype=dtype, device_map={"": str(dev)} if dev.type == "cuda" else None)
+    model = AutoModelForCausalLM.from_pretrained(str(prepared), dtype=dtype, device_map=device_map(device))
     keep_dequantize_path(model)
+    compute_in(model, dtype)
     model.config.use_cache = False
     adapter = Path(adapter) if adapter is not None else Path(prepared) / ADAPTER_INIT
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -225,43 +225,65 @@ HEADERS = ["model", "against", "tokens", "max |Δlogit|", "mean KL (nats)", "top
 
 
 def _logits(model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of the unmasked tokens, ``(n_tokens, vocab)``, on the CPU-or-model device."""
+    """fp32 logits of the unmasked tokens, ``(n_tokens, vocab)``, on the CPU."""
     device = next(model.parameters()).device
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    return out[mask.to(out.device)].float()
+    return out[mask.to(out.device)].float().cpu()
+
+
+def _release() -> None:
+    """Drop what a loaded model left behind before the next one loads (the caller dropped its reference)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @torch.inference_mode()
 def logit_agreement(
-    models: Mapping[str, torch.nn.Module],
+    models: Mapping[str, "torch.nn.Module | Callable[[], torch.nn.Module]"],
     pairs: Sequence[tuple[str, str]],
     batches: Iterable[dict],
     progress: bool = True,
     total: int | None = None,
 ) -> list[Agreement]:
     """For each ``(reference, other)`` in ``pairs``, the :class:`Agreement` of the two models'
-    logits on ``batches`` (``{"input_ids", "attention_mask"}``, right-padded)."""
+    logits on ``batches`` (``{"input_ids", "attention_mask"}``, right-padded).
+
+    The models run one after the other, never two at once: a value of ``models`` that is a callable
+    is called to load its model when that model's turn comes, and the model is released before the
+    next one loads. Each model's logits are kept on the CPU (``n_tokens × vocab`` fp32) while a later
+    model of one of its pairs is still to run."""
     from tqdm.auto import tqdm
 
-    needed = list(dict.fromkeys(n for p in pairs for n in p))
-    for m in needed:
-        models[m].eval()
+    batches = list(batches)
+    order = list(dict.fromkeys(n for p in pairs for n in p))
+    last_use = {n: max(i for i, m in enumerate(order) if any(n in p and m in p for p in pairs)) for n in order}
+    kept: dict[str, list[torch.Tensor]] = {}
     sums = {p: {"n": 0, "max": 0.0, "kl": 0.0, "top1": 0, "bad": 0} for p in pairs}
-    for batch in tqdm(batches, desc="compare logits", unit="batch", total=total, disable=not progress):
-        mask = batch["attention_mask"].bool()
-        logits = {n: _logits(models[n], batch, mask) for n in needed}
-        logp = {n: torch.log_softmax(x, dim=-1) for n, x in logits.items()}
+    for i, name in enumerate(order):
+        model = models[name]
+        model = model() if not isinstance(model, torch.nn.Module) and callable(model) else model
+        model.eval()
+        kept[name] = [_logits(model, b, b["attention_mask"].bool())
+                      for b in tqdm(batches, desc=f"logits: {name}", unit="batch", total=total, disable=not progress)]
+        del model
+        _release()
         for ref, other in pairs:
-            a, b = logits[ref], logits[other].to(logits[ref].device)
-            pa, pb = logp[ref], logp[other].to(logp[ref].device)
+            if name not in (ref, other) or ref not in kept or other not in kept:
+                continue
             s = sums[(ref, other)]
-            s["n"] += a.shape[0]
-            s["bad"] += int((~torch.isfinite(a).all(-1) | ~torch.isfinite(b).all(-1)).sum().item())
-            diff = (a - b).abs().max().item()
-            s["max"] = diff if diff != diff else max(s["max"], diff)  # keep a nan visible
-            s["kl"] += (pa.exp() * (pa - pb)).sum().item()
-            s["top1"] += (a.argmax(-1) == b.argmax(-1)).sum().item()
-        del logits, logp
+            for a, b in zip(kept[ref], kept[other]):
+                pa, pb = torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1)
+                s["n"] += a.shape[0]
+                s["bad"] += int((~torch.isfinite(a).all(-1) | ~torch.isfinite(b).all(-1)).sum().item())
+                diff = (a - b).abs().max().item()
+                s["max"] = diff if diff != diff else max(s["max"], diff)  # keep a nan visible
+                s["kl"] += (pa.exp() * (pa - pb)).sum().item()
+                s["top1"] += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        for n in [n for n in kept if last_use[n] <= i]:
+            del kept[n]
     return [
         Agreement(ref, other, s["n"], s["max"], s["kl"] / max(s["n"], 1), s["top1"] / max(s["n"], 1), s["bad"])
         for (ref, other), s in sums.items()

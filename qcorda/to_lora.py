@@ -32,12 +32,12 @@ import torch
 from .adapters import AdapterSpec, check_adapter, plain_lora_refusal, read_adapter
 from .checkpoint import ADAPTER_PREFIX, Checkpoint, write_adapter
 from .io import atomic_dir, check_out_dir
-from .config import ConfigError, ToLoraMode, VerifyConfig
-from .merge import PREPARED_HINT, ExportResult, dequantized, load_plain, merge, resolve_dtype
-from .models import load_model, resolve_device
-from .prepared import ADAPTER_INIT, load_prepared, manifest_sha256, read_manifest
+from .config import ConfigError, MergeConfig, ToLoraConfig, ToLoraMode, VerifyConfig
+from .decompose import matmul_precision
+from .merge import PREPARED_HINT, ExportResult, dequantized, load_plain, merge, verification
+from .models import resolve_local, skeleton
+from .prepared import ADAPTER_INIT, device_map, load_prepared, manifest_sha256, read_manifest
 from .scoring import held_out_batches, logit_agreement
-from .targets import weight_of
 
 MODES: tuple[str, ...] = get_args(ToLoraMode)
 REPORT_FILE = "qcorda_to_lora.json"
@@ -108,8 +108,7 @@ class ConvertedLayer:
 
 
 def check_convertible(spec: AdapterSpec, mode: str) -> None:
-    if mode not in MODES:
-        raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
+    """Refuse an adapter that ``mode`` cannot write as a plain PEFT LoRA (``mode`` itself is :class:`ToLoraConfig`'s)."""
     refusal = plain_lora_refusal(spec.path)
     if refusal:
         raise ConfigError(f"--adapter {spec.path}: {refusal}")
@@ -169,71 +168,68 @@ def convert_layer(name: str, W: torch.Tensor, w_deq: torch.Tensor, spec: Adapter
     return f, ConvertedLayer(name, f.rank, f.energy, gap)
 
 
-def to_lora(
-    prepared: str | Path,
-    base: str,
-    out: str | Path,
-    mode: str = "exact-delta",
-    adapter: str | Path | None = None,
-    rank: int | None = None,
-    verify: VerifyConfig | None = VerifyConfig(),
-    merged: str | Path | None = None,
-    overwrite: bool = False,
-    device: str | None = None,
-    progress: bool = True,
-    dtype: str = "float16",
-) -> ExportResult:
-    """Write a PEFT LoRA adapter for ``base`` to ``out`` (atomically); report how far base + LoRA is
-    from the trained 4-bit model and from the model merged to ``dtype`` (``qcorda_to_lora.json``;
-    Gemma-3 overflows float16, so verify it in bfloat16)."""
+def to_lora(prepared: str | Path, base: str, out: str | Path, cfg: ToLoraConfig = ToLoraConfig(), *,
+            adapter: str | Path | None = None, merged: str | Path | None = None, overwrite: bool = False,
+            progress: bool = True, trust_remote_code: bool = False) -> ExportResult:
+    """Write a PEFT LoRA adapter for ``base`` to ``out`` (atomically) by ``cfg.mode``; when ``cfg.verify``,
+    report how far base + LoRA is from the trained 4-bit model and from the model merged to ``cfg.dtype``
+    (``merged``, or merged into a temporary directory), all in ``qcorda_to_lora.json`` (Gemma-3 overflows
+    float16, so verify it in bfloat16).
+
+    The original weights are read from ``base``'s checkpoint one target at a time, never as a whole model;
+    the verification loads its three models one after the other (:func:`qcorda.scoring.logit_agreement`)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     prepared = Path(prepared)
     check_out_dir(out, overwrite)
-    resolve_dtype(dtype)
-    if rank is not None and rank <= 0:
-        raise ConfigError(f"--rank must be a positive integer, got {rank}")
     manifest = read_manifest(prepared)
     spec = read_adapter(adapter if adapter is not None else prepared / ADAPTER_INIT)
     init = read_adapter(prepared / ADAPTER_INIT, "PREPARED/adapter_init")
     check_adapter(prepared, manifest, spec, init)
-    check_convertible(spec, mode)
-    if mode == "exact-delta" and rank is not None:
-        raise ConfigError("--rank applies to --mode compress and absorb-quant-error; exact-delta is always rank 2r")
+    check_convertible(spec, cfg.mode)
     targets = list(manifest["targets"])
     recorded = {l["name"]: l["err"] for l in manifest["layers"]}
+    verify = verification(cfg)
 
-    base_model, _ = load_model(base, flag="--base")
+    base_dir = resolve_local(base, flag="--base")
+    _, skel = skeleton(base_dir, trust_remote_code, flag="--base")
+    original = Checkpoint(base_dir, "model", "--base").model_view(skel)  # by the model's names, as transformers maps them
     reader = Checkpoint(prepared, "model", "PREPARED", PREPARED_HINT)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     layers: list[ConvertedLayer] = []
     conv1d = False
-    for name in tqdm(targets, desc=f"to-lora {mode}", unit="layer", disable=not progress):
+    for name in tqdm(targets, desc=f"to-lora {cfg.mode}", unit="layer", disable=not progress):
         try:
-            module = base_model.get_submodule(name)
+            module = skel.get_submodule(name)
         except AttributeError:
-            raise ConfigError(f"--base {base} has no layer {name}; pass the model PREPARED was prepared from") from None
-        conv1d |= type(module).__name__ == "Conv1D"
-        f, layer = convert_layer(name, weight_of(module).detach().float(), dequantized(reader, name), spec, init, mode,
-                                 rank, recorded.get(name), base, prepared)
+            module = None
+        if module is None or f"{name}.weight" not in original:
+            raise ConfigError(f"--base {base} has no layer {name}; pass the model PREPARED was prepared from")
+        is_conv = type(module).__name__ == "Conv1D"
+        conv1d |= is_conv
+        W = original.get(f"{name}.weight").float()
+        f, layer = convert_layer(name, W.T if is_conv else W, dequantized(reader, name), spec, init, cfg.mode,
+                                 cfg.rank, recorded.get(name), base, prepared)
         layers.append(layer)
         ranks[name] = f.rank
         tensors[f"{ADAPTER_PREFIX}{name}.lora_A.weight"] = f.A
         tensors[f"{ADAPTER_PREFIX}{name}.lora_B.weight"] = f.B
+    del skel, original
 
-    lcfg = _lora_config(spec, mode, ranks, targets, str(base), conv1d)
+    lcfg = _lora_config(spec, cfg.mode, ranks, targets, str(base), conv1d)
     with atomic_dir(out, overwrite) as tmp:
         write_adapter(tmp, lcfg, tensors)
+        tensors.clear()
         agreement = ()
         if verify is not None:
-            agreement = tuple(_verify(prepared, spec.path, base_model, tmp, merged, verify, device, progress, dtype))
+            agreement = tuple(_verify(prepared, spec.path, base_dir, tmp, merged, verify, cfg, progress, trust_remote_code))
         report = {
             "format": "qcorda.to-lora/1",
-            "mode": mode,
-            "rank": rank,
-            "verify_dtype": dtype,
+            "mode": cfg.mode,
+            "rank": cfg.rank,
+            "verify_dtype": cfg.dtype,
             "prepared": str(prepared),
             "prepared_sha256": manifest_sha256(prepared),
             "adapter": str(spec.path),
@@ -241,26 +237,33 @@ def to_lora(
             "layers": [asdict(l) for l in layers],
             "verify": asdict(verify) if verify is not None else None,
             "agreement": [asdict(a) for a in agreement],
+            "float32_matmul_precision": matmul_precision(),
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    return ExportResult(Path(out), mode, tuple(layers), agreement, time.perf_counter() - t0)
+    return ExportResult(Path(out), cfg.mode, tuple(layers), agreement, time.perf_counter() - t0)
 
 
-def _verify(prepared, adapter, base_model, lora_dir, merged, verify: VerifyConfig, device, progress, dtype: str):
-    """base + LoRA against the trained 4-bit + adapter model and against the model merged to ``dtype``."""
+def _verify(prepared, adapter, base_dir, lora_dir, merged, verify: VerifyConfig, cfg: ToLoraConfig, progress, trust_remote_code):
+    """base + LoRA against the trained 4-bit + adapter model and against the model merged to ``cfg.dtype``,
+    each model loaded onto ``cfg.device`` in its stored dtype only when its turn comes."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = resolve_device(device)
-    with tempfile.TemporaryDirectory(prefix="qcorda-merged-") as tmp:
-        if merged is None:
-            merged = merge(prepared, Path(tmp) / "merged", adapter, dtype, verify=None, progress=progress).out
-        models = {
-            "trained 4-bit+adapter": load_prepared(prepared, adapter, is_trainable=False, device=str(dev)),
-            f"merged {dtype}": load_plain(merged, resolve_dtype(dtype), dev),
-            "base+LoRA": PeftModel.from_pretrained(base_model.to(dev), str(lora_dir), is_trainable=False),
-        }
+    def base_lora():
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto", device_map=device_map(cfg.device),
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
+        return PeftModel.from_pretrained(model, str(lora_dir), is_trainable=False)
+
     tok = AutoTokenizer.from_pretrained(str(prepared))
     batches, n = held_out_batches(tok, verify.data, verify.fields, verify.samples, verify.max_length, verify.batch_size, verify.template)
-    pairs = [("trained 4-bit+adapter", "base+LoRA"), (f"merged {dtype}", "base+LoRA"), ("trained 4-bit+adapter", f"merged {dtype}")]
-    return logit_agreement(models, pairs, batches, progress, n)
+    name = f"merged {cfg.dtype}"
+    with tempfile.TemporaryDirectory(prefix="qcorda-merged-") as tmp:
+        if merged is None:
+            merged = merge(prepared, Path(tmp) / "merged", MergeConfig(dtype=cfg.dtype, verify=False), adapter=adapter, progress=progress).out
+        models = {
+            "trained 4-bit+adapter": lambda: load_prepared(prepared, adapter, is_trainable=False, device=cfg.device),
+            name: lambda: load_plain(merged, getattr(torch, cfg.dtype), cfg.device),
+            "base+LoRA": base_lora,
+        }
+        pairs = [("trained 4-bit+adapter", "base+LoRA"), (name, "base+LoRA"), ("trained 4-bit+adapter", name)]
+        return logit_agreement(models, pairs, batches, progress, n)

@@ -156,9 +156,10 @@ def test_train_save_load_merge(method, tok, tmp_path):
     # ... and so does `qcorda merge`, the one the DoRA refusal of to-lora sends users to
     from transformers import AutoModelForCausalLM
 
+    from qcorda.config import MergeConfig
     from qcorda.merge import merge
 
-    merged = merge(out, tmp_path / "merged", tmp_path / "trained", "float32", verify=None, progress=False).out
+    merged = merge(out, tmp_path / "merged", MergeConfig(dtype="float32", verify=False), adapter=tmp_path / "trained", progress=False).out
     with torch.no_grad():
         y_merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(**x).logits
     torch.testing.assert_close(y_merged, y, atol=2e-4, rtol=1e-4)

@@ -2,12 +2,13 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from qcorda.testing import tiny
-from qcorda.config import ConfigError, InitConfig
+from qcorda.config import ConfigError, EvalConfig, InitConfig
 from qcorda.data import load_records
 from qcorda.evaluate import (
     evaluate, exact_match, extract_answer, generate, gsm8k, load_for_eval, normalize_answer, nq, perplexity, write_results,
@@ -108,8 +109,8 @@ def test_each_task_smoke(tok, tmp_path):
     out = write_results(tmp_path / "r.json", results, {"model": "tiny"})
     doc = json.loads(out.read_text())
     assert set(doc["tasks"]) == {"gsm8k", "nq", "ppl"} and doc["summary"]["ppl"].startswith("ppl: ppl=")
-    with pytest.raises(ConfigError, match="--tasks"):
-        evaluate(model, tok, "gsm8k,mmlu")
+    with pytest.raises(ConfigError, match="^tasks has unknown task mmlu"):
+        EvalConfig(tasks=("gsm8k", "mmlu"))
 
 
 def test_cli_on_hf_dir(tmp_path, capsys):
@@ -154,13 +155,15 @@ def _merged_fp32(prepared_model, arch):
     return merged
 
 
-EVAL_KW = dict(limit=4, batch_size=2, progress=False, gsm8k_max_new_tokens=10, nq_max_new_tokens=5, ppl_max_tokens=200, ppl_window=64, ppl_stride=32)
+EVAL_CFG = EvalConfig(tasks=("gsm8k", "nq", "ppl"), limit=4, batch_size=2, gsm8k_max_new_tokens=10, nq_max_new_tokens=5,
+                      ppl_tokens=200, ppl_window=64, ppl_stride=32)
+PPL_CFG = replace(EVAL_CFG, tasks=("ppl",))
 
 
 def _same_evaluation(model, tok, merged, mtok):
     """Every task on both models; the fp16 rounding of the export is the only difference allowed."""
-    a = evaluate(model, tok, ("gsm8k", "nq", "ppl"), **EVAL_KW)
-    b = evaluate(merged, mtok, ("gsm8k", "nq", "ppl"), **EVAL_KW)
+    a = evaluate(model, tok, EVAL_CFG, progress=False)
+    b = evaluate(merged, mtok, EVAL_CFG, progress=False)
     assert a["ppl"].metrics["ppl"] == pytest.approx(b["ppl"].metrics["ppl"], rel=2e-3)
     assert a["nq"].metrics["gold_logprob"] == pytest.approx(b["nq"].metrics["gold_logprob"], rel=2e-3)
     assert a["gsm8k"].metrics["answer_nll"] == pytest.approx(b["gsm8k"].metrics["answer_nll"], rel=2e-3)
@@ -181,35 +184,36 @@ def test_prepared_with_adapter_init_equals_merged_export(method, tok, tmp_path):
     merged_dir = tmp_path / "merged"
     _merged_fp32(model, "llama").to(torch.float16).save_pretrained(merged_dir)  # the fp16 export
     tok.save_pretrained(merged_dir)
-    merged, mtok, mkind = load_for_eval(merged_dir)
+    merged, mtok, mkind = load_for_eval(merged_dir, dtype="float32")  # the export's rounding, fp32 compute
     assert mkind == "hf"
 
     a, b = _same_evaluation(model, ptok, merged, mtok)
     assert a["gsm8k"].metrics["accuracy"] == b["gsm8k"].metrics["accuracy"]
     # and against the in-memory fp32 merge, tighter
-    c = evaluate(_merged_fp32(model, "llama"), ptok, ("ppl",), **EVAL_KW)
+    c = evaluate(_merged_fp32(model, "llama"), ptok, PPL_CFG, progress=False)
     assert a["ppl"].metrics["ppl"] == pytest.approx(c["ppl"].metrics["ppl"], rel=1e-5)
     # the adapter matters: zeroing B moves the perplexity
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.zero_()
-    d = evaluate(model, ptok, ("ppl",), **EVAL_KW)
+    d = evaluate(model, ptok, PPL_CFG, progress=False)
     assert abs(d["ppl"].metrics["ppl"] - a["ppl"].metrics["ppl"]) > 1e-4 * a["ppl"].metrics["ppl"]
 
 
 def test_prepared_equals_qcorda_merge_fp16_export(tok, tmp_path):
     """The same check against the project's own export: ``qcorda merge`` of ``adapter_init`` to fp16."""
     from qcorda.config import CalibConfig
+    from qcorda.config import MergeConfig
     from qcorda.merge import merge
     from qcorda.prepare import prepare
 
     calib = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=16, max_length=32, batch_size=8)
     cfg = InitConfig(method="qcorda-ipm", rank=4, calib=calib, compute_dtype="float32")
     prepared = prepare(tiny.model("llama"), cfg, tmp_path / "prep", tokenizer=tok, progress=False).out
-    out = merge(prepared, tmp_path / "merged", None, "float16", verify=None, progress=False).out
+    out = merge(prepared, tmp_path / "merged", MergeConfig(dtype="float16", verify=False), progress=False).out
     model, ptok, _ = load_for_eval(prepared)
-    merged, mtok, kind = load_for_eval(out)
+    merged, mtok, kind = load_for_eval(out, dtype="float32")  # the export's rounding, fp32 compute
     assert kind == "hf"
     _same_evaluation(model, ptok, merged, mtok)
 

@@ -16,7 +16,8 @@ def test_gemma_merge_bf16_agrees_with_trained(gemma_path, tmp_path):
 
     from qcorda.scoring import held_out_batches, logit_agreement as compare
     from qcorda.data import load_examples, token_batches
-    from qcorda.merge import VerifyConfig, merge
+    from qcorda.config import MergeConfig, VerifyConfig
+    from qcorda.merge import merge
     from qcorda.prepare import prepare
     from qcorda.prepared import load_prepared
 
@@ -44,7 +45,8 @@ def test_gemma_merge_bf16_agrees_with_trained(gemma_path, tmp_path):
     model.save_pretrained(tmp_path / "trained")
     del model, opt
 
-    res = merge(prep, tmp_path / "merged", tmp_path / "trained", "bfloat16", verify=VerifyConfig(samples=8, max_length=128), progress=False)
+    res = merge(prep, tmp_path / "merged", MergeConfig(dtype="bfloat16", verification=VerifyConfig(samples=8, max_length=128)),
+                adapter=tmp_path / "trained", progress=False)
     # the bf16 cast alone costs this much: the original Gemma in bf16 vs fp32 agrees on 0.984 of
     # these tokens (0.966 on the wikitext-2 sample); merging exactly in fp32 agrees on all of them.
     top1 = res.agreement[0].top1

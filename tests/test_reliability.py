@@ -86,6 +86,7 @@ def test_nan_activations_in_memory_prepare(tok):
 
 def test_disk_full_during_merge_leaves_nothing(setup, tmp_path, monkeypatch):
     import qcorda.checkpoint as qio
+    from qcorda.config import MergeConfig
     from qcorda.merge import merge
 
     _, prep, trained = setup
@@ -104,10 +105,10 @@ def test_disk_full_during_merge_leaves_nothing(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(qio, "write_safetensors", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        merge(prep, tmp_path / "out", trained, verify=None, progress=False)
+        merge(prep, tmp_path / "out", MergeConfig(verify=False), adapter=trained, progress=False)
     assert tree(tmp_path) == []
     monkeypatch.setattr(qio, "write_safetensors", real)
-    merge(prep, tmp_path / "out", trained, verify=None, progress=False)
+    merge(prep, tmp_path / "out", MergeConfig(verify=False), adapter=trained, progress=False)
     assert tree(tmp_path)[0] == "out"
 
 

@@ -9,9 +9,8 @@ from peft import PeftModel
 
 from export_helpers import edited_adapter, inputs, prepared_and_trained
 from qcorda.scoring import logit_agreement as compare
-from qcorda.config import ConfigError
+from qcorda.config import ConfigError, ToLoraConfig, VerifyConfig
 from qcorda.adapters import read_adapter
-from qcorda.merge import VerifyConfig
 from qcorda.prepared import load_prepared
 from qcorda.models import load_model
 from qcorda.targets import weight_of
@@ -64,7 +63,7 @@ def test_pure_functions():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_exact_delta_reproduces_unquantized_trained_model(arch, tok, tmp_path):
     base, prep, trained = prepared_and_trained(tmp_path, arch)
-    out = to_lora(prep, str(base), tmp_path / "lora", "exact-delta", trained, verify=None, progress=False).out
+    out = to_lora(prep, str(base), tmp_path / "lora", ToLoraConfig(mode="exact-delta", verify=False), adapter=trained, progress=False).out
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16.0
     x = inputs(tok)
@@ -76,20 +75,20 @@ def test_exact_delta_reproduces_unquantized_trained_model(arch, tok, tmp_path):
 
 def test_compress_full_rank_equals_exact_delta(setup, tok, tmp_path):
     base, prep, trained = setup
-    ex = to_lora(prep, str(base), tmp_path / "ex", "exact-delta", trained, verify=None, progress=False)
-    co = to_lora(prep, str(base), tmp_path / "co", "compress", trained, rank=8, verify=None, progress=False)
+    ex = to_lora(prep, str(base), tmp_path / "ex", ToLoraConfig(mode="exact-delta", verify=False), adapter=trained, progress=False)
+    co = to_lora(prep, str(base), tmp_path / "co", ToLoraConfig(mode="compress", rank=8, verify=False), adapter=trained, progress=False)
     assert all(l.energy == pytest.approx(1.0, abs=1e-6) for l in co.layers)
     x = inputs(tok)
     with torch.no_grad():
         torch.testing.assert_close(_with_lora(base, co.out)(**x).logits, _with_lora(base, ex.out)(**x).logits, atol=1e-5, rtol=1e-5)
-    half = to_lora(prep, str(base), tmp_path / "half", "compress", trained, verify=None, progress=False)
+    half = to_lora(prep, str(base), tmp_path / "half", ToLoraConfig(mode="compress", verify=False), adapter=trained, progress=False)
     assert {l.rank for l in half.layers} == {4} and all(l.energy < 1 for l in half.layers)
 
 
 def test_absorb_beats_exact_delta_at_equal_rank(setup, tok, tmp_path):
     base, prep, trained = setup
-    ex = to_lora(prep, str(base), tmp_path / "ex", "exact-delta", trained, verify=None, progress=False)
-    ab = to_lora(prep, str(base), tmp_path / "ab", "absorb-quant-error", trained, rank=8, verify=None, progress=False)
+    ex = to_lora(prep, str(base), tmp_path / "ex", ToLoraConfig(mode="exact-delta", verify=False), adapter=trained, progress=False)
+    ab = to_lora(prep, str(base), tmp_path / "ab", ToLoraConfig(mode="absorb-quant-error", rank=8, verify=False), adapter=trained, progress=False)
     for e, a in zip(ex.layers, ab.layers):
         assert a.rank == e.rank == 8 and a.err_to_trained < e.err_to_trained
     from qcorda.scoring import held_out_batches
@@ -102,7 +101,7 @@ def test_absorb_beats_exact_delta_at_equal_rank(setup, tok, tmp_path):
 
 def test_verification_report(setup, tmp_path):
     base, prep, trained = setup
-    res = to_lora(prep, str(base), tmp_path / "v", "absorb-quant-error", trained, verify=VerifyConfig(samples=2, max_length=24), progress=False)
+    res = to_lora(prep, str(base), tmp_path / "v", ToLoraConfig(mode="absorb-quant-error", verification=VerifyConfig(samples=2, max_length=24)), adapter=trained, progress=False)
     saved = json.loads((res.out / "qcorda_to_lora.json").read_text())
     pairs = {(a["reference"], a["other"]) for a in saved["agreement"]}
     assert ("trained 4-bit+adapter", "base+LoRA") in pairs and ("merged float16", "base+LoRA") in pairs
@@ -113,16 +112,18 @@ def test_refusals(setup, tmp_path):
     base, prep, trained = setup
     edited = edited_adapter(trained, tmp_path / "rs", use_rslora=True, alpha_pattern={"q_proj": 3.0})
     with pytest.raises(ConfigError, match="rsLoRA.*rank_pattern/alpha_pattern"):
-        to_lora(prep, str(base), tmp_path / "a", "exact-delta", edited, verify=None, progress=False)
+        to_lora(prep, str(base), tmp_path / "a", ToLoraConfig(mode="exact-delta", verify=False), adapter=edited, progress=False)
     # compress writes scale-folded factors, so the same adapter converts (exactly at rank 2r)
-    to_lora(prep, str(base), tmp_path / "b", "compress", edited, rank=8, verify=None, progress=False)
+    to_lora(prep, str(base), tmp_path / "b", ToLoraConfig(mode="compress", rank=8, verify=False), adapter=edited, progress=False)
     from qcorda.testing import tiny
 
     other = tiny.save(tmp_path / "other", "llama", seed=5)
     with pytest.raises(ConfigError, match="not the model .* was prepared from"):
-        to_lora(prep, str(other), tmp_path / "c", "exact-delta", trained, verify=None, progress=False)
-    with pytest.raises(ConfigError, match="--mode"):
-        to_lora(prep, str(base), tmp_path / "d", "svd", trained, verify=None, progress=False)
-    with pytest.raises(ConfigError, match="--rank applies"):
-        to_lora(prep, str(base), tmp_path / "e", "exact-delta", trained, rank=3, verify=None, progress=False)
-    assert not any((tmp_path / n).exists() for n in "acde")
+        to_lora(prep, str(other), tmp_path / "c", ToLoraConfig(mode="exact-delta", verify=False), adapter=trained, progress=False)
+    with pytest.raises(ConfigError, match="^mode must be one of"):
+        ToLoraConfig(mode="svd")
+    with pytest.raises(ConfigError, match="^rank applies to mode compress"):
+        ToLoraConfig(mode="exact-delta", rank=3)
+    with pytest.raises(ConfigError, match="has no layer"):
+        to_lora(prep, str(tiny.save(tmp_path / "gpt2", "gpt2")), tmp_path / "f", ToLoraConfig(verify=False), adapter=trained, progress=False)
+    assert not any((tmp_path / n).exists() for n in "acf")

@@ -201,17 +201,18 @@ def test_guard_stops_a_blowing_up_run_and_keeps_the_last_good_adapter(tmp_path, 
 def test_a_trained_adapter_merged_against_another_prepared_directory_is_refused(tmp_path, tok, prepared):
     """Defect: the trainer wrote its owner under one key and merge read another, so merge never checked
     an adapter made by qcorda train. Both now use qcorda.prepared.OWNER_KEY."""
+    from qcorda.config import MergeConfig, ToLoraConfig
     from qcorda.merge import merge
     from qcorda.to_lora import to_lora
 
     r = train(load_recipe(_recipe(tmp_path, prepared, max_steps=2)), progress=False)
     other = prepare(tiny.model("llama"), InitConfig(method="qpissa", rank=4, seed=3), tmp_path / "other", tokenizer=tok, progress=False).out
     with pytest.raises(ConfigError, match="was trained from another prepared directory"):
-        merge(other, tmp_path / "m", r.adapter, verify=None, progress=False)
+        merge(other, tmp_path / "m", MergeConfig(verify=False), adapter=r.adapter, progress=False)
     with pytest.raises(ConfigError, match="was trained from another prepared directory"):
-        to_lora(other, str(tmp_path / "base"), tmp_path / "l", adapter=r.adapter, verify=None, progress=False)
+        to_lora(other, str(tmp_path / "base"), tmp_path / "l", ToLoraConfig(verify=False), adapter=r.adapter, progress=False)
     assert not (tmp_path / "m").exists() and not (tmp_path / "l").exists()
-    merge(prepared, tmp_path / "ok", r.adapter, verify=None, progress=False)  # its own prepared directory is fine
+    merge(prepared, tmp_path / "ok", MergeConfig(verify=False), adapter=r.adapter, progress=False)  # its own prepared directory is fine
 
 
 def test_init_recipe_prepares_through_the_streamed_engine(tmp_path, monkeypatch):

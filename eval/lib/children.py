@@ -19,10 +19,12 @@ def child_env(**extra: str) -> dict:
     return dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **extra)
 
 
-def run_child(module: str, *args: str, env: dict | None = None, tail: int = 4000) -> dict:
+def run_child(module: str, *args: str, env: dict | None = None, tail: int = 4000, cwd: str | Path = REPO) -> dict:
     """Run ``python -m module *args`` from the repository root and return the JSON object of the last
-    line it printed (:func:`emit`). Raises RuntimeError with the end of its stderr if it fails."""
-    out = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=REPO,
+    line it printed (:func:`emit`). Raises RuntimeError with the end of its stderr if it fails.
+    ``cwd``: another directory to run from (``python -m`` puts it first on the path, before ``PYTHONPATH``,
+    so a child that must import another copy of qcorda through ``env`` runs outside the repository)."""
+    out = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd,
                          env=env or child_env())
     if out.returncode:
         raise RuntimeError(f"python -m {module} {' '.join(map(str, args))} failed (exit {out.returncode}):\n{out.stderr[-tail:]}")

@@ -31,13 +31,8 @@ def run(args) -> int:
         require_lm_eval()
         names = parse_harness_tasks(cfg.harness)
         loaded = load_tasks(names)  # unknown names and unreachable datasets fail before the model loads
-    model, tok, kind = load_for_eval(args.model, args.adapter, cfg.device, args.trust_remote_code)
-    results = {} if not cfg.builtin_tasks else evaluate(
-        model, tok, cfg.builtin_tasks, limit=cfg.limit, batch_size=cfg.batch_size, echo=True,
-        gsm8k_data=cfg.gsm8k_data, gsm8k_shots=cfg.shots, gsm8k_max_new_tokens=cfg.gsm8k_max_new_tokens,
-        nq_data=cfg.nq_data, nq_max_new_tokens=cfg.nq_max_new_tokens,
-        ppl_data=cfg.ppl_data, ppl_max_tokens=cfg.ppl_tokens or None, ppl_window=cfg.ppl_window, ppl_stride=cfg.ppl_stride,
-    )
+    model, tok, kind = load_for_eval(args.model, args.adapter, cfg.device, args.trust_remote_code, cfg.dtype)
+    results = evaluate(model, tok, cfg, echo=True)
     if cfg.harness:
         from ..harness import run_harness
 

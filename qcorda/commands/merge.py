@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
-from ..config import MergeConfig, VerifyConfig
+from ..config import MergeConfig
 from .flags import add_config, build
 
 #: The verification's flags: verification.data → --verify-data.
 VERIFY_PREFIXES = {"verification.": "verify-"}
-
-
-def verification(cfg):
-    """The held-out text of ``cfg`` (a Merge/ToLoraConfig), or None with ``--no-verify``. The default
-    fields belong to the default data: other ``--verify-data`` reads its own (text, or the only field)."""
-    if not cfg.verify:
-        return None
-    v = cfg.verification
-    if v.data != VerifyConfig.data and v.fields == VerifyConfig.fields:
-        return replace(v, fields=())
-    return v
 
 
 def add_export_arguments(p: argparse.ArgumentParser, config: type, out_help: str) -> None:
@@ -43,7 +31,7 @@ def run(args) -> int:
     from ..table import print_table
 
     cfg: MergeConfig = build(args, args._flags)
-    res = merge(args.prepared, args.out, args.adapter, cfg.dtype, verification(cfg), args.overwrite, cfg.device)
+    res = merge(args.prepared, args.out, cfg, adapter=args.adapter, overwrite=args.overwrite)
     worst = max(res.layers, key=lambda l: l.cast_err)
     rows = [["layers merged", len(res.layers)], ["max cast error", worst.cast_err], ["seconds", res.seconds]]
     print_table(["merge", "value"], rows, title=f"merged {args.prepared} + {args.adapter or 'adapter_init'} -> {res.out} ({res.kind})")

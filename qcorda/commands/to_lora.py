@@ -6,7 +6,7 @@ import argparse
 
 from ..config import ToLoraConfig
 from .flags import build
-from .merge import add_export_arguments, verification
+from .merge import add_export_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,8 +21,7 @@ def run(args) -> int:
     from ..to_lora import to_lora
 
     cfg: ToLoraConfig = build(args, args._flags)
-    res = to_lora(args.prepared, args.base, args.out, cfg.mode, args.adapter, cfg.rank, verification(cfg),
-                  args.merged, args.overwrite, cfg.device, dtype=cfg.dtype)
+    res = to_lora(args.prepared, args.base, args.out, cfg, adapter=args.adapter, merged=args.merged, overwrite=args.overwrite)
     energy = [l.energy for l in res.layers]
     gaps = [l.err_to_trained for l in res.layers]
     rows = [
