@@ -341,30 +341,31 @@ def decompose(
     if not torch.isfinite(W).all():
         raise DecompositionError("the weight has NaN/Inf entries")
     svd_kw = dict(solver=solver, oversample=oversample, power_iters=power_iters, seed=seed)
-    if method == "qlora":
-        return qlora_split(W, r, seed)
-    if method == "qmilora":
-        return svd_split(W, r, scaling, "bottom")
-    if method in ("qpissa", "loftq"):
-        first = svd_split(W, r, scaling, "top", **svd_kw) if method == "qpissa" else None
-        n = iters - 1 if method == "qpissa" else iters
-        if n <= 0:
-            assert first is not None
-            return first
-        _need(quantizer, method, "quantizer")
-        fit = lambda E: svd_split(E, r, scaling, "top", **svd_kw)  # noqa: E731
-        return alternate(W, first, n, scaling, quantizer, fit, heldout, start_is_iterate=method == "qpissa")
-    if method in ("qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"):
-        _need(cov, method, "cov")
-        if method in ("qcorda-ipm", "qcorda-kpm"):
-            return corda_split(W, cov, r, scaling, "bottom" if method == "qcorda-kpm" else "top", **svd_kw)
-        _need(quantizer, method, "quantizer")
-        fit = lambda E: activation_fit(E, cov, r, scaling, **svd_kw)  # noqa: E731
-        if method == "qera":  # one activation-norm fit to the error of Q(W)
-            return alternate(W, None, 1, scaling, quantizer, fit)
-        first = corda_split(W, cov, r, scaling, "top", **svd_kw) if start == "ipm" else None
-        return alternate(W, first, iters, scaling, quantizer, fit, heldout)
-    raise ValueError(f"unknown method {method!r}")
+    with full_fp32_matmul():  # the same split on every GPU and the CPU, TF32 or not
+        if method == "qlora":
+            return qlora_split(W, r, seed)
+        if method == "qmilora":
+            return svd_split(W, r, scaling, "bottom")
+        if method in ("qpissa", "loftq"):
+            first = svd_split(W, r, scaling, "top", **svd_kw) if method == "qpissa" else None
+            n = iters - 1 if method == "qpissa" else iters
+            if n <= 0:
+                assert first is not None
+                return first
+            _need(quantizer, method, "quantizer")
+            fit = lambda E: svd_split(E, r, scaling, "top", **svd_kw)  # noqa: E731
+            return alternate(W, first, n, scaling, quantizer, fit, heldout, start_is_iterate=method == "qpissa")
+        if method in ("qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"):
+            _need(cov, method, "cov")
+            if method in ("qcorda-ipm", "qcorda-kpm"):
+                return corda_split(W, cov, r, scaling, "bottom" if method == "qcorda-kpm" else "top", **svd_kw)
+            _need(quantizer, method, "quantizer")
+            fit = lambda E: activation_fit(E, cov, r, scaling, **svd_kw)  # noqa: E731
+            if method == "qera":  # one activation-norm fit to the error of Q(W)
+                return alternate(W, None, 1, scaling, quantizer, fit)
+            first = corda_split(W, cov, r, scaling, "top", **svd_kw) if start == "ipm" else None
+            return alternate(W, first, iters, scaling, quantizer, fit, heldout)
+        raise ValueError(f"unknown method {method!r}")
 
 
 def _need(value, method: str, what: str) -> None:
