@@ -224,11 +224,17 @@ def stream_prepare(
     Returns the :class:`~qcorda.prepared.PrepareReport`. Resumes from ``.OUT.partial`` when it
     was left by a run with the same arguments. Everything that can reject the input runs before
     the first byte is written.
+
+    ``OUT/timings.json`` holds the wall time (``seconds``), each layer's, and ``phases``: seconds of
+    ``open`` (the checkpoint and its skeleton), ``covariance`` (the block-by-block calibration walk
+    and gathering its matrices into one file; ~0 when none is needed or it is reused), ``layers``
+    (split and quantize every target) and ``output`` (assemble and write the prepared directory).
     """
     t_start = time.perf_counter()
     out = check_out_dir(out, overwrite)
     src = open_source(model, cfg, out, trust_remote_code)
     manifest = work_manifest(src, cfg, covariance)
+    t_open = time.perf_counter()
     scratch = out.parent / f".{out.name}.scratch"  # a killed calibration's leftovers go first
     shutil.rmtree(scratch, ignore_errors=True)
     try:
@@ -236,7 +242,9 @@ def stream_prepare(
         work = open_work_dir(out, manifest, log)
         try:
             covs = _settle(work, covs, scratch, save_covariance)
+            t_cov = time.perf_counter()
             results, resumed = _layers(work, src, cfg, covs, progress)
+            t_layers = time.perf_counter()
             calibration = None if covs is None else dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=cfg.calib.data)
             covs = None  # the covariances are done with: free them before the output shards are assembled
             _return_freed_memory()
@@ -245,7 +253,9 @@ def stream_prepare(
                                    src.plan.to_json())
             with atomic_dir(out, overwrite) as tmp:
                 _write_output(tmp, src, work, report, trust_remote_code)
-                timings = {"seconds": time.perf_counter() - t_start, "resumed_layers": resumed, "layers": {r.name: r.seconds for r in results}}
+                now = time.perf_counter()
+                phases = {"open": t_open - t_start, "covariance": t_cov - t_open, "layers": t_layers - t_cov, "output": now - t_layers}
+                timings = {"seconds": now - t_start, "phases": phases, "resumed_layers": resumed, "layers": {r.name: r.seconds for r in results}}
                 write_text_atomic(tmp / "timings.json", json.dumps(timings, indent=1))
         except (ConfigError, DecompositionError):
             shutil.rmtree(work, ignore_errors=True)  # a problem of the input: this work can never be resumed
