@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "split weights, quantize the residual to NF4, write a ready-to-train directory"),
     "compare": ("compare", "quantization-error report for qlora / loftq / qpissa / qmilora / qcorda"),
     "train": ("train", "fine-tune the adapter of a prepared model from a YAML recipe"),
+    "probe-lr": ("probe_lr", "measure the learning rate `learning_rate: probe` trains a recipe at"),
     "plan": ("plan", "estimate the peak GPU memory of a recipe"),
     "recipes": ("recipes", "list the recipes shipped with qcorda, or copy one out to edit"),
     "merge": ("merge", "dequantize and export a merged fp16/bf16 model"),

@@ -24,6 +24,8 @@ from .lr import QLORA_LR
 Template = Literal["alpaca", "plain", "chat"]
 Optim = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
 QuantStorage = Literal["auto", "uint8", "bfloat16", "float16", "float32"]
+#: The measurements ``learning_rate: probe`` can take (:mod:`qcorda.probe`).
+LrProbe = Literal["update", "sharpness", "range"]
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,16 @@ class TrainConfig:
 
     max_steps: int = 1000
     """Optimizer steps. Recipe: ``train.max_steps``."""
-    learning_rate: float | Literal["auto"] = "auto"
-    """Peak learning rate, or ``auto``: the method's factor (:data:`qcorda.lr.LR_FACTORS`) times
-    ``base_learning_rate``. An explicit value more than 3x the method's recommended one is warned
-    about. Recipe: ``train.learning_rate``."""
+    learning_rate: float | Literal["auto", "probe"] = "auto"
+    """Peak learning rate; ``auto``: the method's factor (:data:`qcorda.lr.LR_FACTORS`) times
+    ``base_learning_rate``; ``probe``: measured on this recipe's model, init and data before training
+    (:mod:`qcorda.probe`, method ``lr_probe``, at most 5 % of the run's compute, seeded by ``seed``; the
+    result is saved in ``qcorda_train.json``). An explicit value more than 3x the method's recommended
+    one is warned about. Recipe: ``train.learning_rate``."""
+    lr_probe: LrProbe = "update"
+    """What ``learning_rate: probe`` measures: ``update``, the size of Adam's first weight-space update
+    (lr = τ/u); ``sharpness``, the top eigenvalue of the Adam-preconditioned Hessian (lr = c/λ);
+    ``range``, an lr range test (lr = lr_min / 10). Recipe: ``train.lr_probe``."""
     base_learning_rate: float = QLORA_LR
     """QLoRA's learning rate for this setup, which ``learning_rate: auto`` scales per method (2e-4:
     QLoRA's on GPUs). Set it to the rate QLoRA trains best at here: a short run wants more, and below it
@@ -122,8 +130,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"must be a positive integer, got {v!r}", name)
-        if self.learning_rate != "auto" and (isinstance(self.learning_rate, (str, bool)) or not self.learning_rate > 0):
-            raise ConfigError(f"must be a positive number or auto, got {self.learning_rate!r}", "learning_rate")
+        if self.learning_rate not in ("auto", "probe") and (isinstance(self.learning_rate, (str, bool)) or not self.learning_rate > 0):
+            raise ConfigError(f"must be a positive number, auto or probe, got {self.learning_rate!r}", "learning_rate")
+        one_of("lr_probe", self.lr_probe, LrProbe)
         if isinstance(self.base_learning_rate, (str, bool)) or not self.base_learning_rate > 0:
             raise ConfigError(f"must be a positive number, got {self.base_learning_rate!r}", "base_learning_rate")
         if not self.divergence_margin > 0:

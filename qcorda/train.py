@@ -15,6 +15,7 @@ quantized model to bf16, which would move the init away from W − deq(Q(W_res))
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ class TrainResult:
     """The learning rate trained at (``learning_rate: auto`` resolved)."""
     adapter_sha256: str = ""
     """sha256 of the trained adapter's parameters (name order); every data-parallel rank prints the same."""
+    lr_probe: dict | None = None
+    """With ``learning_rate: probe``: what the probe measured (:class:`qcorda.probe.ProbeResult` as a dict)."""
 
 
 def prepared_model(recipe: Recipe, progress: bool = True):
@@ -56,24 +59,21 @@ def prepared_model(recipe: Recipe, progress: bool = True):
     ``recipe.init`` once into ``output_dir/prepared`` (by the streamed engine when it stores the
     method: the original model is never whole in memory) and load it from there, so that the first
     run and a resumed one train the very same model."""
-    import torch
-    from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    # First: under accelerate launch the state gives this rank its own device (cuda:LOCAL_RANK); a bare
-    # "cuda" would put every rank's model on GPU 0.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    device = str(state.device)
     if recipe.prepared is not None:
         prepared = Path(recipe.prepared)
         read_manifest(prepared, flag="prepared:")
-        return load_prepared(prepared, device=device), AutoTokenizer.from_pretrained(str(prepared)), prepared
+        return load_prepared(prepared), AutoTokenizer.from_pretrained(str(prepared)), prepared
     prepared = Path(recipe.output_dir) / "prepared"
-    with state.main_process_first():  # under accelerate launch, rank 0 prepares, the others load it
-        return _prepare_or_load(recipe, prepared, progress, device)
+    import torch
+    from accelerate import PartialState
+
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():  # under accelerate launch, rank 0 prepares, the others load it
+        return _prepare_or_load(recipe, prepared, progress)
 
 
-def _prepare_or_load(recipe: Recipe, prepared: Path, progress: bool, device: str | None = None):
+def _prepare_or_load(recipe: Recipe, prepared: Path, progress: bool):
     from transformers import AutoTokenizer
 
     if (prepared / MANIFEST).exists():
@@ -87,14 +87,11 @@ def _prepare_or_load(recipe: Recipe, prepared: Path, progress: bool, device: str
             )
     else:
         prepare(recipe.model, recipe.init, out=prepared, progress=progress)
-    return load_prepared(prepared, device=device), AutoTokenizer.from_pretrained(str(prepared)), prepared
+    return load_prepared(prepared), AutoTokenizer.from_pretrained(str(prepared)), prepared
 
 
-def datasets_of(recipe: Recipe, tokenizer):
-    """``(train, eval or None)`` as ``datasets.Dataset`` in TRL's prompt/completion format
-    (loss on the completion only); records without a completion become plain ``text``."""
-    from datasets import Dataset
-
+def recipe_examples(recipe: Recipe, tokenizer) -> tuple[list, list]:
+    """``(train, eval)`` :class:`qcorda.data.Example` lists of the recipe's ``data:`` (eval empty without ``eval_limit``)."""
     d = recipe.data
     examples = load_examples(d.source, d.fields, d.template, d.limit, tokenizer, d.split, flag="data.source", fields_flag="data.fields")
     evals = []
@@ -106,6 +103,15 @@ def datasets_of(recipe: Recipe, tokenizer):
             if d.eval_limit >= len(examples):
                 raise ConfigError(f"data.eval_limit {d.eval_limit} leaves no training records out of {len(examples)}; lower it")
             examples, evals = examples[: -d.eval_limit], examples[-d.eval_limit :]
+    return examples, evals
+
+
+def datasets_of(recipe: Recipe, tokenizer):
+    """``(train, eval or None)`` as ``datasets.Dataset`` in TRL's prompt/completion format
+    (loss on the completion only); records without a completion become plain ``text``."""
+    from datasets import Dataset
+
+    examples, evals = recipe_examples(recipe, tokenizer)
 
     def to_ds(exs):
         if all(not e.completion for e in exs):
@@ -152,7 +158,7 @@ def use_bf16(recipe: Recipe) -> bool:
     import torch
 
     if recipe.train.bf16 == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)  # V100/T4 emulate it
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return bool(recipe.train.bf16)
 
 
@@ -173,6 +179,9 @@ def learning_rate(recipe: Recipe) -> float:
     (:mod:`qcorda.lr`); an explicit rate far above it is warned about."""
     t = recipe.train
     method, cal_start = init_of(recipe)
+    if t.learning_rate == "probe":
+        raise ConfigError("train.learning_rate is probe: it is measured on the model (probe_learning_rate), "
+                          "not read from the recipe", "learning_rate")
     if t.learning_rate == "auto":
         return lr_factor(method, cal_start).factor * t.base_learning_rate
     warning = lr_warning(method, float(t.learning_rate), t.base_learning_rate, cal_start)
@@ -181,6 +190,20 @@ def learning_rate(recipe: Recipe) -> float:
 
         warnings.warn(warning, stacklevel=2)
     return float(t.learning_rate)
+
+
+def probe_learning_rate(recipe: Recipe, model, tokenizer):
+    """``learning_rate: probe``: measure ``train.lr_probe`` on ``model``'s adapter at its init over the
+    recipe's training examples, within 5 % of the run's sequence passes, seeded by ``train.seed``
+    (:func:`qcorda.probe.probe_lr`; the adapter is left as it was). Returns the :class:`~qcorda.probe.ProbeResult`."""
+    from .probe import probe_budget, probe_lr
+
+    t = recipe.train
+    examples, _ = recipe_examples(recipe, tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return probe_lr(model, tokenizer, examples, probe_budget(t.max_steps, t.batch_size, t.grad_accum), t.lr_probe,
+                    seed=t.seed, max_length=t.max_length, batch_size=t.batch_size, key="train.learning_rate")
 
 
 def sft_config(recipe: Recipe, has_eval: bool, lr: float):
@@ -385,8 +408,9 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     model, tok, prepared = prepared_model(recipe, progress)
     apply_quant_storage(recipe, model)
     train_ds, eval_ds = datasets_of(recipe, tok)
-    lr = learning_rate(recipe)
     t = recipe.train
+    probe = probe_learning_rate(recipe, model, tok) if t.learning_rate == "probe" else None
+    lr = probe.learning_rate if probe is not None else learning_rate(recipe)
     guard = DivergenceGuard(margin=t.divergence_margin, patience=t.divergence_patience)
     callbacks = [guard_callback(guard)] if t.stop_on_divergence else []
     trainer = build_trainer(recipe, model, tok, train_ds, eval_ds, lr=lr, callbacks=callbacks)
@@ -412,6 +436,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         "eval_loss": eval_loss,
         "trainable_params": trainable,
         "learning_rate": lr,
+        "lr_probe": None if probe is None else dataclasses.asdict(probe),
     }
     meta = {"quantization_config": quantization_config_of(trainer.model), "world_size": trainer.args.world_size}
     adapter = save_adapter(recipe, trainer.model, prepared, {**summary, **meta}) if trainer.is_world_process_zero() else out / "adapter"
