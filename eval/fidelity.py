@@ -13,23 +13,19 @@ wikitext-2; perplexity and KL on 512 scored tokens of each), errors relative to 
 Each variant's time is the wall time of its layers (split + quantization + error figures) and of
 its hidden states; the held-out split costs one more covariance collection (its own cache key).
 
-    PYTHONPATH=. python eval/fidelity.py [--ranks 64] [--out eval/results/fidelity]   # ~25 min on 2 cores
+    python -m eval.fidelity [--ranks 64] [--out eval/results/fidelity]   # ~25 min on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from qcorda.compare import aggregate, compare, compare_covariances, eval_texts, layer_errors, set_key
+from qcorda.config import CompareConfig, compare_init
 
-from qcorda.compare import aggregate, compare, layer_errors  # noqa: E402
-from qcorda.config import CompareConfig, compare_init  # noqa: E402
+from .lib import Results
 
 #: (label, method, InitConfig changes)
 VARIANTS = [
@@ -46,30 +42,16 @@ KEYS = ("weight_err_rel", "nuclear_err_rel", "act_err_rel", "act_err_rel_wikitex
 
 def refit_variant(model, tok, rank: int, start: str, cache: dict) -> dict:
     """``auto, refit``: per layer, T from ``--iters auto``, then T iterations fitted on all records."""
-    import torch
-
-    from qcorda.covariance import collect
-    from qcorda.data import calibration_batches
-    from qcorda.calibration import collect_covariances
-    from qcorda.layer import prepare_layer, split_layer
-    from qcorda.quantize import nf4_roundtrip
     from qcorda.decompose import low_rank_term
-    from qcorda.quantize import dequantize_nf4
-    from qcorda.compare import eval_texts, set_key
+    from qcorda.layer import prepare_layer, split_layer
+    from qcorda.quantize import dequantize_nf4, nf4_roundtrip
     from qcorda.targets import find_targets, weight_of
 
-    base = CompareConfig(ranks=(rank,))
-    auto = replace(base.init, method="qcorda-cal", rank=rank, cal_start=start, iters="auto")
+    auto = replace(CompareConfig().init, method="qcorda-cal", rank=rank, cal_start=start, iters="auto")
+    base = CompareConfig(methods=("qcorda-cal",), ranks=(rank,), init=auto)
     targets = find_targets(model, auto.target_modules)
-    key = ("calib", tuple(targets), repr(auto.calib), auto.cov_dtype, auto.heldout_every)
-    covs = cache.get(key) or cache.setdefault(key, collect_covariances(model, tok, targets, auto, "gemma-3-270m", False))
-    evals = []
-    for s in base.eval_data:
-        ekey = ("eval", tuple(targets), s, base.eval_samples, base.eval_max_length)
-        if ekey not in cache:
-            batches, n = calibration_batches(tok, eval_texts(s, base.eval_samples, tok), base.eval_max_length, base.eval_batch_size)
-            cache[ekey] = collect(model, batches, targets, torch.float32, progress=False, total=n)
-        evals.append(cache[ekey])
+    texts = {s: eval_texts(s, base.eval_samples, tok) for s in base.eval_data}
+    covs, evals, _ = compare_covariances(model, tok, base, targets, texts, "gemma-3-270m", False, cache)  # compare's, shared
     errs, ref, iters = {}, {}, []
     for n in targets:
         W = weight_of(model.get_submodule(n)).detach().float()
@@ -86,7 +68,7 @@ def refit_variant(model, tok, rank: int, start: str, cache: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", default="64")
-    ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "fidelity"))
+    ap.add_argument("--out", default="fidelity", help="results stem (a bare name lies under eval/results/)")
     ap.add_argument("--variants", default=None, help="comma-separated labels of VARIANTS (default all, and the refits)")
     ap.add_argument("--eval-tokens", type=int, default=None, help="scored tokens per eval set (default compare's, 512)")
     args = ap.parse_args()
@@ -98,9 +80,9 @@ def main() -> None:
     ranks = tuple(int(r) for r in args.ranks.split(","))
     model, tok = load_model("gemma-3-270m")
     cache: dict = {}
-    out = Path(args.out)
+    out = Results(args.out)
     t0 = time.perf_counter()
-    saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    saved = out.load()
     rows = [r for r in saved.get("rows", []) if r["rank"] in ranks]  # resume: finished variants are kept
     original = saved.get("original")
     chosen = args.variants.split(",") if args.variants else [v[0] for v in VARIANTS]
@@ -129,9 +111,8 @@ def main() -> None:
             _write(out, rows, original, time.perf_counter() - t0)
 
 
-def _write(out: Path, rows: list[dict], original: dict, seconds: float) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "original": original, "seconds": seconds}, indent=1))
+def _write(out: Results, rows: list[dict], original: dict, seconds: float) -> None:
+    out.save({"rows": rows, "original": original, "seconds": seconds})
 
 
 if __name__ == "__main__":

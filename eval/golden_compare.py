@@ -7,22 +7,17 @@ activation on held-out GSM8K test and on wikitext-2 (first 64 records each, ≤ 
 qcorda-kpm is also measured with NQ-open calibration (CorDA's knowledge-preserving data), to
 say which calibration reproduces the issue's 0.97.
 
-    PYTHONPATH=. python eval/golden_compare.py   # writes eval/results/compare_golden.{json,md}
+    python -m eval.golden_compare   # writes eval/results/compare_golden.{json,md}
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from qcorda.compare import compare
+from qcorda.config import CalibConfig, CompareConfig, InitConfig
 
-from qcorda.config import CalibConfig, InitConfig  # noqa: E402
-from qcorda.compare import compare  # noqa: E402
-from qcorda.config import CompareConfig  # noqa: E402
+from .lib import Results
 
 #: The issue's figures: (weight, activation GSM8K test, activation wikitext-2), r = 64.
 REFERENCE = {
@@ -38,7 +33,6 @@ METRICS = ("weight_err_rel", "act_err_rel", "act_err_rel_wikitext2")
 #: stored model reaches the issue's 0.055 / 0.12.)
 EXPECTED_FROM_MEASURED = {"qera": METRICS}
 EXPECTED_REASON = "qera was added by issue 14 (the QERA-exact closed form); no issue gives a figure for it"
-RESULTS = ROOT / "eval" / "results"
 
 
 def golden_config(methods, calib_data: str = "gsm8k-train", svd: str = "full") -> CompareConfig:
@@ -73,12 +67,10 @@ def main() -> None:
         "expected_reason": EXPECTED_REASON,
         "seconds": time.perf_counter() - t0,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compare_golden.json").write_text(json.dumps(doc, indent=2))
     lines = [
         "# Golden compare figures (issues 3 and 14), Gemma-3-270M, r = 64",
         "",
-        "`PYTHONPATH=. python eval/golden_compare.py`: " + doc["setup"] + ".",
+        "`python -m eval.golden_compare`: " + doc["setup"] + ".",
         "",
         "| method | weight (issue) | weight | act GSM8K test (issue) | act GSM8K test | act wikitext-2 (issue) | act wikitext-2 | nuclear |",
         "|---|---|---|---|---|---|---|---|",
@@ -94,7 +86,7 @@ def main() -> None:
     lines += ["", "(!) = outside ±0.03 of the issue's figure.", f"Time: {doc['seconds']:.0f} s.", "",
               "The regression test (tests/test_real_compare.py) checks the issue's figures within ±0.03, and "
               + EXPECTED_REASON + ": its figures are checked against this run's values."]
-    (RESULTS / "compare_golden.md").write_text("\n".join(lines) + "\n")
+    Results("compare_golden").save(doc, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -3,34 +3,32 @@
 Both are randomized SVDs (``torch.svd_lowrank``): PEFT uses q = r columns and 4 power
 iterations, qcorda q = r + oversample columns and ``--svd-power-iters``. Each power iteration is
 two passes over W, so the time is bounded by the passes, and fewer passes cost accuracy. This
-sweep times both on the Llama-7B shapes (synthetic weights of :func:`bench_prepare.synthetic_weight`,
+sweep times both on the Llama-7B shapes (synthetic weights of :func:`eval.lib.synthetic_weight`,
 r = 64, CPU fp32, one thread) and prints qcorda's speedup and its ‖W − B·A‖_F relative to PEFT's.
 
-Usage: ``OMP_NUM_THREADS=1 python eval/pissa_power_sweep.py`` (writes eval/results/pissa_power_sweep.md)
+Usage: ``OMP_NUM_THREADS=1 python -m eval.pissa_power_sweep`` (writes eval/results/pissa_power_sweep.{md,json})
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "eval")]
+from .lib import Results, environment, machine, synthetic_weight
 
 SETTINGS = [(16, 4), (16, 2), (32, 2), (16, 1), (32, 1), (64, 1), (64, 0)]  # (oversample, power iterations)
 
 
 def main() -> int:
-    from bench_prepare import machine, synthetic_weight
     from peft import LoraConfig, get_peft_model
 
     from qcorda.decompose import svd_split
     from qcorda.table import markdown_table, print_table
 
     torch.set_num_threads(1)
+    env = environment()
     r, rows = 64, []
     for out_f, in_f in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         W = synthetic_weight(out_f, in_f, 0)
@@ -49,12 +47,12 @@ def main() -> int:
             rows.append([f"{out_f}x{in_f}", oversample, power, t_peft, t_q, t_peft / t_q, 100 * (e_q - e_peft) / e_peft])
     head = ["shape", "oversample", "power iters", "PEFT pissa_niter_4 s", "qcorda s", "speedup", "err diff %"]
     print_table(head, rows, title="qcorda randomized PiSSA vs PEFT pissa_niter_4, r=64")
-    text = ["# qcorda randomized PiSSA split vs PEFT `pissa_niter_4`", "", f"Machine: {machine()}, 1 thread.", "",
-            "Command: `OMP_NUM_THREADS=1 python eval/pissa_power_sweep.py`. 'err diff' is qcorda's ‖W − B·A‖_F "
+    text = ["# qcorda randomized PiSSA split vs PEFT `pissa_niter_4`", "", f"Machine: {machine(env)}, 1 thread.", "",
+            "Command: `OMP_NUM_THREADS=1 python -m eval.pissa_power_sweep`. 'err diff' is qcorda's ‖W − B·A‖_F "
             "relative to PEFT's (negative = better); one repeat per cell.", "", markdown_table(head, rows), ""]
-    out = REPO / "eval" / "results" / "pissa_power_sweep.md"
-    out.write_text("\n".join(text))
-    print(f"wrote {out}")
+    out = Results("pissa_power_sweep")
+    out.save({"env": env, "head": head, "rows": rows}, "\n".join(text))
+    print(f"wrote {out.md_path}")
     return 0
 
 

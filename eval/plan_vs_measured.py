@@ -1,7 +1,7 @@
 """``qcorda plan`` against measurement on the CPU: the Gemma-3-270M smoke recipe and small random models.
 
-    PYTHONPATH=$PWD python eval/plan_vs_measured.py            # writes eval/results/plan_vs_measured.md
-    PYTHONPATH=$PWD python eval/plan_vs_measured.py --only small-llama
+    python -m eval.plan_vs_measured            # writes eval/results/plan_vs_measured.md
+    python -m eval.plan_vs_measured --only small-llama
 
 What is measured (each case in a fresh subprocess, so nothing of one case leaks into the next):
 
@@ -30,14 +30,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "eval" / "results" / "plan_vs_measured.md"
+from qcorda.io import write_text_atomic
+from qcorda.testing import tiny
+
+from .lib import RESULTS, child_env, emit, peak_rss_mb, reset_peak_rss, rss_mb, run_child
+
+OUT = RESULTS / "plan_vs_measured.md"
 MB = 1024**2
 
 #: name → (how to get the model, recipe overrides)
@@ -53,11 +56,8 @@ CASES = {
 
 
 def small_recipe(tmp: Path, arch: dict) -> Path:
-    """A recipe over a small random Llama (tests/tiny.py tokenizer) saved under ``tmp``."""
+    """A recipe over a small random Llama (:mod:`qcorda.testing.tiny`'s tokenizer) saved under ``tmp``."""
     import yaml
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny
 
     model_dir = tmp / "model"
     cfg = dict(hidden_size=arch["hidden"], intermediate_size=arch["intermediate"], num_hidden_layers=arch["layers"],
@@ -80,20 +80,10 @@ def small_recipe(tmp: Path, arch: dict) -> Path:
 
 # --------------------------------------------------------------------------- child process
 
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def warm_up(recipe_path: str, overrides: list[str], prepared: Path) -> None:
     """Two training steps of a tiny model of the same family first, so that the library code pages
     (torch's autograd and CPU kernels, bitsandbytes, the Trainer) are resident before the baseline."""
     import gc
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny
 
     from qcorda.config import InitConfig
     from qcorda.prepare import prepare
@@ -130,17 +120,18 @@ def child(recipe_path: str, overrides: list[str], steps: int, device: str) -> di
     import trl  # noqa: F401
 
     warm_up(recipe_path, overrides, prepared)
-    base = _rss("VmRSS")
+    base = rss_mb() * MB
     model, _, _ = prepared_model(recipe, progress=False)
     train_ds, _ = datasets_of(recipe, tok)
     trainer = build_trainer(recipe, model, tok, train_ds)
-    print(f"rss: base {base / MB:.0f} MB, loaded+trainer {_rss('VmRSS') / MB:.0f} MB", file=sys.stderr)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: loading transients do not count
+    print(f"rss: base {base / MB:.0f} MB, loaded+trainer {rss_mb():.0f} MB", file=sys.stderr)
+    if not reset_peak_rss():  # loading transients must not count
+        raise SystemExit("this kernel refuses to reset the peak RSS (/proc/self/clear_refs): the peak would include loading")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    peak = _rss("VmHWM") - base
-    print(f"rss: after train {_rss('VmRSS') / MB:.0f} MB, peak {_rss('VmHWM') / MB:.0f} MB", file=sys.stderr)
+    peak = peak_rss_mb() * MB - base
+    print(f"rss: after train {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB", file=sys.stderr)
     m = trainer.model
     seen: set[int] = set()
 
@@ -185,14 +176,11 @@ def run_case(name: str, case: dict, steps: int, device: str, tmp: Path) -> dict:
     else:
         recipe_path = case["recipe"]
         overrides = list(case["overrides"]) + [f"output_dir={work / 'run'}"]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=str(ROOT),
-               TOKENIZERS_PARALLELISM="false")
+    env = child_env(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     prep = ("import sys; from qcorda.recipe import load_recipe; from qcorda.train import prepared_model; "
             "prepared_model(load_recipe(sys.argv[1], sys.argv[2:]), progress=False)")
     subprocess.run([sys.executable, "-c", prep, str(recipe_path), *overrides], check=True, env=env)
-    res = subprocess.run([sys.executable, __file__, "--child", str(recipe_path), "--steps", str(steps), "--device", device, "--", *overrides],
-                         check=True, env=env, capture_output=True, text=True)
-    measured = json.loads(res.stdout.strip().splitlines()[-1])
+    measured = run_child("eval.plan_vs_measured", "--child", recipe_path, "--steps", steps, "--device", device, "--", *overrides, env=env)
     recipe = load_recipe(recipe_path, overrides)
     plan = plan_memory(plan_input(recipe, device))
     return {"name": name, "plan": plan, "measured": measured, "recipe": recipe}
@@ -214,7 +202,7 @@ def report(rows: list[dict], steps: int, device: str) -> str:
     lines = [
         "# qcorda plan vs measured peak memory",
         "",
-        f"Produced by `PYTHONPATH=$PWD python eval/plan_vs_measured.py` ({steps} optimizer steps per case, device {device}).",
+        f"Produced by `python -m eval.plan_vs_measured` ({steps} optimizer steps per case, device {device}).",
         "",
         markdown_table(head, table),
         "",
@@ -252,7 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.overrides, args.steps, args.device)))
+        emit(child(args.child, args.overrides, args.steps, args.device))
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -266,8 +254,7 @@ def main(argv=None) -> int:
             rows.append(r)
     text = report(rows, args.steps, args.device)
     if not args.only:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_text_atomic(args.out, text)
     print(text)
     return 0
 

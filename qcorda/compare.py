@@ -200,7 +200,7 @@ def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progres
     model.eval()
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    calib, eval_covs, eva = _covariances(model, tokenizer, config, targets, texts, model_id, progress, {} if cache is None else cache)
+    calib, eval_covs, eva = compare_covariances(model, tokenizer, config, targets, texts, model_id, progress, cache)
     timings["covariances"] = time.perf_counter() - t
     t = time.perf_counter()
     scored = {s: scored_batches(tokenizer, texts[s], config.eval_max_length, config.eval_batch_size, config.eval_tokens)
@@ -219,9 +219,13 @@ def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progres
     )
 
 
-def _covariances(model, tokenizer, config: CompareConfig, targets: list[str], texts: dict, model_id: str, progress: bool, cache: dict):
-    """(calibration covariances or None, one C_eval per eval set, EVA components by rank): calibration
-    once, shared by every data-driven method and rank, and kept in ``cache`` across calls."""
+def compare_covariances(model, tokenizer, config: CompareConfig, targets: list[str], texts: dict, model_id: str = "",
+                        progress: bool = True, cache: dict | None = None):
+    """What :func:`compare` measures with: ``(calibration covariances or None, one C_eval per eval set of
+    ``config.eval_data``, EVA components by rank)``. ``texts``: eval set → its texts (:func:`eval_texts`).
+    Calibration is collected once, shared by every data-driven method and rank, and kept in ``cache``
+    (a dict the caller keeps across calls on the same model) under keys of everything it depends on."""
+    cache = {} if cache is None else cache
     calib = None
     if any(config.method_config(m, r).needs_covariance for m in config.methods for r in config.ranks):
         key = ("calib", tuple(targets), repr(config.init.calib), config.init.cov_dtype, config.init.heldout_every)
