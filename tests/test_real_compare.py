@@ -31,7 +31,7 @@ def measured(gemma_path):
 
 
 def test_reference_figures_within_0_03(measured):
-    assert GOLDEN.exists(), f"{GOLDEN} is missing; run `PYTHONPATH=. python eval/golden_compare.py` (about 8 min idle)"
+    assert GOLDEN.exists(), f"{GOLDEN} is missing; run `python -m eval.golden_compare` (about 8 min idle)"
     doc = json.loads(GOLDEN.read_text())
     expected = {m: dict(doc["reference"].get(m, {}), **doc.get("expected", {}).get(m, {}))
                 for m in list(doc["reference"]) + list(doc.get("expected", {}))}
