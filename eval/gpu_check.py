@@ -32,7 +32,7 @@ Parts (:data:`PARTS`), in order:
 7. ``synthetic``  streamed prepare of a Llama-3-8B-shaped checkpoint with a few of its 32 layers: wall time, peak
                   GPU memory (one layer at a time: the 8B figure), peak host RSS, extrapolated to 32 layers.
 
-Time: one deadline (``--budget``, 290 s on a GPU, 110 s in the dry run) for the whole run, setup included. Each part
+Time: one deadline (``--budget``, 275 s on a GPU: with the last part's grace period at most 295 s, 110 s in the dry run) for the whole run, setup included. Each part
 gets a share of the time left (:data:`WEIGHTS`: time a part leaves unused goes to the next) and checks it between
 items; a part still running at its share plus a grace period is interrupted by an alarm. A part that runs out
 records what it measured and its status says ``cut``. Setup (libraries, models) happens when a part first needs
@@ -94,7 +94,7 @@ WEIGHTS = dict(prepare=70, compare=40, train=45, merge_eval=30, precision=30, de
 
 SIZES = {
     "gpu": dict(
-        budget=290.0, gemma={}, methods=None, compare={}, rank=64, compute_dtype="bfloat16", reload_records=4, calib_samples=32, calib_max_length=256,
+        budget=275.0, gemma={}, methods=None, compare={}, rank=64, compute_dtype="bfloat16", reload_records=4, calib_samples=32, calib_max_length=256,
         train_steps=30, resume_at=15, precision_steps=10, gsm8k_limit=16, gsm8k_new_tokens=64, ppl_tokens=4096,
         ppl_window=512, ppl_stride=256, llama={}, llama_layers=2,
     ),
@@ -399,6 +399,9 @@ def part_prepare(ctx: Context, r: dict) -> None:
         ctx.check(f"logits of {method}")
         on_dev, on_cpu = load_prepared(out, is_trainable=False, device=dev), load_prepared(cpu_out, is_trainable=False, device="cpu")
         agree = logit_agreement({"cpu": on_cpu, dev: on_dev}, [("cpu", dev)], batches, progress=False)[0]
+        where = {str(p.device) for p in on_cpu.parameters()}
+        r["checks"].append(check(f"{method}: load_prepared(device='cpu') is on the CPU", ", ".join(sorted(where)), "cpu",
+                                 where == {"cpu"}))
         del on_dev, on_cpu
         r["figures"]["cpu"][method] = {"seconds": cpu_s, "weight_err_rel": cpu_rel, "codes_equal": codes_eq, "codes": n_codes,
                                        "absmax_equal": absmax_eq, "max_abs_diff": agree.max_abs_diff, "top1": agree.top1,
@@ -681,12 +684,14 @@ def part_precision(ctx: Context, r: dict) -> None:
     rows = table(r, f"Loss per step, {steps} steps", ["init", "lr", "fp32 losses", "bf16 autocast losses", "max relative difference"])
     worst = {}
     for method in ("qlora", "qpissa"):
-        losses, lr = {}, None
+        losses, lr, prepared = {}, None, []
         for bf16 in (False, True):
             ctx.check(f"{method} {'bf16' if bf16 else 'fp32'}")
             run = f"precision-{method}-{'bf16' if bf16 else 'fp32'}"
-            res = train(smoke_recipe(ctx, run, steps, f"init.method={method}", f"train.bf16={str(bf16).lower()}",
-                                     "init.compute_dtype=float32", "train.logging_steps=1", "train.optim=adamw_torch"), progress=False)
+            source = [f"prepared={prepared[0]}", "init=null"] if prepared else [f"init.method={method}", "init.compute_dtype=float32"]
+            res = train(smoke_recipe(ctx, run, steps, *source, f"train.bf16={str(bf16).lower()}", "train.logging_steps=1",
+                                     "train.optim=adamw_torch"), progress=False)
+            prepared.append(res.prepared)  # the bf16 run trains from the fp32 run's prepared directory
             losses[bf16] = [loss for _, loss in logged_losses(train_log(ctx.work / run))]
             lr = res.learning_rate
         rel = [abs(b - a) / abs(a) for a, b in zip(losses[False], losses[True], strict=True)]
@@ -913,8 +918,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when present, else cpu")
     ap.add_argument("--out", default=None, help="results markdown; the JSON goes beside it (default: eval/results/gpu_check.md, "
                                                 "for --dry-run eval/results/gpu_check_dryrun.md)")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts to run, in order (default: all of {','.join(PARTS)})")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run, setup included (default: 290 on a GPU, "
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts to run, by name or number (1-{len(PARTS)}), in order (default: all of {','.join(PARTS)})")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run, setup included (default: 275 on a GPU, "
                                                                "110 for --dry-run)")
     ap.add_argument("--model", default=None, help="a real Gemma-3-270M directory: adds the golden comparisons")
     ap.add_argument("--workdir", default=None, help="scratch space (models, runs, checkpoints); default: system temp")
@@ -936,7 +941,8 @@ def main(argv=None) -> int:
         ap.error("--device cpu: qcorda uses a visible GPU by default; hide it (CUDA_VISIBLE_DEVICES=) for a run on the CPU")
     if not args.dry_run and device != "cuda":
         ap.error("real shapes need a CUDA GPU; use --dry-run on the CPU")
-    names = [n for n in args.parts.split(",") if n]
+    order = list(PARTS)  # a part by name or by its number (--parts 1,3)
+    names = [order[int(n) - 1] if n.isdigit() and 1 <= int(n) <= len(order) else n for n in args.parts.split(",") if n]
     unknown = [n for n in names if n not in PARTS]
     if unknown:
         ap.error(f"--parts: unknown {', '.join(unknown)}; choose from {','.join(PARTS)}")
