@@ -109,8 +109,49 @@ def markdown(doc: dict) -> str:
             meta = runs.get("_meta", {})
             lines.append(f"- {l}: qcorda from `{meta.get('qcorda', '?')}`, {meta.get('machine', '')}")
         lines.append("")
-    lines += doc.get("reading", [])
+    lines += eight_b(doc)
     return "\n".join(lines)
+
+
+#: Llama-3-8B: 8.03 B parameters, 16.06 GB in bf16; its NF4 prepared directory (all 224 block Linears in NF4,
+#: embeddings and lm_head in bf16): about 5.7 GB.
+LLAMA3_8B_BF16_GB, LLAMA3_8B_PREPARED_GB = 16.06, 5.7
+#: What each verb holds on the device at once at 8B (GB of weights), before the fixes and after (arithmetic from
+#: the code: the models it loads together, each in the dtype it is loaded in; activations and logits come on top).
+ON_DEVICE = {
+    "merge": ("merged bf16 16.1 + 4-bit model 5.7 = 21.8", "max(16.1, 5.7) = 16.1"),
+    "to-lora": ("fp32 base 32.1 + merged 16.1 + 4-bit 5.7 = 53.9", "16.1 (base in its bf16, or the merged model)"),
+    "eval": ("fp32 32.1", "bf16 16.1"),
+}
+
+
+def eight_b(doc: dict) -> list[str]:
+    """What the measured ratios mean for Llama-3-8B: host memory = ratio × its bf16 size, and the weights a 24 GB card holds."""
+    rows = []
+    for size, entry in sorted(doc.get("sizes", {}).items()):
+        for verb in VERBS:
+            cells = []
+            for label in ("before", "after"):
+                r = entry["runs"].get(label, {}).get(verb)
+                cells.append(f"{ratio(r, entry['bf16_gb']):.2f}× → {ratio(r, entry['bf16_gb']) * LLAMA3_8B_BF16_GB:.0f} GB" if r else "—")
+            before, after = ON_DEVICE[verb]
+            rows.append(f"| {verb} ({float(size) / 1e9:.2f} B measured) | {cells[0]} | {cells[1]} | {before} | {after} |")
+    if not rows:
+        return []
+    return ["## What the figures mean for an 8B model on a 24 GB card", "",
+            f"Host memory on the CPU path: the measured ratio times Llama-3-8B's bf16 size ({LLAMA3_8B_BF16_GB} GB); the "
+            "ratio includes about 0.4 GB of interpreter and torch, so it overstates an 8B run slightly. On a GPU "
+            "(`--device cuda`) the models load straight onto the device (explicit device map), so the host holds little; "
+            "the device holds the weights in the last two columns (arithmetic from what each verb loads together, not "
+            "measured here: this machine has no GPU), plus activations, the CUDA context (~0.5 GB) and, for the "
+            "verification, one batch of logits (the logits of the whole held-out text are kept on the CPU: "
+            "8 × 128 tokens × 128256 × 4 B = 0.5 GB per model at the default --verify settings).", "",
+            "| verb | host, before | host, after | 8B weights on the device, before | after |", "|---|---|---|---|---|",
+            *rows, "",
+            "On a 24 GB card: `eval` of a merged 8B model (32 GB in fp32) and `to-lora` (54 GB) could not run before; "
+            "`merge`'s verification needed 21.8 GB of weights beside activations and logits. After, each verb holds one "
+            "16 GB bf16 model at a time, which leaves about 7 GB for activations and the CUDA context. An fp16/bf16 "
+            "export of a larger model (Llama-3-70B, 141 GB) still needs a card that holds it in 16 bit, or `--device cpu`.", ""]
 
 
 def main(argv=None) -> int:
@@ -148,9 +189,9 @@ def main(argv=None) -> int:
     steps = ([] if (work / "prepared" / "qcorda.json").exists() else ["prepare"]) + args.verbs.split(",")
     for step in steps:
         print(f"[{time.strftime('%H:%M:%S')}] {args.label}: {step} ...", flush=True)
-        # the checkpoint and its prepared directory are the input: made by this tree's qcorda
-        r = run_child("eval.memory_verbs", "--child", step, *common, **({"env": env, "cwd": work} if step != "prepare" else {}))
-        if args.qcorda and step != "prepare" and not r["qcorda"].startswith(str(Path(args.qcorda).resolve())):
+        # outside the repository: `python -m` puts the working directory first on the path, before --qcorda
+        r = run_child("eval.memory_verbs", "--child", step, *common, env=env, cwd=work)
+        if args.qcorda and not r["qcorda"].startswith(str(Path(args.qcorda).resolve())):
             raise SystemExit(f"the {step} child imported qcorda from {r['qcorda']}, not from --qcorda {args.qcorda}")
         runs[step] = r
         print(f"    peak RSS {r['rss_mb'] / 1024:.2f} GiB = {ratio(r, shape['bf16_gb']):.2f} x bf16 ({r['seconds']:.0f} s)", flush=True)
