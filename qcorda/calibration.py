@@ -19,7 +19,7 @@ import torch
 
 from .blockwise import NotBlockwise, collect_blockwise
 from .checkpoint import Checkpoint
-from .config import ConfigError, InitConfig
+from .config import InitConfig
 from .covariance import Covariances, collect
 from .data import calibration_batches, load_examples
 from .models import load_model, resolve_device
@@ -27,8 +27,7 @@ from .models import load_model, resolve_device
 
 def calibration_texts(cfg: InitConfig, tokenizer) -> list[str]:
     """The calibration records of ``cfg.calib`` as texts, in the prompt template training uses."""
-    if cfg.calib.data is None:
-        raise ConfigError(f"method {cfg.method} needs calibration data; pass --calib-data (e.g. --calib-data gsm8k-train)")
+    cfg.require_calibration()
     examples = load_examples(cfg.calib.data, cfg.calib.fields, cfg.calib.template, cfg.calib.samples, tokenizer, cfg.calib.split)
     return [e.text for e in examples]
 
@@ -54,7 +53,8 @@ def model_fingerprint(config, first_rows, keys: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _model_fingerprint(model: torch.nn.Module) -> str:
+def loaded_fingerprint(model: torch.nn.Module) -> str:
+    """:func:`model_fingerprint` of a model in memory (the same value as of its checkpoint)."""
     sd = model.state_dict()
     seen, keys = set(), []
     for k, v in sd.items():
@@ -72,7 +72,7 @@ def covariance_manifest(model_id: str, model: torch.nn.Module | None, targets: l
         h.update(t.encode())
         h.update(b"\x00")
     return {
-        "model": fingerprint or _model_fingerprint(model),
+        "model": fingerprint or loaded_fingerprint(model),
         "targets": list(targets),
         "data_hash": h.hexdigest(),
         "n_samples": len(texts),
@@ -87,6 +87,20 @@ def covariance_expectations(cfg: InitConfig, manifest: dict) -> dict:
     held-out split only matters when ``cfg`` uses it (a file with one serves every method)."""
     keys = ["model", "targets", "data_hash", "n_samples", "max_length"] + (["heldout_every"] if cfg.heldout_every else [])
     return {k: manifest[k] for k in keys if k in manifest}
+
+
+def reused_covariances(covariance: str | Path, cfg: InitConfig, targets: list[str], fingerprint: str, tokenizer=None,
+                       lazy: bool = False) -> Covariances:
+    """A saved covariance file, checked against what it must match for this run: the one reuse check
+    of both engines. Always the model (its :func:`model_fingerprint`), the targets and, for
+    ``iters="auto"``, the held-out split; when ``cfg.calib.data`` and a ``tokenizer`` are given, also the
+    calibration text itself (its hash, number of records and length), so a file of other data is refused.
+    ``lazy``: leave the matrices on disk (:meth:`Covariances.load`)."""
+    expect = {"model": fingerprint, "targets": list(targets), **({"heldout_every": cfg.heldout_every} if cfg.heldout_every else {})}
+    if cfg.calib.data is not None and tokenizer is not None:
+        texts = calibration_texts(cfg, tokenizer)
+        expect = covariance_expectations(cfg, covariance_manifest("", None, targets, cfg, texts, fingerprint=fingerprint))
+    return Covariances.load(covariance, expect=expect, lazy=lazy)
 
 
 def collect_covariances(model, tokenizer, targets: list[str], cfg: InitConfig, model_id: str = "", progress: bool = True) -> Covariances:
@@ -110,18 +124,15 @@ def checkpoint_covariances(model_id: str, path: Path, skel, ckpt: Checkpoint, or
 
     floats = [k for k in order if ckpt.spec(k)[1].is_floating_point]
     fingerprint = model_fingerprint(skel.config, ckpt.first_rows, floats)
-    expect = {"model": fingerprint, "targets": targets, **({"heldout_every": cfg.heldout_every} if cfg.heldout_every else {})}
+    tok = None
     if cfg.calib.data is not None:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         if tok_dir is not None:
             tok.save_pretrained(str(tok_dir))
-        texts = calibration_texts(cfg, tok)
-        full = covariance_manifest(model_id, None, targets, cfg, texts, fingerprint=fingerprint)
-        expect = covariance_expectations(cfg, full)
     if covariance is not None:
-        return Covariances.load(covariance, expect=expect, lazy=True)
-    if cfg.calib.data is None:
-        raise ConfigError(f"--method {cfg.method} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
+        return reused_covariances(covariance, cfg, targets, fingerprint, tok, lazy=True)
+    texts = calibration_texts(cfg, tok)
+    full = covariance_manifest(model_id, None, targets, cfg, texts, fingerprint=fingerprint)
     batches = list(calibration_batches(tok, texts, cfg.calib.max_length, cfg.calib.batch_size, cfg.heldout_every)[0])
     del tok  # the walk needs only the token ids; Gemma-3's 262k-entry tokenizer holds ~330 MB
     try:

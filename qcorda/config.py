@@ -210,6 +210,17 @@ class InitConfig:
         """The init reads calibration text (every covariance method, and EVA)."""
         return self.method in CALIBRATED or self.needs_covariance
 
+    def require_calibration(self, covariance: bool = False) -> None:
+        """The one "needs calibration data" check (the CLI, :func:`qcorda.prepare.prepare` for both engines,
+        compare and calibration call it): an init that reads calibration text (:attr:`needs_calibration`)
+        needs ``calib.data``, except that one which needs only covariances (:attr:`needs_covariance`) can
+        reuse a saved covariance file instead (``covariance``: one is given). The error names ``calib.data``."""
+        if not self.needs_calibration or self.calib.data is not None or (covariance and self.needs_covariance):
+            return
+        what = f"method {self.method}" + (" with iters=auto" if self.iters == "auto" else "")
+        instead = " or a saved covariance file" if self.needs_covariance else ""
+        raise ConfigError(f"is needed by {what}: give calibration text (e.g. gsm8k-train with fields question,answer){instead}", "calib.data")
+
 
 # --------------------------------------------------------------------------- compare
 

@@ -10,32 +10,40 @@ For every target layer W ``(out_features, in_features)`` (:func:`qcorda.layer.pr
 
 :func:`prepare` is the one front door, with two engines behind it:
 
-- a model given by name or path together with ``out`` goes through the streamed, resumable engine
-  (:mod:`qcorda.stream`): the original model is never whole in memory, and the result is written to
-  ``out`` (load it with :func:`qcorda.prepared.load_prepared`);
-- a model object (or a name without ``out``, or a method the streamed engine cannot store, i.e.
-  ``lora``, ``qdora`` and ``qeva``) goes through the in-memory engine here, which returns the
-  ``PeftModel``, and saves it to ``out`` when given.
+- a model given by name or path goes through the streamed, resumable engine (:mod:`qcorda.stream`):
+  the original model is never whole in memory; the result is written to ``out``, or without ``out``
+  to a temporary directory that is loaded and removed;
+- a model object (or a method the streamed engine cannot store, i.e. ``lora``, ``qdora`` and ``qeva``,
+  which is said on stderr since the whole model is then loaded in fp32) goes through the in-memory
+  engine here, which returns the ``PeftModel``, and saves it to ``out`` when given.
+
+Either way :attr:`Prepared.model` is the ``PeftModel`` (loaded from ``out`` on first use after a
+streamed run). Before either engine runs, :func:`prepare` checks once what both need: calibration
+data (:meth:`~qcorda.config.InitConfig.require_calibration`), and that a reused covariance file
+matches the model, targets and data (:func:`qcorda.calibration.reused_covariances`).
 
 Both produce the same directory byte for byte (tests/test_stream.py).
 """
 
 from __future__ import annotations
 
+import sys
+import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from .baselines import EVA_RHO, UNQUANTIZED, eva_components
-from .calibration import collect_covariances
+from .calibration import collect_covariances, loaded_fingerprint, reused_covariances
 from .config import ConfigError, InitConfig
 from .covariance import Covariances
 from .layer import prepare_layer
 from .models import load_model, resolve_compute_dtype, resolve_device
-from .prepared import LayerResult, PrepareReport, lora_config, save_prepared, versions
+from .prepared import LayerResult, PrepareReport, load_prepared, lora_config, save_prepared, versions
 from .quantize import bnb_config, linear4bit, quantize_nf4
 from .stream import STREAMED, stream_prepare
 from .targets import check_loadable, check_rank, find_targets, storage_plan, weight_of
@@ -45,13 +53,21 @@ from .targets import check_loadable, check_rank, find_targets, storage_plan, wei
 class Prepared:
     """What :func:`prepare` made."""
 
-    model: object | None
-    """The ``PeftModel`` over the NF4 residual, ready to train (None when the streamed engine wrote
-    it to ``out`` only; :func:`qcorda.prepared.load_prepared` loads it)."""
     report: PrepareReport
     """What was done, per layer (saved as ``qcorda.json``)."""
     out: Path | None = None
     """The prepared directory, when one was written."""
+    in_memory: object | None = field(default=None, repr=False)
+    """The ``PeftModel`` when the run left one in memory (None after a streamed run into ``out``)."""
+
+    @cached_property
+    def model(self):
+        """The ``PeftModel`` over the NF4 residual, ready to train: the one in memory, or after a streamed
+        run into ``out`` loaded from there on first use (:func:`qcorda.prepared.load_prepared`, on
+        ``config.device``)."""
+        if self.in_memory is not None:
+            return self.in_memory
+        return load_prepared(self.out, device=self.report.config.device)
 
 
 def prepare(
@@ -72,14 +88,23 @@ def prepare(
     in place (it must hold the original weights). ``out``: write the prepared directory there
     (atomically; ``overwrite`` replaces it). ``calib``: precomputed :class:`~qcorda.covariance.Covariances`
     or a saved covariance file (default: collected from ``config.calib``); ``save_covariance``: also
-    save the collected ones there.
+    save the collected ones there. Without ``out``, a model given by name is streamed into a temporary
+    directory (under ``$TMPDIR``; it needs the prepared model's size on disk) and loaded from it.
     """
-    if isinstance(source, (str, Path)) and out is not None and config.method in STREAMED:
+    config.require_calibration(covariance=calib is not None)
+    if isinstance(source, (str, Path)) and config.method in STREAMED:
         if isinstance(calib, Covariances):
             raise ConfigError("the streamed engine takes a covariance file, not Covariances in memory; pass its path")
-        report = stream_prepare(str(source), config, out, overwrite, calib, save_covariance, trust_remote_code, progress)
-        return Prepared(None, report, Path(out))
+        if out is not None:
+            report = stream_prepare(str(source), config, out, overwrite, calib, save_covariance, trust_remote_code, progress)
+            return Prepared(report, Path(out))
+        with tempfile.TemporaryDirectory(prefix="qcorda-prepare-", ignore_cleanup_errors=True) as tmp:
+            report = stream_prepare(str(source), config, Path(tmp) / "prepared", False, calib, save_covariance, trust_remote_code, progress)
+            model = load_prepared(Path(tmp) / "prepared", device=config.device)
+        return Prepared(report, None, model)
     if isinstance(source, (str, Path)):
+        print(f"qcorda prepare: method {config.method} runs in memory (the streamed engine does not store it): "
+              f"loading the whole of {source} in fp32, about 4 bytes a parameter", file=sys.stderr)
         model, tok = load_model(str(source), trust_remote_code)
         tokenizer, model_id = tokenizer or tok, str(source)
     else:
@@ -87,7 +112,7 @@ def prepare(
     peft_model, report = prepare_model(model, config, model_id, calib, tokenizer, save_covariance, progress)
     if out is not None:
         save_prepared(peft_model, out, tokenizer, report, overwrite)
-    return Prepared(peft_model, report, Path(out) if out is not None else None)
+    return Prepared(report, Path(out) if out is not None else None, peft_model)
 
 
 def prepare_model(model, config: InitConfig, model_id: str = "", calib: Covariances | str | Path | None = None, tokenizer=None,
@@ -139,8 +164,7 @@ def _calibration(model, config: InitConfig, model_id: str, targets: list[str], c
     if isinstance(calib, Covariances):
         covs = calib
     elif calib is not None:
-        expect = {"targets": list(targets), **({"heldout_every": config.heldout_every} if config.heldout_every else {})}
-        covs = Covariances.load(calib, expect=expect)
+        covs = reused_covariances(calib, config, targets, loaded_fingerprint(model), tokenizer)
     else:
         if tokenizer is None:
             raise ConfigError("calibration needs a tokenizer; pass tokenizer= or a model path")

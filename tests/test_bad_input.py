@@ -145,7 +145,7 @@ def test_corrupted_covariance_file(capsys, tmp_path, llama):
 
 
 def test_calibrated_method_without_data(capsys, tmp_path, llama):
-    fails(capsys, tmp_path, llama, method="qcorda-cal", pattern=r"--method qcorda-cal needs --calib-data \(e\.g\. --calib-data gsm8k-train")
+    fails(capsys, tmp_path, llama, method="qcorda-cal", pattern=r"--calib-data is needed by method qcorda-cal: give calibration text \(e\.g\. gsm8k-train")
 
 
 def test_calibration_given_to_a_data_free_method_warns(tmp_path, llama):

@@ -29,9 +29,10 @@ def run(args) -> int:
     check_out_dir(args.out, args.overwrite)
     if not cfg.needs_calibration and (cfg.calib.data or args.covariance):
         warnings.warn(f"--method {cfg.method} uses no calibration data; --calib-data/--covariance are ignored", stacklevel=1)
-    if cfg.needs_calibration and not (cfg.calib.data or args.covariance):
-        what = f"--method {cfg.method}" if cfg.method in CALIBRATED else "--iters auto"
-        raise ConfigError(f"{what} needs --calib-data (e.g. --calib-data gsm8k-train --calib-fields question,answer)")
+    try:  # before any model is read; prepare() checks again for callers of the Python API
+        cfg.require_calibration(covariance=args.covariance is not None)
+    except ConfigError as e:
+        raise e.renamed(args._init_flags.flag(e.field)) from None
     try:
         result = prepare(args.model, cfg, args.out, calib=args.covariance if cfg.needs_covariance else None,
                          overwrite=args.overwrite, save_covariance=args.save_covariance, trust_remote_code=args.trust_remote_code)
