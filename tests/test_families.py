@@ -19,16 +19,15 @@ import yaml
 
 from qcorda.checkpoint import Checkpoint
 from qcorda.config import CalibConfig, ConfigError, InitConfig, MergeConfig, ToLoraConfig, VerifyConfig
-from qcorda.merge import merge, stored_nf4
+from qcorda.merge import merge
 from qcorda.prepare import prepare
-from qcorda.quantize import dequantize_nf4, nf4_roundtrip
 from qcorda.recipe import load_recipe
-from qcorda.targets import find_targets, in_block, is_linear, is_router, storage_plan, weight_of
+from qcorda.targets import find_targets, storage_plan
 from qcorda.testing import families as F
 from qcorda.to_lora import to_lora
 from qcorda.train import train
 
-METHODS = ("qlora", "qpissa", "qcorda-ipm", "qcorda-cal", "qera")
+METHODS = ("qlora", "qpissa", "qcorda-ipm", "qcorda-cal", "qera")  # subset: one per kind of split, on every family
 WORKING = tuple(f for f in F.FAMILIES if f not in F.REFUSED)
 #: One family per kind of layout (tied Llama, GPT-2's Conv1D, OPT's 2-D layer inputs, GPT-NeoX's renamed head):
 #: every method and the whole chain run on these by default; on the others qcorda-cal and the subset do, the
@@ -63,45 +62,16 @@ def _prepared(root: Path, family: str, method: str, subset: bool) -> Path:
     return out
 
 
-def check_loaded(prepared: Path, family: str) -> None:
-    """The prepared directory as plain transformers + PEFT load it computes with exactly the stored codes."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    manifest = json.loads((prepared / "qcorda.json").read_text())
-    targets, base_nf4 = manifest["targets"], manifest["storage"]["base_nf4"]
-    s = manifest["config"]["lora_alpha"] / manifest["config"]["rank"]
-    original = F.model(family)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(prepared)), str(prepared / "adapter_init")).train()
-    inner = model.base_model.model
-    codes, init = Checkpoint(prepared), Checkpoint(prepared / "adapter_init", "adapter_model")
-    errs = {l["name"]: l["err"] for l in manifest["layers"]}
-    torch.manual_seed(0)
-    for name in targets + base_nf4:
-        layer = inner.get_submodule(name)
-        base_layer = layer.get_base_layer() if name in targets else layer
-        assert type(base_layer).__name__ == "Linear4bit", name
-        deq = dequantize_nf4(stored_nf4(codes, name)).float()
-        W_eff = deq
-        if name in targets:
-            B, A = (init.get(f"base_model.model.{name}.lora_{k}.weight") for k in "BA")
-            W_eff = deq + s * B @ A
-            W = weight_of(original.get_submodule(name)).detach()
-            assert (W - W_eff).pow(2).sum().item() == pytest.approx(errs[name], rel=1e-4, abs=1e-9), name
-        else:  # a base layer without adapter: its codes are NF4(W) itself
-            torch.testing.assert_close(deq, nf4_roundtrip(weight_of(original.get_submodule(name)).detach().float()), rtol=0, atol=0)
-        x = torch.randn(3, W_eff.shape[1])
-        bias = base_layer.bias
-        with torch.no_grad():
-            y = layer(x)
-        torch.testing.assert_close(y, x @ W_eff.T + (0 if bias is None else bias), rtol=1e-4, atol=1e-5)
-    # the whole base is 4-bit: every block Linear but the routers, and config.json skips exactly the rest
-    block = [n for n, m in original.named_modules() if is_linear(m) and in_block(n)]
-    assert set(block) - {n for n in block if is_router(n)} <= set(targets) | set(base_nf4)
-    skip = json.loads((prepared / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
-    linears = {n for n, m in original.named_modules() if is_linear(m)}
-    assert set(skip) == linears - set(targets) - set(base_nf4)
-    assert manifest["storage"]["nf4_fraction"] == 1.0 and manifest["storage"]["full_precision"] == []
+def check_loaded(prepared: Path, family: str, kept: int = 0) -> dict:
+    """The prepared directory as plain transformers + PEFT load it computes with exactly the stored codes,
+    the whole base (routers aside) is 4-bit, and config.json skips exactly the rest."""
+    got = F.load_invariant(prepared, F.model(family))
+    assert got["max_abs_diff"] < 1e-4 and got["max_err_gap"] < 1e-3, got
+    assert got["base_is_nf4_of_w"] and got["skip_exact"], got
+    assert len(got["not_4bit"]) == kept, got
+    storage = json.loads((prepared / "qcorda.json").read_text())["storage"]
+    assert (storage["nf4_fraction"] == 1.0) == (kept == 0) and len(storage["full_precision"]) == kept
+    return got
 
 
 @pytest.mark.parametrize("family,method", [_fast_if(f in FAST or m == "qcorda-cal", f, m) for f in WORKING for m in METHODS])
@@ -202,6 +172,38 @@ def test_routers_are_never_targets():
     assert "model.layers.0.mlp.shared_expert_gate" in plan.skip_modules
 
 
+def test_kept_layers_load_in_full_precision(workdir, tmp_path):
+    """A kept block Linear is written in full precision, named in config.json's skip list, loaded as nn.Linear."""
+    out = tmp_path / "kept"
+    prepare(str(_source(workdir, "llama")), _cfg("qcorda-cal", ("q_proj", "v_proj"), keep_full_precision=("o_proj",)), out, progress=False)
+    check_loaded(out, "llama", kept=2)
+    storage = json.loads((out / "qcorda.json").read_text())["storage"]
+    assert {d["name"] for d in storage["full_precision"]} == {f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)}
+    assert 0.8 < storage["nf4_fraction"] < 0.9  # below 90 %, allowed: the user named what to keep
+
+
 def test_keep_pattern_may_not_select_a_target():
     with pytest.raises(ConfigError, match="--keep-full-precision: selects target .*q_proj"):
         storage_plan(F.model("llama"), ["model.layers.0.self_attn.q_proj"], keep=("q_proj",))
+
+
+def _hashes(d: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != "timings.json"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_in_memory_engine_stores_the_same_4bit_base(workdir, family, tmp_path):
+    """The in-memory engine (a model object) writes the streamed engine's directory for a subset, byte for byte."""
+    from qcorda.models import load_model
+
+    streamed = _prepared(workdir, family, "qcorda-cal", True)
+    model, tok = load_model(str(_source(workdir, family)))
+    prepare(model, _cfg("qcorda-cal", F.SUBSET[family]), tmp_path / "m", tokenizer=tok, progress=False)
+    hm, hs = _hashes(tmp_path / "m"), _hashes(streamed)
+    for f in ("model.safetensors", "config.json", "adapter_init/adapter_model.safetensors"):
+        assert hm[f] == hs[f], f
+    storage = [json.loads((d / "qcorda.json").read_text())["storage"] for d in (tmp_path / "m", streamed)]
+    assert storage[0] == storage[1]

@@ -92,3 +92,59 @@ def save(directory: str | Path, family: str, seed: int = 0) -> Path:
     model(family, seed).save_pretrained(path)
     tiny.tokenizer().save_pretrained(path)
     return path
+
+
+def load_invariant(prepared: str | Path, original: torch.nn.Module, seed: int = 0) -> dict:
+    """How exactly plain transformers + PEFT load a prepared directory, against the ``original`` fp32 model.
+
+    Loads ``prepared`` with ``AutoModelForCausalLM.from_pretrained`` and ``PeftModel.from_pretrained``
+    (``adapter_init``), nothing of qcorda, and for every target and base layer of ``qcorda.json`` feeds a
+    random x ``(3, in_features)``. Returns ``max_abs_diff``: max |layer(x) − x·W_effᵀ − b| with W_eff =
+    deq(codes) + s·B·A (targets) or deq(codes) (base layers), codes and B, A read from the files;
+    ``max_err_gap``: max relative gap between ‖W − W_eff‖²_F and the error ``qcorda.json`` records;
+    ``base_is_nf4_of_w``: every base layer's codes dequantize to NF4(W) exactly; ``not_4bit``: block
+    Linears (routers aside) not loaded as ``Linear4bit``; ``skip_exact``: config.json's
+    ``llm_int8_skip_modules`` is exactly the Linear modules not stored in NF4."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoint import Checkpoint
+    from ..merge import stored_nf4
+    from ..quantize import dequantize_nf4, nf4_roundtrip
+    from ..targets import in_block, is_linear, is_router, weight_of
+
+    prepared = Path(prepared)
+    manifest = json.loads((prepared / "qcorda.json").read_text())
+    targets, base = manifest["targets"], manifest["storage"]["base_nf4"]
+    s = manifest["config"]["lora_alpha"] / manifest["config"]["rank"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(prepared)), str(prepared / "adapter_init")).train()
+    inner = model.base_model.model
+    codes, init = Checkpoint(prepared), Checkpoint(prepared / "adapter_init", "adapter_model")
+    errs = {l["name"]: l["err"] for l in manifest["layers"]}
+    g = torch.Generator().manual_seed(seed)
+    diff, gap, exact = 0.0, 0.0, True
+    for name in targets + base:
+        layer = inner.get_submodule(name)
+        base_layer = layer.get_base_layer() if name in targets else layer
+        W = weight_of(original.get_submodule(name)).detach().float()
+        W_eff = dequantize_nf4(stored_nf4(codes, name)).float()
+        if name in targets:
+            B, A = (init.get(f"base_model.model.{name}.lora_{k}.weight") for k in "BA")
+            W_eff = W_eff + s * B @ A
+            gap = max(gap, abs((W - W_eff).pow(2).sum().item() - errs[name]) / max(errs[name], 1e-30))
+        else:
+            exact &= torch.equal(W_eff, nf4_roundtrip(W))
+        x = torch.randn(3, W_eff.shape[1], generator=g)
+        with torch.no_grad():
+            y = layer(x).float()
+        ref = x @ W_eff.T + (0 if base_layer.bias is None else base_layer.bias.float())
+        diff = max(diff, (y - ref).abs().max().item())
+    linears = {n for n, m in original.named_modules() if is_linear(m)}
+    loaded = {n: type(m).__name__ for n, m in inner.named_modules()}
+    not_4bit = sorted(n for n in linears if in_block(n) and not is_router(n)
+                      and loaded.get(n) != "Linear4bit" and loaded.get(f"{n}.base_layer") != "Linear4bit")
+    skip = json.loads((prepared / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    return {"max_abs_diff": diff, "max_err_gap": gap, "base_is_nf4_of_w": exact, "not_4bit": not_4bit,
+            "skip_exact": set(skip) == linears - set(targets) - set(base), "nf4_fraction": manifest["storage"]["nf4_fraction"]}
