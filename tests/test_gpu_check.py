@@ -43,7 +43,7 @@ def test_dry_run_runs_every_part_and_records_it(tmp_path):
     for i, (name, part) in enumerate(zip(PARTS, doc["parts"], strict=True), 1):
         assert f"## {i}. {name}: ok ({part['seconds']:.1f} s)" in md
     prepare = doc["parts"][0]["result"]["figures"]
-    assert set(prepare["cpu"]) == {"qlora", "qpissa", "qcorda-ipm"} and not prepare["not_run"]
+    assert set(prepare["cpu"]) == {"qlora", "qpissa", "qcorda-ipm"} and not prepare["not_run"]  # subset: gpu_check's golden methods
     assert prepare["cpu"]["qlora"]["codes_equal"] == 1.0  # the same device here: every code byte-equal
     precision = doc["parts"][4]["result"]["figures"]["max_relative_difference"]
     assert set(precision) == {"qlora", "qpissa"}
@@ -95,3 +95,21 @@ def test_the_cpu_compare_baseline_is_the_newest_section_with_its_thread_count():
     assert seconds == 411.0 and "2-core" in source
     with pytest.raises(ValueError, match="compare's own timer"):
         cpu_compare_baseline("## Measured on one core\n\nno timer\n")
+
+
+def test_the_bundle_names_each_requirement_neither_bundled_nor_in_the_device_image(tmp_path):
+    import zipfile
+
+    from eval.gpu_bundle import device_command, unmet
+
+    wheel = tmp_path / "foo-1.0-py3-none-any.whl"
+    meta = "\n".join(["Metadata-Version: 2.1", "Name: foo", "Version: 1.0", "Requires-Dist: numpy>=1", "Requires-Dist: bar-baz>=2",
+                      "Requires-Dist: not_in_image", "Requires-Dist: sphinx; extra == 'docs'",
+                      "Requires-Dist: pywin32; sys_platform == 'win32'", "Requires-Dist: tomli; python_version < '3.11'"])
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("foo-1.0.dist-info/METADATA", meta)
+    # numpy is in the image, bar-baz is bundled; extras and markers false on the device (Linux, CPython 3.12) do not count
+    assert unmet({"foo": wheel, "bar-baz": wheel}) == {wheel.name: ["not-in-image"]}
+    cmd = device_command()
+    assert "--no-index --no-deps" in cmd and "--target /tmp/site" in cmd and "PYTHONPATH=/tmp/site:$PWD" in cmd
+    assert "python3 -m eval.gpu_check --out $OUT/gpu_check.md" in cmd and "pip install -e" not in cmd
