@@ -5,14 +5,15 @@ model). The terms, in bytes, for a decoder of ``L`` blocks, hidden size ``h``, M
 ``n_q`` query heads and ``n_kv`` key/value heads of width ``d``, vocabulary ``V``, rank ``r``,
 micro-batch ``B``, sequence length ``T`` and activation width ``a`` bytes (2 for bf16, 4 for fp32):
 
-* **NF4 weights**: every target Linear of ``n`` weights stores ``ceil(n/2)`` bytes
+* **NF4 weights**: every block Linear of ``n`` weights (a target's residual, or W itself for a
+  non-target: ``prepare`` stores the whole base in 4-bit, as QLoRA) stores ``ceil(n/2)`` bytes
   (two 4-bit codes per byte), exactly as ``bitsandbytes.functional.quantize_4bit`` packs it.
 * **double-quant constants**: one absmax per 64-weight block, itself quantized to 8 bits
   (``ceil(n/64)`` bytes), plus one fp32 absmax per 256 such blocks, plus per tensor the fp32
   offset (4 B), the 16-entry NF4 code (64 B) and the 256-entry 8-bit code (1024 B).
 * **unquantized parameters** in the compute dtype: input embedding ``V·h`` (counted once when
   tied), ``lm_head`` ``V·h`` when untied, norms (≤ 4 per block + q/k norms + the final one),
-  and every block Linear that is *not* a target (``prepare`` keeps it in the compute dtype).
+  and every block Linear named by ``init.keep_full_precision``.
 * **adapter**: ``r·(in + out)`` per target, fp32 (qcorda keeps prepare's exact fp32 init);
   gradients the same; AdamW states 8 B/param (32-bit) or 2 B/param + one fp32 absmax per
   256-value block per state (8-bit; bitsandbytes keeps tensors under 4096 values in 32-bit).
@@ -107,7 +108,7 @@ class PlanInput:
     arch: ArchConfig
     rank: int
     targets: tuple[str, ...]
-    """Projections with an adapter (the rest of each block stays in the compute dtype)."""
+    """Projections with an adapter (the others are NF4 without one, unless kept)."""
     batch_size: int
     seq_len: int
     optim: str
@@ -118,6 +119,8 @@ class PlanInput:
     attention_scores: bool = False
     """The attention kernel materializes ``B·n_q·T²`` scores (eager / CPU sdpa); flash and
     memory-efficient attention on a GPU do not."""
+    kept: tuple[str, ...] = ()
+    """Non-target projections kept in the compute dtype (``init.keep_full_precision``)."""
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,11 @@ def plan_memory(p: PlanInput) -> MemoryPlan:
             nf4, consts, qparams = nf4 + L * packed, consts + L * c, qparams + L * o * i
             trainable += L * p.rank * (o + i)
             opt += L * (adam_state_bytes(p.rank * i, p.optim) + adam_state_bytes(p.rank * o, p.optim))
-        else:
+        elif name in p.kept:
             unq_linear += L * o * i
+        else:  # the rest of the 4-bit base: NF4(W), no adapter
+            packed, c = nf4_bytes(o * i)
+            nf4, consts, qparams = nf4 + L * packed, consts + L * c, qparams + L * o * i
     d = p.arch.dim_head
     norms = L * (4 * h + 2 * d) + h
     embeddings = V * h * (1 if p.arch.tied_embeddings else 2)
@@ -247,7 +253,16 @@ def plan_input(recipe: Recipe, device: Device = "cuda", attention_scores: bool |
         device=device,
         gradient_checkpointing=t.gradient_checkpointing,
         attention_scores=(device == "cpu") if attention_scores is None else attention_scores,
+        kept=_kept_projections(getattr(recipe.init, "keep_full_precision", ())),
     )
+
+
+def _kept_projections(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """Which of the seven projections ``init.keep_full_precision`` names (the target-pattern matching)."""
+    from .targets import _matches
+
+    names = {p: f"model.layers.0.{_PARENT[p]}.{p}" for p in PROJECTIONS}
+    return tuple(p for p in PROJECTIONS if any(_matches(names[p], pat) for pat in patterns))
 
 
 # --------------------------------------------------------------------------- config.json check

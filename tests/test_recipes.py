@@ -125,9 +125,11 @@ def test_plan_terms_follow_their_formulas():
     # untied: embedding and lm_head; tied: once
     tied = plan_memory(PlanInput(_arch(tied_embeddings=True), 4, PROJECTIONS, 2, 32, "paged_adamw_32bit", 4, device="cpu"))
     assert p.unquantized - tied.unquantized == 384 * 64 * 4
-    # fewer targets: the rest stays unquantized in the compute dtype, no adapter there
+    # fewer targets: the rest is NF4(W) without an adapter (the whole base is 4-bit); kept projections stay in the compute dtype
     attn = plan_memory(PlanInput(arch, 4, ("q_proj", "v_proj"), 2, 32, "paged_adamw_32bit", 4, device="cpu"))
-    assert attn.nf4_weights < p.nf4_weights and attn.unquantized > p.unquantized
+    assert attn.nf4_weights == p.nf4_weights and attn.unquantized == p.unquantized and attn.trainable_params < p.trainable_params
+    kept = plan_memory(PlanInput(arch, 4, ("q_proj", "v_proj"), 2, 32, "paged_adamw_32bit", 4, device="cpu", kept=("o_proj",)))
+    assert kept.unquantized - p.unquantized == 2 * 64 * 64 * 4 and p.nf4_weights - kept.nf4_weights == 2 * 64 * 64 // 2
     # activations grow with batch x sequence; the static terms do not
     big = plan_memory(PlanInput(arch, 4, PROJECTIONS, 4, 64, "paged_adamw_32bit", 4, device="cpu"))
     assert big.static == p.static and big.activations > 3 * p.activations
