@@ -15,7 +15,7 @@ One run measures, with the same samples, rank and targets:
    2.0e9, :func:`eval.lib.write_synthetic_llama`): peak RSS against the size of the fp32 model.
 
 Resumable: each finished part is kept in ``eval/results/bench_prepare.json`` (with the arguments that
-change its numbers) and skipped by a rerun of the same command; ``--fresh`` measures everything again.
+change its numbers) and skipped by a rerun of the same command; ``--fresh`` measures the parts it runs again.
 
 Usage::
 
@@ -292,8 +292,9 @@ def render(doc: dict, old_md: str) -> str:
     from qcorda.table import markdown_table
 
     lines = ["# qcorda prepare vs PEFT CorDA: benchmark", "",
-             f"Command: `{doc['command']}`. Each part below says when it ran and on what; a rerun of the same command "
-             "reuses finished parts (`eval/results/bench_prepare.json`). Nothing extrapolated; no CUDA here.", ""]
+             "Reproduce: `OMP_NUM_THREADS=1 python -m eval.bench_prepare`. Each part below says when it ran, by which "
+             "command and on what; a rerun of the same command reuses finished parts (`eval/results/bench_prepare.json`). "
+             "Nothing extrapolated; no CUDA here.", ""]
     if summary_rows(doc):
         lines += ["## Summary against the targets of issue 7", "", markdown_table(["target", "measured", "met?"], summary_rows(doc)), ""]
     parts = doc["parts"]
@@ -301,7 +302,8 @@ def render(doc: dict, old_md: str) -> str:
         if name not in parts:
             continue
         p, args = parts[name], argparse.Namespace(**parts[name]["args"])
-        when = f"Run {p['env']['utc']} ({p['seconds'] / 60:.1f} min) on {machine(p['env'])}; OMP_NUM_THREADS={p['env']['omp_num_threads']}."
+        when = (f"Run {p['env']['utc']} ({p['seconds'] / 60:.1f} min) by `{p.get('command', doc['command'])}` on {machine(p['env'])}; "
+                f"OMP_NUM_THREADS={p['env']['omp_num_threads']}.")
         if name == "e2e":
             title, head, rows = e2e_table(p["result"], args)
             lines += [f"## End to end: {title}", "", when, "",
@@ -368,7 +370,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-hidden", type=int, default=2560)
     p.add_argument("--skip-synthetic-prepare", action="store_true", help="measure only the synthetic covariance walk")
     p.add_argument("--skip", default="", help=f"comma list of parts not to run: {', '.join(PARTS)}")
-    p.add_argument("--fresh", action="store_true", help="measure every part again, even where saved results match")
+    p.add_argument("--fresh", action="store_true", help="measure the parts this run runs again, even where saved results match "
+                   "(the saved results of the --skip parts are kept)")
     p.add_argument("--workdir", default=None, help="where temporary checkpoints go (default: system temp)")
     p.add_argument("--out", default="bench_prepare", help="results stem (a bare name lies under eval/results/)")
     p.add_argument("--child", default=None, choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--skip: unknown part {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     store = Results(args.out)
-    doc = {"parts": {}, **({} if args.fresh else store.load())}
+    doc = {"parts": {}, **store.load()}
     doc["command"] = "OMP_NUM_THREADS=1 python -m eval.bench_prepare" + "".join(f" {a}" for a in argv)
     old_md = store.md_path.read_text() if store.md_path.exists() else ""
     fns = {"e2e": part_e2e, "decompose": part_decompose, "synthetic": part_synthetic}
@@ -398,11 +401,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         part_args = {k: getattr(args, k) for k in PART_ARGS[name]}
         saved = doc["parts"].get(name)
-        if saved and saved["args"] == part_args:
+        if saved and saved["args"] == part_args and not args.fresh:
             print(f"[{name}] kept from {saved['env']['utc']} (same arguments; --fresh to measure again)", file=sys.stderr)
             continue
         env, t = environment(), time.perf_counter()
-        doc["parts"][name] = {"args": part_args, "env": env, "result": fns[name](args), "seconds": time.perf_counter() - t}
+        doc["parts"][name] = {"args": part_args, "env": env, "result": fns[name](args), "seconds": time.perf_counter() - t,
+                              "command": doc["command"]}
         store.save(doc, render(doc, old_md))
     store.save(doc, render(doc, old_md))
     if summary_rows(doc):
