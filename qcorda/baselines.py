@@ -20,16 +20,15 @@ import time
 import torch
 
 from .calibration import calibration_texts
-from .config import BASELINES, ConfigError, InitConfig
+from .config import ConfigError, InitConfig
 from .data import token_batches
 from .decompose import Split, low_rank_term, residual
+from .methods import spec
 from .models import resolve_compute_dtype
 from .prepared import LayerResult
 from .quantize import dequantize_nf4, nf4_roundtrip, quantize_nf4
 from .targets import layer_seed
 
-#: Baselines whose base stays 16-bit (no quantization).
-UNQUANTIZED: frozenset[str] = frozenset({"lora"})
 #: EVA's redistribution factor: 1 keeps rank r in every layer (the same budget as every method).
 EVA_RHO = 1.0
 #: Passes over the calibration batches EVA may take to converge before qcorda gives up.
@@ -73,7 +72,7 @@ def baseline_layer(weight: torch.Tensor, cfg: InitConfig, name: str, eva_A: torc
     t0 = time.perf_counter()
     W = weight.detach().float()
     method = cfg.method
-    if method not in BASELINES:
+    if not spec(method).baseline:
         raise ValueError(f"{method} is not a baseline; use qcorda.layer.prepare_layer")
     if method == "qeva":
         if eva_A is None:
@@ -87,7 +86,7 @@ def baseline_layer(weight: torch.Tensor, cfg: InitConfig, name: str, eva_A: torc
         if method != "qolora":
             res = residual(W, split, cfg.scaling)  # = W: B is zero at PEFT's default init
     q = None
-    if method in UNQUANTIZED:
+    if not spec(method).quantized:
         base = W.to(resolve_compute_dtype(cfg.compute_dtype)).float()
     else:
         q = quantize_nf4(res)

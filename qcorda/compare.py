@@ -43,14 +43,13 @@ from .covariance import Covariances, collect
 from .data import calibration_batches, load_examples, load_records
 from .decompose import activation_error, low_rank_term
 from .layer import prepare_layer
+from .methods import spec
 from .models import resolve_compute_dtype, resolve_device
 from .prepared import config_json
 from .quantize import dequantize_nf4, nf4_roundtrip
 from .scoring import final_hidden, ppl_and_kl, scored_batches
 from .targets import check_rank, find_targets, weight_of
 
-#: Methods whose W_eff does not depend on the rank (B = 0 at init): their model is scored once.
-RANK_FREE: frozenset[str] = frozenset({"qlora", "qdora", "lora"})
 FORMAT = "qcorda.compare/1"
 
 
@@ -278,7 +277,7 @@ def _cells(model, config: CompareConfig, targets: list[str], calib: Covariances 
                 bar.update()
             rows += aggregate(method, rank, targets, errs, ref, keys)
             if scored:
-                if method in RANK_FREE and method in done:  # the same weights: score once
+                if spec(method).rank_free and method in done:  # the same weights: score once
                     hidden[(method, rank)] = hidden[done[method]]
                 else:
                     hidden[(method, rank)] = {s: final_hidden(model, b)[0] for s, b in scored.items()}

@@ -16,21 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-Method = Literal[
-    "qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera",
-    "lora", "qdora", "qeva", "qolora",
-]
-METHODS: tuple[str, ...] = get_args(Method)
+from .methods import Method, names, spec
 
-#: Methods whose adapter init needs the input covariances C of the targets.
-COVARIANCE: frozenset[str] = frozenset({"qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"})
-#: Methods whose adapter init reads calibration text: the covariance methods, and EVA (which
-#: reads activations itself through PEFT and needs no covariance).
-CALIBRATED: frozenset[str] = COVARIANCE | {"qeva"}
-#: Baselines whose adapter init PEFT computes (:mod:`qcorda.baselines`): 16-bit LoRA, DoRA, EVA, OLoRA.
-BASELINES: frozenset[str] = frozenset({"lora", "qdora", "qeva", "qolora"})
-#: Methods that iterate quantization and a low-rank fit; ``iters`` applies to them.
-ITERATIVE: frozenset[str] = frozenset({"loftq", "qpissa", "qcorda-cal"})
+METHODS: tuple[str, ...] = get_args(Method)  # the method table's names (qcorda.methods)
+
 #: ``iters="auto"``: the most alternations tried, and which calibration records are held out to choose
 #: among them (record i is held out when i % HELDOUT_EVERY == HELDOUT_EVERY − 1, i.e. 1/8 of them).
 AUTO_MAX_ITERS = 8
@@ -156,13 +145,13 @@ class InitConfig:
         if self.alpha is not None and (isinstance(self.alpha, (str, bool)) or not self.alpha > 0):
             raise ConfigError(f"must be positive, got {self.alpha!r}", "alpha")
         if self.iters == "auto":
-            if self.method not in ITERATIVE:
-                raise ConfigError(f"auto applies to {', '.join(sorted(ITERATIVE))}; method {self.method!r} does not iterate", "iters")
+            if not spec(self.method).iterative:
+                raise ConfigError(f"auto applies to {', '.join(sorted(names(iterative=True)))}; method {self.method!r} does not iterate", "iters")
         elif self.iters is not None:
             if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
                 raise ConfigError(f"must be a positive integer or auto, got {self.iters!r}", "iters")
-            if self.iters > 1 and self.method not in ITERATIVE:
-                raise ConfigError(f"applies to {', '.join(sorted(ITERATIVE))}; method {self.method!r} does not iterate", "iters")
+            if self.iters > 1 and not spec(self.method).iterative:
+                raise ConfigError(f"applies to {', '.join(sorted(names(iterative=True)))}; method {self.method!r} does not iterate", "iters")
         one_of("cal_start", self.cal_start, Literal["ipm", "zero"])
         if not self.target_modules:
             raise ConfigError("is empty; give patterns such as q_proj,v_proj or all-linear", "target_modules")
@@ -193,7 +182,7 @@ class InitConfig:
             return AUTO_MAX_ITERS
         if self.iters is not None:
             return self.iters
-        return {"loftq": 5, "qcorda-cal": 5}.get(self.method, 1)
+        return spec(self.method).default_iters
 
     @property
     def heldout_every(self) -> int | None:
@@ -203,12 +192,12 @@ class InitConfig:
     @property
     def needs_covariance(self) -> bool:
         """The split needs the targets' input covariances (CorDA, qcorda-cal, QERA, or ``iters="auto"``)."""
-        return self.method in COVARIANCE or self.iters == "auto"
+        return spec(self.method).covariance or self.iters == "auto"
 
     @property
     def needs_calibration(self) -> bool:
         """The init reads calibration text (every covariance method, and EVA)."""
-        return self.method in CALIBRATED or self.needs_covariance
+        return spec(self.method).needs_calibration or self.needs_covariance
 
     def require_calibration(self, covariance: bool = False) -> None:
         """The one "needs calibration data" check (the CLI, :func:`qcorda.prepare.prepare` for both engines,
@@ -235,7 +224,7 @@ def compare_init() -> InitConfig:
 class CompareConfig:
     """What ``qcorda compare`` measures."""
 
-    methods: tuple[str, ...] = ("qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera")
+    methods: tuple[str, ...] = names(baseline=False)
     """Initializations to compare (any of prepare's methods; also lora, qolora, qdora, qeva)."""
     ranks: tuple[int, ...] = (16, 64)
     """LoRA ranks."""
@@ -276,14 +265,14 @@ class CompareConfig:
         positive("eval_max_length", self.eval_max_length, 2)
         positive("eval_tokens", self.eval_tokens, 0)
         positive("eval_batch_size", self.eval_batch_size)
-        if any(m in CALIBRATED for m in self.methods) and self.init.calib.data is None:
+        if any(spec(m).needs_calibration for m in self.methods) and self.init.calib.data is None:
             raise ConfigError("is needed by the data-driven methods (e.g. gsm8k-train)", "init.calib.data")
 
     def method_config(self, method: str, rank: int) -> InitConfig:
         """The :class:`InitConfig` of one cell: ``iters`` applies to the iterative methods only."""
         from dataclasses import replace
 
-        return replace(self.init, method=method, rank=rank, iters=self.init.iters if method in ITERATIVE else None)
+        return replace(self.init, method=method, rank=rank, iters=self.init.iters if spec(method).iterative else None)
 
 
 # --------------------------------------------------------------------------- eval

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import torch
 
+from .methods import NAMES, TABLE, spec
+
 if TYPE_CHECKING:
     from .quantize import Quantizer
 
@@ -340,32 +342,93 @@ def decompose(
     W = weight.float()
     if not torch.isfinite(W).all():
         raise DecompositionError("the weight has NaN/Inf entries")
+    if method not in DECOMPOSITIONS_OF:
+        raise ValueError(f"unknown method {method!r}" + (" (PEFT initializes it: qcorda.baselines)" if method in NAMES else ""))
+    if spec(method).covariance:
+        _need(cov, method, "cov")
     svd_kw = dict(solver=solver, oversample=oversample, power_iters=power_iters, seed=seed)
     with full_fp32_matmul():  # the same split on every GPU and the CPU, TF32 or not
-        if method == "qlora":
-            return qlora_split(W, r, seed)
-        if method == "qmilora":
-            return svd_split(W, r, scaling, "bottom")
-        if method in ("qpissa", "loftq"):
-            first = svd_split(W, r, scaling, "top", **svd_kw) if method == "qpissa" else None
-            n = iters - 1 if method == "qpissa" else iters
-            if n <= 0:
-                assert first is not None
-                return first
-            _need(quantizer, method, "quantizer")
-            fit = lambda E: svd_split(E, r, scaling, "top", **svd_kw)  # noqa: E731
-            return alternate(W, first, n, scaling, quantizer, fit, heldout, start_is_iterate=method == "qpissa")
-        if method in ("qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"):
-            _need(cov, method, "cov")
-            if method in ("qcorda-ipm", "qcorda-kpm"):
-                return corda_split(W, cov, r, scaling, "bottom" if method == "qcorda-kpm" else "top", **svd_kw)
-            _need(quantizer, method, "quantizer")
-            fit = lambda E: activation_fit(E, cov, r, scaling, **svd_kw)  # noqa: E731
-            if method == "qera":  # one activation-norm fit to the error of Q(W)
-                return alternate(W, None, 1, scaling, quantizer, fit)
-            first = corda_split(W, cov, r, scaling, "top", **svd_kw) if start == "ipm" else None
-            return alternate(W, first, iters, scaling, quantizer, fit, heldout)
-        raise ValueError(f"unknown method {method!r}")
+        return DECOMPOSITIONS_OF[method](W, r, scaling, _Job(method, cov, iters, quantizer, heldout, start, seed, svd_kw))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """:func:`decompose`'s arguments beyond W, r, s, as every decomposition receives them."""
+
+    method: str
+    cov: DampedCovariance | None
+    iters: int
+    quantizer: "Quantizer | None"
+    heldout: torch.Tensor | None
+    start: str
+    seed: int
+    svd_kw: dict
+
+
+def _qlora(W: torch.Tensor, r: int, scaling: float, job: _Job) -> Split:
+    return qlora_split(W, r, job.seed)
+
+
+def _milora(W: torch.Tensor, r: int, scaling: float, job: _Job) -> Split:
+    return svd_split(W, r, scaling, "bottom")
+
+
+def _pissa(W: torch.Tensor, r: int, scaling: float, job: _Job) -> Split:
+    """The top-r SVD split, then ``iters − 1`` LoftQ alternations from it."""
+    first = svd_split(W, r, scaling, "top", **job.svd_kw)
+    if job.iters - 1 <= 0:
+        return first
+    _need(job.quantizer, job.method, "quantizer")
+    fit = lambda E: svd_split(E, r, scaling, "top", **job.svd_kw)  # noqa: E731
+    return alternate(W, first, job.iters - 1, scaling, job.quantizer, fit, job.heldout, start_is_iterate=True)
+
+
+def _loftq(W: torch.Tensor, r: int, scaling: float, job: _Job) -> Split:
+    if job.iters <= 0:
+        raise ValueError(f"method {job.method!r} needs iters >= 1, got {job.iters}")
+    _need(job.quantizer, job.method, "quantizer")
+    fit = lambda E: svd_split(E, r, scaling, "top", **job.svd_kw)  # noqa: E731
+    return alternate(W, None, job.iters, scaling, job.quantizer, fit, job.heldout, start_is_iterate=False)
+
+
+def _corda_ipm(W: torch.Tensor, r: int, scaling: float, job: _Job) -> Split:
+    return corda_split(W, job.cov, r, scaling, "top", **job.svd_kw)
+
+
+def _corda_kpm(W: torch.Tensor, r: int, scaling: float, job: _Job) -> Split:
+    return corda_split(W, job.cov, r, scaling, "bottom", **job.svd_kw)
+
+
+def _qera(W: torch.Tensor, r: int, scaling: float, job: _Job) -> Split:
+    """One activation-norm fit to the error of Q(W)."""
+    _need(job.quantizer, job.method, "quantizer")
+    fit = lambda E: activation_fit(E, job.cov, r, scaling, **job.svd_kw)  # noqa: E731
+    return alternate(W, None, 1, scaling, job.quantizer, fit)
+
+
+def _qcorda_cal(W: torch.Tensor, r: int, scaling: float, job: _Job) -> Split:
+    """Activation-norm alternations from the CorDA-IPM split (``start="ipm"``) or from B·A = 0."""
+    _need(job.quantizer, job.method, "quantizer")
+    fit = lambda E: activation_fit(E, job.cov, r, scaling, **job.svd_kw)  # noqa: E731
+    first = corda_split(W, job.cov, r, scaling, "top", **job.svd_kw) if job.start == "ipm" else None
+    return alternate(W, first, job.iters, scaling, job.quantizer, fit, job.heldout)
+
+
+#: The decompositions by name (:attr:`qcorda.methods.MethodSpec.decomposition`): ``fn(W, r, s, job) -> Split``.
+DECOMPOSITIONS: dict[str, Callable[[torch.Tensor, int, float, _Job], Split]] = {
+    "random-a": _qlora,
+    "svd-bottom": _milora,
+    "svd-top": _pissa,
+    "svd-alternation": _loftq,
+    "corda-top": _corda_ipm,
+    "corda-bottom": _corda_kpm,
+    "activation-fit": _qera,
+    "activation-alternation": _qcorda_cal,
+}
+#: Each method of the table that qcorda splits, with its decomposition.
+DECOMPOSITIONS_OF: dict[str, Callable[[torch.Tensor, int, float, _Job], Split]] = {
+    s.name: DECOMPOSITIONS[s.decomposition] for s in TABLE if s.decomposition is not None
+}
 
 
 def _need(value, method: str, what: str) -> None:

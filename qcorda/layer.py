@@ -15,9 +15,10 @@ from dataclasses import replace
 import torch
 
 from .baselines import baseline_layer
-from .config import BASELINES, COVARIANCE, ConfigError, InitConfig
+from .config import ConfigError, InitConfig
 from .covariance import Covariances
 from .decompose import DampedCovariance, DecompositionError, Split, damp, decompose, low_rank_term, residual
+from .methods import spec
 from .prepared import LayerResult
 from .quantize import NF4, NF4Weight, dequantize_nf4, nf4_roundtrip, quantize_nf4
 from .targets import layer_seed
@@ -38,7 +39,7 @@ def split_layer(weight: torch.Tensor, cfg: InitConfig, name: str, covs: Covarian
             C, heldout = covs.fit_of(name), covs.heldout_of(name).to(weight.device)
         else:
             C = covs.of(name)
-        if cfg.method in COVARIANCE:
+        if spec(cfg.method).covariance:
             damped = damp(C.to(weight.device), cfg.ridge, cfg.max_damping_steps, name)
     try:
         return decompose(
@@ -66,7 +67,7 @@ def prepare_layer(weight: torch.Tensor, cfg: InitConfig, name: str, covs: Covari
 
     The stored codes are the split's own (iterative methods: Q_T, which B_T·A_T was fitted to)
     or NF4(W − s·B·A). ``eva_A``: EVA's components of the layer (``qeva``)."""
-    if cfg.method in BASELINES:
+    if spec(cfg.method).baseline:
         return baseline_layer(weight, cfg, name, eva_A)
     t0 = time.perf_counter()
     W = weight.float()

@@ -19,56 +19,28 @@ Torch-free: the CLI and the recipe reader import it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .methods import NAMES, TABLE, LrFactor, spec
 
 #: QLoRA's usual learning rate on GPUs (QLoRA paper, 7B–13B: 2e-4); ``base_learning_rate``'s default.
 QLORA_LR = 2e-4
 #: ``qcorda train`` warns when an explicit learning rate is more than this many times the recommended one.
 WARN_ABOVE = 3.0
 
-
-@dataclass(frozen=True)
-class LrFactor:
-    """A method's learning rate relative to QLoRA's, and where the figure comes from."""
-
-    factor: float
-    """Recommended lr = factor × QLoRA's (``base_learning_rate``)."""
-    source: str
-    """A measured figure of this repository (``eval/results/...``) or a paper."""
-
-
-_STUDY = ("eval/results/finetune.md (Gemma-3-270M, r 16, 60 steps x 4, held-out GSM8K loss; seed-0 grid, "
-          "mean ± half-range of 3 seeds at the best lr; qlora 0.941 ± 0.006 at 1.2e-3)")
-_LEE = "'Learning Rate Matters' (Lee et al. 2026): PiSSA's best lr ~10x below LoRA's"
-_SMALL = "best at 6e-4 (of 2e-5 to 1.2e-3), never at 2e-4 or below, as qlora"
-
-#: Keyed by :func:`init_key` (the method, and for qcorda-cal its start).
-LR_FACTORS: dict[str, LrFactor] = {
-    "qlora": LrFactor(1.0, "QLoRA (Dettmers et al. 2023): the reference, 2e-4 for 7B-13B"),
-    "lora": LrFactor(1.0, "LoRA init (B = 0), as QLoRA"),
-    "qdora": LrFactor(1.0, "DoRA (Liu et al. 2024) trains at LoRA's learning rate"),
-    "qeva": LrFactor(1.0, "EVA (Paischer et al. 2024): B = 0, LoRA's learning rate"),
-    "loftq": LrFactor(1.0, f"{_STUDY}: {_SMALL} (0.946 ± 0.008 at 6e-4, 0.960 at 1.2e-3); LoftQ (Li et al. 2023) trains at QLoRA-like rates"),
-    "qera": LrFactor(1.0, f"{_STUDY}: {_SMALL} (0.936 ± 0.013 at 6e-4; 0.973 at 1.2e-3)"),
-    "qcorda-cal:zero": LrFactor(1.0, f"{_STUDY}: best at 2e-4 (0.944 ± 0.003; 1.026 at 6e-5, 0.963 at 6e-4), B·A starts at 0 and holds "
-                                     "only the quantization error, as LoftQ and QERA"),
-    "qcorda-kpm": LrFactor(1.0, f"{_STUDY}: {_SMALL} (0.953 ± 0.010 at 6e-4, 0.992 at 1.2e-3, 1.003 at 2e-4, 1.474 at "
-                                "2e-5, as qlora's 1.542): the smallest components of W·C make small factors. CorDA's 2e-5 was every "
-                                "method's rate, LoRA's too, so it sets no ratio"),
-    "qmilora": LrFactor(1.0, "MiLoRA (Wang et al. 2024): the smallest singular components, trained at LoRA's rate"),
-    "qpissa": LrFactor(0.1, f"{_STUDY}: best at 2e-4 of 2e-5 to 6e-4 (0.964 ± 0.014; 1.004 at 6e-5, 1.088 at "
-                            f"6e-4) while qlora's is 1.2e-3, a ratio of 1/6; {_LEE}"),
-    "qolora": LrFactor(0.1, "OLoRA's factors are Q, R of W (principal-component size): by analogy with PiSSA"),
-    "qcorda-ipm": LrFactor(0.1, f"{_STUDY}: 0.976 at 6e-5, 0.964 ± 0.014 at 2e-4, 1.143 at 6e-4 while qlora's "
-                                f"best is 1.2e-3, a ratio of 1/6; {_LEE}"),
-    "qcorda-cal:ipm": LrFactor(0.1, f"{_STUDY}: best at 2e-4 (0.949 ± 0.014; 0.958 at 6e-5, 1.120 at 6e-4), 1/6 of qlora's; starts from the CorDA-IPM "
-                                    "split, as qcorda-ipm"),
-}
+__all__ = ["LR_FACTORS", "LrFactor", "QLORA_LR", "WARN_ABOVE", "init_key", "lr_factor", "lr_warning", "recommended_lr"]
 
 
 def init_key(method: str, cal_start: str | None = None) -> str:
     """The :data:`LR_FACTORS` key of an initialization."""
-    return f"{method}:{cal_start or 'ipm'}" if method == "qcorda-cal" else method
+    starts = spec(method).lr_by_start if method in NAMES else ()
+    return f"{method}:{cal_start or starts[0][0]}" if starts else method
+
+
+#: Keyed by :func:`init_key` (the method, and for qcorda-cal its start); read from the method table
+#: (:attr:`qcorda.methods.MethodSpec.lr`, ``lr_by_start``).
+LR_FACTORS: dict[str, LrFactor] = {
+    (f"{s.name}:{start}" if s.lr_by_start else s.name): advice
+    for s in TABLE for start, advice in (s.lr_by_start or ((None, s.lr),))
+}
 
 
 def lr_factor(method: str, cal_start: str | None = None) -> LrFactor:

@@ -37,15 +37,16 @@ from pathlib import Path
 
 import torch
 
-from .baselines import EVA_RHO, UNQUANTIZED, eva_components
+from .baselines import EVA_RHO, eva_components
 from .calibration import collect_covariances, loaded_fingerprint, reused_covariances
 from .config import ConfigError, InitConfig
 from .covariance import Covariances
 from .layer import prepare_layer
+from .methods import spec
 from .models import load_model, resolve_compute_dtype, resolve_device
 from .prepared import LayerResult, PrepareReport, load_prepared, lora_config, save_prepared, versions
 from .quantize import bnb_config, linear4bit, quantize_nf4
-from .stream import STREAMED, stream_prepare
+from .stream import stream_prepare
 from .targets import check_loadable, check_rank, find_targets, storage_plan, weight_of
 
 
@@ -92,7 +93,7 @@ def prepare(
     directory (under ``$TMPDIR``; it needs the prepared model's size on disk) and loaded from it.
     """
     config.require_calibration(covariance=calib is not None)
-    if isinstance(source, (str, Path)) and config.method in STREAMED:
+    if isinstance(source, (str, Path)) and spec(config.method).streamable:
         if isinstance(calib, Covariances):
             raise ConfigError("the streamed engine takes a covariance file, not Covariances in memory; pass its path")
         if out is not None:
@@ -125,7 +126,7 @@ def prepare_model(model, config: InitConfig, model_id: str = "", calib: Covarian
         raise ConfigError("the model is already quantized; pass the original (16/32-bit) model to prepare")
     targets = find_targets(model, config.target_modules)
     check_rank(model, targets, config.rank)
-    plan = storage_plan(model, targets, config.keep_full_precision, config.method not in UNQUANTIZED)
+    plan = storage_plan(model, targets, config.keep_full_precision, spec(config.method).quantized)
     check_loadable(model, targets + list(plan.base))
     device = resolve_device(config.device)
     covs, eva, calibration = _calibration(model, config, model_id, targets, calib, tokenizer, save_covariance, progress, device)
@@ -191,7 +192,7 @@ def assemble(model, config: InitConfig, layers: dict[str, tuple], compute_dtype:
     DoRA's magnitude, from the real B, A) are set."""
     from peft import get_peft_model
 
-    quantized = config.method not in UNQUANTIZED
+    quantized = spec(config.method).quantized
     for name, q in [(n, q) for n, (_, q) in layers.items()] + list((base or {}).items()):
         if q is not None:
             module = model.get_submodule(name)

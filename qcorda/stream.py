@@ -45,6 +45,7 @@ from .covariance import Covariances
 from .decompose import DecompositionError
 from .io import atomic_dir, check_out_dir, replace_atomic, write_text_atomic
 from .layer import prepare_layer
+from .methods import spec
 from .models import resolve_compute_dtype, resolve_device, resolve_local, skeleton
 from .prepared import LayerResult, PrepareReport, config_json, versions, write_prepared
 from .quantize import bnb_config, linear4bit, quantize_nf4
@@ -53,10 +54,6 @@ from .targets import StoragePlan, check_loadable, check_rank, find_targets, stor
 #: Version 2: layer files of iterative methods hold Q_T (see ``qcorda.prepared.FORMAT``); a work
 #: directory of an older version is never resumed, its layers would mix two definitions.
 PARTIAL_FORMAT = "qcorda.partial/2"
-#: Methods whose output is an NF4 residual plus a plain LoRA A/B, split layer by layer: what this
-#: engine stores. ``lora`` (16-bit base), ``qdora`` (a magnitude from the whole layer) and ``qeva``
-#: (EVA reads the whole model's activations) go through the in-memory engine.
-STREAMED: frozenset[str] = frozenset({"qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera", "qolora"})
 #: Test hook: seconds to sleep after each finished layer (makes kill-and-resume tests reliable).
 DELAY_ENV = "QCORDA_TEST_LAYER_DELAY"
 

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import warnings
 
-    from ..config import CALIBRATED, ConfigError
+    from ..config import ConfigError
     from ..decompose import DecompositionError
     from ..io import check_out_dir
     from ..prepare import prepare

@@ -1,0 +1,183 @@
+"""The method table: one :class:`MethodSpec` per initialization, the only place that lists methods.
+
+Every module asks the table what a method needs and how it runs (:func:`spec`, :func:`names`):
+the config's ``Method`` options, which methods need calibration text or covariances, which the
+streamed engine can prepare, which iterate (and their default alternations), which PEFT computes
+(:mod:`qcorda.baselines`), which keep a 16-bit base, whose initialized model does not depend on
+the rank, the learning-rate advice (:mod:`qcorda.lr`), and the decomposition
+:func:`qcorda.decompose.decompose` dispatches to (by name, :data:`qcorda.decompose.DECOMPOSITIONS`,
+so the table stays torch-free). Adding a method is one entry here and one function there.
+
+Torch-free: the config, the CLI and the recipe reader import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Calibration = Literal["none", "task", "knowledge"]
+
+
+@dataclass(frozen=True)
+class LrFactor:
+    """A method's learning rate relative to QLoRA's, and where the figure comes from."""
+
+    factor: float
+    """Recommended lr = factor × QLoRA's (``base_learning_rate``)."""
+    source: str
+    """A measured figure of this repository (``eval/results/...``) or a paper."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What one initialization method needs and how qcorda runs it."""
+
+    name: str
+    """The method's name (``--method``, ``init.method``)."""
+    summary: str
+    """The adapter init in one line."""
+    lr: LrFactor
+    """Recommended learning rate as a factor of QLoRA's, with its source (qcorda-cal: from its default start, ipm)."""
+    calibration: Calibration = "none"
+    """Calibration text the init reads: none; task (the fine-tuning task's instructions and responses);
+    knowledge (questions of the knowledge to keep frozen, e.g. nq-open)."""
+    covariance: bool = False
+    """The split needs the targets' input covariances C = XᵀX/n (:mod:`qcorda.covariance`)."""
+    streamable: bool = True
+    """The output is an NF4 residual plus a plain LoRA A/B split layer by layer, so the streamed engine
+    (:mod:`qcorda.stream`) can prepare it; the others go through the in-memory engine."""
+    iterative: bool = False
+    """Alternates NF4 quantization and a low-rank fit; ``iters`` (and ``iters="auto"``) applies."""
+    default_iters: int = 1
+    """Alternations when ``iters`` is not given (qpissa: 1 + alternations, so 1 is plain PiSSA)."""
+    baseline: bool = False
+    """PEFT computes the init (:mod:`qcorda.baselines`), not :mod:`qcorda.decompose`."""
+    quantized: bool = True
+    """The base is NF4; False: it stays 16-bit (``compute_dtype``)."""
+    rank_free: bool = False
+    """The initialized model (W_eff) does not depend on the rank (B = 0 at init): ``compare`` scores it once."""
+    decomposition: str | None = None
+    """Key of :data:`qcorda.decompose.DECOMPOSITIONS` (the function that splits W); None for the baselines."""
+    lr_by_start: tuple[tuple[str, LrFactor], ...] = ()
+    """Learning-rate advice per ``cal_start`` where the start changes it (qcorda-cal)."""
+
+    def __post_init__(self) -> None:
+        if self.covariance and self.calibration == "none":
+            raise ValueError(f"{self.name}: a covariance method reads calibration text")
+        if self.baseline != (self.decomposition is None):
+            raise ValueError(f"{self.name}: exactly the baselines (PEFT's init) have no decomposition")
+        if not self.iterative and self.default_iters != 1:
+            raise ValueError(f"{self.name}: default_iters applies to iterative methods")
+        if not self.quantized and self.streamable:
+            raise ValueError(f"{self.name}: the streamed engine stores NF4 residuals only")
+
+    def lr_for(self, cal_start: str | None = None) -> LrFactor:
+        """The learning-rate advice, for ``cal_start`` (default: the method's default start) where it matters."""
+        if self.lr_by_start:
+            return dict(self.lr_by_start)[cal_start or self.lr_by_start[0][0]]
+        return self.lr
+
+    @property
+    def needs_calibration(self) -> bool:
+        """The init reads calibration text (every covariance method, and EVA)."""
+        return self.calibration != "none"
+
+
+_STUDY = ("eval/results/finetune.md (Gemma-3-270M, r 16, 60 steps x 4, held-out GSM8K loss; seed-0 grid, "
+          "mean ± half-range of 3 seeds at the best lr; qlora 0.941 ± 0.006 at 1.2e-3)")
+_LEE = "'Learning Rate Matters' (Lee et al. 2026): PiSSA's best lr ~10x below LoRA's"
+_SMALL = "best at 6e-4 (of 2e-5 to 1.2e-3), never at 2e-4 or below, as qlora"
+
+_CAL_IPM = LrFactor(0.1, f"{_STUDY}: best at 2e-4 (0.949 ± 0.014; 0.958 at 6e-5, 1.120 at 6e-4), 1/6 of qlora's; starts from the CorDA-IPM "
+                         "split, as qcorda-ipm")
+_CAL_ZERO = LrFactor(1.0, f"{_STUDY}: best at 2e-4 (0.944 ± 0.003; 1.026 at 6e-5, 0.963 at 6e-4), B·A starts at 0 and holds "
+                          "only the quantization error, as LoftQ and QERA")
+
+#: The methods, in the order ``compare`` reports them: qcorda's decompositions, then PEFT's baselines.
+TABLE: tuple[MethodSpec, ...] = (
+    MethodSpec(
+        "qlora", "PEFT default: A random, B = 0; residual = W", rank_free=True, decomposition="random-a",
+        lr=LrFactor(1.0, "QLoRA (Dettmers et al. 2023): the reference, 2e-4 for 7B-13B"),
+    ),
+    MethodSpec(
+        "loftq", "alternate Q = NF4(W − s·BA) and BA = best rank-r fit of W − deq(Q)", iterative=True, default_iters=5,
+        decomposition="svd-alternation",
+        lr=LrFactor(1.0, f"{_STUDY}: {_SMALL} (0.946 ± 0.008 at 6e-4, 0.960 at 1.2e-3); LoftQ (Li et al. 2023) trains at QLoRA-like rates"),
+    ),
+    MethodSpec(
+        "qpissa", "top-r SVD of W: B = U_r√Σ_r, A = √Σ_r V_rᵀ (iters > 1 refines like LoftQ)", iterative=True,
+        decomposition="svd-top",
+        lr=LrFactor(0.1, f"{_STUDY}: best at 2e-4 of 2e-5 to 6e-4 (0.964 ± 0.014; 1.004 at 6e-5, 1.088 at "
+                         f"6e-4) while qlora's is 1.2e-3, a ratio of 1/6; {_LEE}"),
+    ),
+    MethodSpec(
+        "qmilora", "bottom-r SVD of W", decomposition="svd-bottom",
+        lr=LrFactor(1.0, "MiLoRA (Wang et al. 2024): the smallest singular components, trained at LoRA's rate"),
+    ),
+    MethodSpec(
+        "qcorda-ipm", "top-r of SVD(W·C), A = √Σ_r (VᵀC⁻¹)_r, C = XᵀX/n of the layer's inputs", calibration="task",
+        covariance=True, decomposition="corda-top",
+        lr=LrFactor(0.1, f"{_STUDY}: 0.976 at 6e-5, 0.964 ± 0.014 at 2e-4, 1.143 at 6e-4 while qlora's "
+                         f"best is 1.2e-3, a ratio of 1/6; {_LEE}"),
+    ),
+    MethodSpec(
+        "qcorda-kpm", "bottom-r of SVD(W·C): keeps world knowledge frozen", calibration="knowledge", covariance=True,
+        decomposition="corda-bottom",
+        lr=LrFactor(1.0, f"{_STUDY}: {_SMALL} (0.953 ± 0.010 at 6e-4, 0.992 at 1.2e-3, 1.003 at 2e-4, 1.474 at "
+                         "2e-5, as qlora's 1.542): the smallest components of W·C make small factors. CorDA's 2e-5 was every "
+                         "method's rate, LoRA's too, so it sets no ratio"),
+    ),
+    MethodSpec(
+        "qcorda-cal", "IPM or zero start, then LoftQ-style alternation fitted in the activation norm ‖(·)L‖, C = LLᵀ",
+        calibration="task", covariance=True, iterative=True, default_iters=5, decomposition="activation-alternation",
+        lr=_CAL_IPM, lr_by_start=(("ipm", _CAL_IPM), ("zero", _CAL_ZERO)),
+    ),
+    MethodSpec(
+        "qera", "Q = NF4(W), s·BA = best rank-r fit of W − deq(Q) in ‖(·)L‖ (QERA-exact, CLoQ, EoRA)", calibration="task",
+        covariance=True, decomposition="activation-fit",
+        lr=LrFactor(1.0, f"{_STUDY}: {_SMALL} (0.936 ± 0.013 at 6e-4; 0.973 at 1.2e-3)"),
+    ),
+    MethodSpec(
+        "lora", "16-bit base, PEFT's default init (A Kaiming-uniform, B = 0)", baseline=True, quantized=False,
+        streamable=False, rank_free=True,
+        lr=LrFactor(1.0, "LoRA init (B = 0), as QLoRA"),
+    ),
+    MethodSpec(
+        "qdora", "NF4 base, DoRA (PEFT use_dora): magnitude m = ‖deq(Q(W)) + s·B·A‖ per output row", baseline=True,
+        streamable=False, rank_free=True,
+        lr=LrFactor(1.0, "DoRA (Liu et al. 2024) trains at LoRA's learning rate"),
+    ),
+    MethodSpec(
+        "qeva", "NF4 base, EVA (PEFT): A = top-r right singular vectors of the inputs, B = 0", baseline=True,
+        calibration="task", streamable=False,
+        lr=LrFactor(1.0, "EVA (Paischer et al. 2024): B = 0, LoRA's learning rate"),
+    ),
+    MethodSpec(
+        "qolora", "OLoRA (PEFT): W = Q·R, B = Q[:, :r], A = R[:r], residual W − s·B·A quantized", baseline=True,
+        lr=LrFactor(0.1, "OLoRA's factors are Q, R of W (principal-component size): by analogy with PiSSA"),
+    ),
+)
+
+#: Method names in table order.
+NAMES: tuple[str, ...] = tuple(s.name for s in TABLE)
+#: ``InitConfig.method``'s options, derived from the table.
+Method = Literal[NAMES]  # type: ignore[valid-type]
+_BY_NAME: dict[str, MethodSpec] = {s.name: s for s in TABLE}
+assert len(_BY_NAME) == len(TABLE), "a method is listed twice"
+
+
+def spec(method: str) -> MethodSpec:
+    """The table entry of ``method``; KeyError naming the choices for an unknown one."""
+    try:
+        return _BY_NAME[method]
+    except KeyError:
+        raise KeyError(f"unknown method {method!r}; choose from {', '.join(NAMES)}") from None
+
+
+def names(**where) -> tuple[str, ...]:
+    """The methods (table order) whose fields equal ``where``: ``names(iterative=True)``, ``names(baseline=False)``."""
+    unknown = [k for k in where if k not in MethodSpec.__dataclass_fields__ and k != "needs_calibration"]
+    if unknown:
+        raise TypeError(f"MethodSpec has no field {', '.join(unknown)}")
+    return tuple(s.name for s in TABLE if all(getattr(s, k) == v for k, v in where.items()))
