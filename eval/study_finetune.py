@@ -26,14 +26,21 @@ Resumable: every finished (init, lr, seed) is kept in the JSON; rerun the same c
 Results: ``eval/results/finetune{,_cuda}.{md,json}``, ``finetune_lr{,_cuda}.png`` (held-out loss
 against lr) and ``finetune_curves{,_cuda}.png`` (losses at each init's best lr, seed spread).
 
-    PYTHONPATH=$PWD python eval/study_finetune.py                     # CPU: hours; run it in the background
-    PYTHONPATH=$PWD python eval/study_finetune.py --device cuda       # minutes on one GPU (longer runs, larger eval sets)
+    python -m eval.study_finetune                     # CPU: hours; run it in the background
+    python -m eval.study_finetune --device cuda       # the GPU preset (longer runs, larger eval sets): not minutes, see below
+    python -m eval.study_finetune --device cuda --preset cuda-5min --inits qlora,qpissa,qcorda-cal:zero --seeds 0
+
+What the GPU presets cost (not yet measured on a GPU): ``cuda`` is 8 inits x 6 lrs at seed 0 plus 2 more seeds at
+each init's best, 64 runs of 300 steps at batch 8 (19,200 steps) with 6 held-out evaluations of 200 questions per
+run: about an hour even at 10 steps/s, hours below that. ``cuda-5min`` with the three inits above (lr factors 1, 1/6
+and 1: qlora, qpissa, qcorda-cal from zero) is 6 runs of 100 steps at 2 lrs, smaller eval sets: it fits 5 minutes of
+one GPU at about 5 steps/s with its evaluations; it shows whether the inits' order at 2e-4 vs 6e-4 holds on a GPU,
+not a tuned grid (eval/gpu_check.py's precision part asks the narrower question: does bf16 autocast change the steps).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -43,13 +50,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from qcorda.config import CalibConfig, InitConfig
+from qcorda.guard import DivergenceGuard
+from qcorda.lr import LR_FACTORS, QLORA_LR, recommended_lr
 
-from qcorda import decompose  # noqa: E402
-from qcorda.config import CalibConfig, InitConfig  # noqa: E402
-from qcorda.guard import DivergenceGuard  # noqa: E402
-from qcorda.lr import LR_FACTORS, QLORA_LR, recommended_lr  # noqa: E402
+from qcorda.io import write_text_atomic
+
+from .lib import RESULTS, Results
 
 #: Every init of the study, by :func:`qcorda.lr.init_key`: (method, cal_start, calibration data).
 INITS: dict[str, tuple[str, str, str | None]] = {
@@ -61,14 +68,19 @@ INITS: dict[str, tuple[str, str, str | None]] = {
     "qcorda-cal:ipm": ("qcorda-cal", "ipm", "gsm8k"),
     "qcorda-cal:zero": ("qcorda-cal", "zero", "gsm8k"),
     "qera": ("qera", "ipm", "gsm8k"),
-    # qcorda-ipm with the factors as they were before balancing (B = U√S/√s, A = √S·(VᵀC⁻¹)/√s: the same
-    # s·B·A and codes, ‖A_i‖/‖B_i‖ = ‖(VᵀC⁻¹)_i‖): does balancing change stability? (issue 15, item 2)
-    "qcorda-ipm:unbalanced": ("qcorda-ipm", "ipm", "gsm8k"),
+}
+#: Inits whose runs the saved results hold but this script no longer makes: reported, marked, never rerun.
+RETIRED = {
+    "qcorda-ipm:unbalanced": "qcorda-ipm with its factors as before balancing, B = U√S/√s and A = √S·(VᵀC⁻¹)/√s (the same "
+                             "s·B·A and codes); run on 2026-11-29 with the code of commit ff0a645, which switched the package's "
+                             "private factor builder from this script. The ablation answered its question (balancing is more "
+                             "stable) and was removed when eval/ moved to the public API only (issue 23)",
 }
 #: Per-device defaults (a flag given on the command line wins).
 PRESETS = {
     "cpu": dict(steps=60, batch_size=4, lrs="2e-4,2e-5,6e-5,6e-4,1.2e-3", gsm8k_limit=32, nq_limit=48, ppl_tokens=1024, eval_every=20),
     "cuda": dict(steps=300, batch_size=8, lrs="2e-4,2e-5,6e-5,6e-4,1e-5,1e-3", gsm8k_limit=200, nq_limit=300, ppl_tokens=16384, eval_every=50),
+    "cuda-5min": dict(steps=100, batch_size=8, lrs="2e-4,6e-4", gsm8k_limit=64, nq_limit=64, ppl_tokens=4096, eval_every=50),
 }
 #: Arguments that change the numbers: stored results are reused only when all of them match.
 RESULT_KEYS = ("device", "rank", "steps", "batch_size", "max_length", "max_grad_norm", "warmup_ratio", "train_limit", "calib_samples",
@@ -98,18 +110,6 @@ def dequantize_base(model):
     return model
 
 
-@contextlib.contextmanager
-def _unbalanced():
-    """Split as before balancing: every row of Vᵀ treated as orthonormal, so A keeps CorDA's (VᵀC⁻¹)_i
-    norms and B stays U√S/√s. A study-only switch: the package always balances."""
-    real = decompose._from_factors
-    decompose._from_factors = lambda *a, **k: real(*a, **{**k, "orthonormal": True})
-    try:
-        yield
-    finally:
-        decompose._from_factors = real
-
-
 def prepare_init(label: str, args, work: Path) -> tuple[Path, float]:
     """Prepare ``label`` once (cached under ``work``); returns the directory and the seconds it took."""
     from qcorda.data import load_records
@@ -132,8 +132,8 @@ def prepare_init(label: str, args, work: Path) -> tuple[Path, float]:
                      calib=CalibConfig(samples=args.calib_samples, max_length=128, batch_size=8, **kw))
     t = time.perf_counter()
     model, tok = load_model("gemma-3-270m")
-    with _unbalanced() if label.endswith(":unbalanced") else contextlib.nullcontext():
-        prepare(model, cfg, out, tokenizer=tok, overwrite=True)
+    model.to(args.device)  # the in-memory engine calibrates where the model is: on the GPU for --device cuda
+    prepare(model, cfg, out, tokenizer=tok, overwrite=True)
     seconds = time.perf_counter() - t
     (out / "study_prepare.json").write_text(json.dumps({"seconds": seconds}))
     return out, seconds
@@ -152,14 +152,12 @@ def load(prepared: Path, device: str, adapter: Path | None = None, trainable: bo
 
 
 def heldout_loss(model, tok, args) -> float:
-    """NLL per token of the gold solutions of the first ``gsm8k_limit`` GSM8K test questions."""
-    from qcorda.data import format_record, load_records
-    from qcorda.scoring import completion_logprobs
+    """NLL per token of the gold solutions of the first ``gsm8k_limit`` GSM8K test questions
+    (:func:`qcorda.evaluate.gsm8k`'s ``answer_nll``, without decoding)."""
+    from qcorda.evaluate import gsm8k
 
-    held = [format_record(r, ("question", "answer")) for r in load_records("gsm8k-test")[: args.gsm8k_limit]]
-    lls = completion_logprobs(model, tok, [e.prompt for e in held], [e.completion for e in held], args.eval_batch_size,
-                              progress=False)
-    return -sum(ll for ll, _ in lls) / sum(n for _, n in lls)
+    return gsm8k(model, tok, limit=args.gsm8k_limit, batch_size=args.eval_batch_size, progress=False,
+                 generate_answers=False).metrics["answer_nll"]
 
 
 def measure(model, tok, args) -> dict:
@@ -335,19 +333,20 @@ def _recommended_section(res: dict, inits: list[str]) -> list[str]:
 
 
 def write_report(out: Path, res: dict, args) -> None:
-    """``out``.md with the tables, and the two plots."""
-    inits = [i for i in args.inits if i in res["inits"]]
+    """``out``.md with the tables, and the two plots (written atomically: a cut run leaves the last whole report)."""
+    inits = [i for i in [*args.inits, *RETIRED] if i in res["inits"]]
     lines = [f"# Fine-tuning study ({args.device}): Gemma-3-270M, NF4 + rank-{args.rank} adapters trained on GSM8K", ""]
     device = "" if args.device == "cpu" else f" --device {args.device}"
     lines += ["Reproduce (resumable: finished (init, lr, seed) runs are kept in the JSON; rerun to continue; `--inits`, `--lrs` "
               "and `--seeds` choose what runs next, and runs of a narrower command count for the full one):", "", "```",
-              f"PYTHONPATH=$PWD python eval/study_finetune.py{device}", "```", ""]
+              f"python -m eval.study_finetune{device}", "```", ""]
     lines += [
         "## Setup", "",
         f"- Inits: {', '.join(inits)}; rank {args.rank}, alpha = r, every linear layer of the 18 blocks, NF4 + double quant "
         f"(blocksize 64), prepared once by `qcorda.prepare` (seed 0). Calibration: the first {args.calib_samples} GSM8K-train "
         f"question+answer texts (≤ 128 tokens); qcorda-kpm: the last {args.calib_samples} NQ-open questions (never evaluated). "
-        "qcorda-cal: 5 iterations from the IPM split (`:ipm`) or from zero (`:zero`); loftq 5 iterations. qcorda-ipm:unbalanced (where run): qcorda-ipm with its factors as before balancing, B = U√S/√s and A = √S·(VᵀC⁻¹)/√s (the same s·B·A and codes).",
+        "qcorda-cal: 5 iterations from the IPM split (`:ipm`) or from zero (`:zero`); loftq 5 iterations.",
+        *[f"- {i} (an earlier code version): {why}." for i, why in RETIRED.items() if i in inits],
         f"- Training: {args.steps} steps x {args.batch_size} sequences (≤ {args.max_length} tokens, alpaca prompt, loss on the "
         f"answer + EOS) from the first {args.train_limit} GSM8K-train records, AdamW (fp32 states, no weight decay), cosine "
         f"schedule with {args.warmup_ratio:.0%} warmup, clipping {args.max_grad_norm}. The seed sets the data order, the same for every init.",
@@ -404,7 +403,7 @@ def write_report(out: Path, res: dict, args) -> None:
     old = path.read_text() if path.exists() else ""
     if "## Reading" in old and "READING_PLACEHOLDER" not in old.split("## Reading", 1)[1]:  # keep a hand-written reading
         lines[-2] = old.split("## Reading", 1)[1].strip()
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     _plots(out, res, inits)
 
 
@@ -465,6 +464,7 @@ def _plots(out: Path, res: dict, inits: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the defaults of the flags below (default: the device's)")
     p.add_argument("--inits", default=",".join(INITS))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int)
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="results stem (default eval/results/finetune, _cuda on a GPU)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.device].items():
+    for k, v in PRESETS[args.preset or args.device].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.lrs = [float(x) for x in str(args.lrs).split(",")]
@@ -501,14 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [i for i in args.inits if i not in INITS]
     if unknown:
         raise SystemExit(f"--inits: unknown {', '.join(unknown)}; choose from {', '.join(INITS)}")
-    out = Path(args.out) if args.out else ROOT / "eval" / "results" / ("finetune" if args.device == "cpu" else "finetune_cuda")
-    raw = out.with_suffix(".json")
-    key = {k: getattr(args, k) for k in RESULT_KEYS}
-    res = {"key": key, "inits": {}, "runs": [], "seconds": {}}
-    if raw.exists():
-        saved = json.loads(raw.read_text())
-        if saved.get("key") == key:
-            res = saved
+    out = Path(args.out) if args.out else RESULTS / ("finetune" if args.device == "cpu" else
+                                                     "finetune_cuda5" if args.preset == "cuda-5min" else "finetune_cuda")
+    store = Results(out, key={k: getattr(args, k) for k in RESULT_KEYS})
+    res = {"inits": {}, "runs": [], "seconds": {}, **store.load()}
     res["argv"] = argv
     if args.report_only:
         write_report(out, res, args)
@@ -520,8 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         res["seconds"][part] = res["seconds"].get(part, 0.0) + seconds
         res["runs"][-1]["load"] = os.getloadavg()
         res["runs"][-1]["seconds"] = time.perf_counter() - t0
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        raw.write_text(json.dumps(res, indent=1))
+        store.save(res)
         write_report(out, res, args)
 
     from qcorda.data import load_examples

@@ -45,7 +45,7 @@ from qcorda.data import load_examples, load_records
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "eval" / "results" / "finetune.json"
 GRID_INITS = [i for i in INITS if i != "qcorda-ipm:unbalanced"]
-METHODS = ("update", "sharpness", "range")
+METHODS = ("update", "sharpness", "direction", "range")
 
 #: The setups. ``transfer`` was chosen at 18:50 UTC on 2026-12-03, before the probe had been run on it
 #: (nor on anything but the grid's eight inits): another task (NQ-open short answers instead of GSM8K
@@ -93,10 +93,27 @@ def _anchor(doc: dict, ft: dict, method: str) -> float | None:
     lr, _ = _grid_best(ft, "qlora")
     if not q or lr is None:
         return None
-    return q["measured"] / lr if method == "range" else q["measured"] * lr
+    return q["measured"] / lr if method in ("range", "direction") else q["measured"] * lr
+
+
+def _grid_at(ft: dict, label: str, lr: float) -> float:
+    return ft["inits"][label]["grid"][f"{lr:g}"]["gsm8k_loss"]
+
+
+def _interp(ft: dict, label: str, lr: float) -> float | None:
+    """The seed-0 grid's held-out loss at ``lr``, linear in log lr between the two grid lrs around it
+    (None outside the grid)."""
+    pts = sorted((float(k), r["gsm8k_loss"]) for k, r in ft["inits"][label]["grid"].items() if not r["diverged"])
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= lr <= x1:
+            w = math.log(lr / x0) / math.log(x1 / x0)
+            return y0 + w * (y1 - y0)
+    return None
 
 
 def _rule_lr(method: str, measured: float, const: float) -> float:
+    if method == "direction":
+        return measured / const
     return measured / const if method == "range" else const / measured
 
 
@@ -139,6 +156,27 @@ def report(doc: dict, ft: dict) -> str:
         L.append(f"| {i} | {best:g} | " + " | ".join(cells) + " |")
     consts = ", ".join(f"{m} {a:.4g}" for m, a in anchors.items() if a is not None)
     L += ["", f"Anchored constants: {consts} (τ = lr·u, c = lr·λ, divisor = lr_min/lr at qlora's 1.2e-3).", ""]
+    L += ["Summary per candidate: the anchored rule, and the best a one-constant rule of that measurement can do on these "
+          "inits (the constant fitted to all of them: the geometric mean of best-lr x measured; in-sample, so a lower bound "
+          "on the miss). Held-out loss at the probe lr, seed 0, *estimated* by interpolating the seed-0 grid of finetune.json "
+          "linearly in log lr (an estimate, not a run; measured runs are in section 2).", "",
+          "| candidate | inits | within 2x (anchored) | ratios (anchored) | within 2x (fitted) | ratios (fitted) | est. loss − grid best, seed 0 (anchored) |",
+          "|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        pts = [(i, g[i]["probe"][m]["0"]["measured"], _grid_best(ft, i)[0]) for i in GRID_INITS
+               if g.get(i, {}).get("probe", {}).get(m, {}).get("0")]
+        if not pts or anchors[m] is None:
+            continue
+        sign = -1 if m in ("range", "direction") else 1  # range, direction: lr = measured / const
+        fitted = math.exp(sum(math.log(b) * 1 + sign * math.log(x) * 1 for _, x, b in pts) / len(pts)) if sign == 1 else \
+            math.exp(sum(math.log(x) - math.log(b) for _, x, b in pts) / len(pts))
+        ra = [_rule_lr(m, x, anchors[m]) / b for _, x, b in pts]
+        rf = [_rule_lr(m, x, fitted) / b for _, x, b in pts]
+        est = [_interp(ft, i, _rule_lr(m, x, anchors[m])) for i, x, _ in pts]
+        est_d = [f"{i} {v - _grid_at(ft, i, b):+.3f}" if v is not None else f"{i} n/m (outside the grid)" for (i, _, b), v in zip(pts, est)]
+        L.append(f"| {m} | {len(pts)} | {sum(0.5 <= r <= 2 for r in ra)} | {', '.join(f'{r:.2f}' for r in ra)} | "
+                 f"{sum(0.5 <= r <= 2 for r in rf)} (const {fitted:.4g}) | {', '.join(f'{r:.2f}' for r in rf)} | {'; '.join(est_d)} |")
+    L.append("")
     spread = []
     for i in GRID_INITS:
         u = g.get(i, {}).get("probe", {}).get("update", {})
@@ -383,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     prepared = {label: prepare_init(label, a, work)[0] for label in inits}
     budget = P.probe_budget(a.steps, a.batch_size)
     #: probe parts, in the order they run: (part, method, seed); each (init, method, seed) is saved at once
-    probe_parts = {"update": [("update", 0)], "candidates": [("sharpness", 0), ("range", 0)], "spread": [("update", 1), ("update", 2)]}
+    probe_parts = {"update": [("update", 0)], "candidates": [("direction", 0), ("sharpness", 0), ("range", 0)], "spread": [("update", 1), ("update", 2)]}
     for part in parts:
         if part in probe_parts:
             probe_part(doc, store, ft, part, probe_parts[part], inits, prepared, train, a, budget)

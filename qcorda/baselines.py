@@ -76,7 +76,7 @@ def baseline_layer(weight: torch.Tensor, cfg: InitConfig, name: str, eva_A: torc
         raise ValueError(f"{method} is not a baseline; use qcorda.layer.prepare_layer")
     if method == "qeva":
         if eva_A is None:
-            raise ConfigError(f"method qeva needs calibration data for layer {name}; pass --calib-data")
+            raise ConfigError(f"is needed by method qeva (layer {name}): give calibration text, e.g. gsm8k-train", "calib.data")
         if tuple(eva_A.shape) != (cfg.rank, W.shape[1]):
             raise ValueError(f"{name}: EVA components have shape {tuple(eva_A.shape)}, expected {(cfg.rank, W.shape[1])}")
         A = eva_A.detach().to(W.device, torch.float32)
@@ -109,7 +109,7 @@ def eva_components(model, tokenizer, targets: list[str], cfg: InitConfig, progre
     from peft.tuners.lora.eva import get_eva_state_dict
 
     if tokenizer is None:
-        raise ConfigError("method qeva needs a tokenizer for --calib-data; pass tokenizer= or a model path")
+        raise ConfigError("needs a tokenizer with method qeva: pass tokenizer= or a model path", "calib.data")
     texts = calibration_texts(cfg, tokenizer)
     batches = list(token_batches(tokenizer, texts, cfg.calib.max_length, cfg.calib.batch_size))
     limit = EVA_MAX_EPOCHS * len(batches)

@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint
 from .config import InitConfig
 from .covariance import Covariances, collect
 from .data import calibration_batches, load_examples
-from .models import load_model, resolve_device
+from .models import load_model
 
 
 def calibration_texts(cfg: InitConfig, tokenizer) -> list[str]:
@@ -114,12 +114,13 @@ def collect_covariances(model, tokenizer, targets: list[str], cfg: InitConfig, m
 
 def checkpoint_covariances(model_id: str, path: Path, skel, ckpt: Checkpoint, order: list[str], targets: list[str],
                            cfg: InitConfig, covariance: str | Path | None, trust_remote_code: bool, progress: bool,
-                           spill: Path | None = None, tok_dir: Path | None = None) -> Covariances:
+                           spill: Path | None = None, tok_dir: Path | None = None, *, device: torch.device) -> Covariances:
     """The covariances of a model given as a checkpoint directory ``path`` (``skel``: its weightless
     skeleton, ``ckpt``: its tensors, ``order``: its untied state-dict keys in module order): from ``covariance`` (a saved file, checked against this model,
     targets and data) or collected one decoder block at a time, spilled to ``spill``; a model that is
     not a plain stack of blocks runs whole, in fp32. The tokenizer, loaded here anyway, is saved to
-    ``tok_dir`` so that the output never loads it again on top of the layers."""
+    ``tok_dir`` so that the output never loads it again on top of the layers. ``device``: where the
+    blocks run (resolved by the caller)."""
     from transformers import AutoTokenizer
 
     floats = [k for k in order if ckpt.spec(k)[1].is_floating_point]
@@ -136,7 +137,7 @@ def checkpoint_covariances(model_id: str, path: Path, skel, ckpt: Checkpoint, or
     batches = list(calibration_batches(tok, texts, cfg.calib.max_length, cfg.calib.batch_size, cfg.heldout_every)[0])
     del tok  # the walk needs only the token ids; Gemma-3's 262k-entry tokenizer holds ~330 MB
     try:
-        return collect_blockwise(skel, ckpt.get, batches, targets, getattr(torch, cfg.cov_dtype), resolve_device(cfg.device),
+        return collect_blockwise(skel, ckpt.get, batches, targets, getattr(torch, cfg.cov_dtype), device,
                                  progress, manifest=full, get_rows=ckpt.rows, spill=spill)
     except NotBlockwise as e:
         print(f"qcorda prepare: covariance by a whole-model forward ({e})", file=sys.stderr)

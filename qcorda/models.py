@@ -14,6 +14,7 @@ and in which dtype qcorda computes (:func:`resolve_device`, :func:`resolve_compu
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,7 +102,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        # a V100 / T4 "supports" bf16 by emulation only: fp32 there
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
@@ -113,8 +115,31 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "MODEL"):
-    """The original model in fp32 (an exact upcast of bf16/fp16 checkpoints) and its tokenizer."""
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which dtype a run computes: an :class:`~qcorda.config.InitConfig`'s ``device`` and
+    ``compute_dtype`` with ``None`` / ``"auto"`` resolved once, at the front door
+    (:func:`qcorda.prepare.prepare`, :func:`qcorda.stream.stream_prepare`), and handed to what runs below it."""
+
+    device: torch.device
+    compute_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, cfg) -> "Placement":
+        """``cfg.device`` (None: CUDA when present) and ``cfg.compute_dtype`` (auto: bf16 on a GPU with
+        native bf16, else fp32) resolved."""
+        return cls(resolve_device(cfg.device), resolve_compute_dtype(cfg.compute_dtype))
+
+    @property
+    def dtype_name(self) -> str:
+        """``compute_dtype`` as ``qcorda.json`` records it (``bfloat16``)."""
+        return str(self.compute_dtype).removeprefix("torch.")
+
+
+def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "MODEL", dtype: torch.dtype | str = torch.float32,
+               device_map: dict | None = None):
+    """The original model in fp32 (an exact upcast of bf16/fp16 checkpoints; ``dtype="auto"``: as stored),
+    placed by ``device_map`` (default the CPU), and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -123,7 +148,8 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "
         raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
     try:
         # use_safetensors: never unpickle a *.bin checkpoint (arbitrary code on load)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
     except ValueError as e:
         raise ConfigError(f"{flag} {name_or_path}: not a causal language model ({e})") from e
     except OSError as e:

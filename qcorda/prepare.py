@@ -43,7 +43,7 @@ from .config import ConfigError, InitConfig
 from .covariance import Covariances
 from .layer import prepare_layer
 from .methods import spec
-from .models import load_model, resolve_compute_dtype, resolve_device
+from .models import Placement, load_model
 from .prepared import LayerResult, PrepareReport, load_prepared, lora_config, save_prepared, versions
 from .quantize import bnb_config, linear4bit, quantize_nf4
 from .stream import stream_prepare
@@ -93,15 +93,17 @@ def prepare(
     directory (under ``$TMPDIR``; it needs the prepared model's size on disk) and loaded from it.
     """
     config.require_calibration(covariance=calib is not None)
+    where = Placement.of(config)  # device and dtype: resolved here, once, for either engine
     if isinstance(source, (str, Path)) and spec(config.method).streamable:
         if isinstance(calib, Covariances):
             raise ConfigError("the streamed engine takes a covariance file, not Covariances in memory; pass its path")
         if out is not None:
-            report = stream_prepare(str(source), config, out, overwrite, calib, save_covariance, trust_remote_code, progress)
+            report = stream_prepare(str(source), config, out, overwrite, calib, save_covariance, trust_remote_code, progress, where=where)
             return Prepared(report, Path(out))
         with tempfile.TemporaryDirectory(prefix="qcorda-prepare-", ignore_cleanup_errors=True) as tmp:
-            report = stream_prepare(str(source), config, Path(tmp) / "prepared", False, calib, save_covariance, trust_remote_code, progress)
-            model = load_prepared(Path(tmp) / "prepared", device=config.device)
+            report = stream_prepare(str(source), config, Path(tmp) / "prepared", False, calib, save_covariance, trust_remote_code, progress,
+                                    where=where)
+            model = load_prepared(Path(tmp) / "prepared", device=str(where.device))
         return Prepared(report, None, model)
     if isinstance(source, (str, Path)):
         print(f"qcorda prepare: method {config.method} runs in memory (the streamed engine does not store it): "
@@ -110,15 +112,16 @@ def prepare(
         tokenizer, model_id = tokenizer or tok, str(source)
     else:
         model, model_id = source, getattr(source.config, "_name_or_path", "") or type(source).__name__
-    peft_model, report = prepare_model(model, config, model_id, calib, tokenizer, save_covariance, progress)
+    peft_model, report = prepare_model(model, config, model_id, calib, tokenizer, save_covariance, progress, where)
     if out is not None:
         save_prepared(peft_model, out, tokenizer, report, overwrite)
     return Prepared(report, Path(out) if out is not None else None, peft_model)
 
 
 def prepare_model(model, config: InitConfig, model_id: str = "", calib: Covariances | str | Path | None = None, tokenizer=None,
-                  save_covariance: str | Path | None = None, progress: bool = True):
-    """The in-memory engine: ``(peft_model, report)`` from an fp32 ``model``, modified in place."""
+                  save_covariance: str | Path | None = None, progress: bool = True, where: Placement | None = None):
+    """The in-memory engine: ``(peft_model, report)`` from an fp32 ``model``, modified in place, computing
+    on ``where`` (default: ``config``'s device and dtype, resolved here once)."""
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -128,7 +131,8 @@ def prepare_model(model, config: InitConfig, model_id: str = "", calib: Covarian
     check_rank(model, targets, config.rank)
     plan = storage_plan(model, targets, config.keep_full_precision, spec(config.method).quantized)
     check_loadable(model, targets + list(plan.base))
-    device = resolve_device(config.device)
+    where = where or Placement.of(config)
+    device = where.device
     covs, eva, calibration = _calibration(model, config, model_id, targets, calib, tokenizer, save_covariance, progress, device)
     layers: dict[str, tuple] = {}
     results: list[LayerResult] = []
@@ -140,11 +144,11 @@ def prepare_model(model, config: InitConfig, model_id: str = "", calib: Covarian
         results.append(result)
         bar.set_postfix(err=f"{result.rel_err:.3f}")
     base = {n: quantize_nf4(weight_of(model.get_submodule(n)).detach().to(device=device, dtype=torch.float32)) for n in plan.base}
-    compute_dtype = resolve_compute_dtype(config.compute_dtype)
+    compute_dtype = where.compute_dtype
     peft_model = assemble(model, config, layers, compute_dtype, device, base, plan.skip_modules)
     report = PrepareReport(
         config=config, model=model_id, targets=tuple(targets), layers=tuple(results), calibration=calibration,
-        compute_dtype=str(compute_dtype).removeprefix("torch."), seconds=time.perf_counter() - t_start, versions=versions(),
+        compute_dtype=where.dtype_name, seconds=time.perf_counter() - t_start, versions=versions(),
         storage=plan.to_json(),
     )
     return peft_model, report

@@ -1,6 +1,6 @@
 """The learning rate from a measurement on the recipe's own model, init and data (``learning_rate: probe``).
 
-Three measurements, each a pure function of the adapter at its init and a few training sequences
+Four measurements, each a pure function of the adapter at its init and a few training sequences
 (the parameters are put back exactly; nothing is stored on the model), returning a frozen
 :class:`ProbeResult`. Their cost is counted in *sequence passes* (one forward + backward of one
 training sequence); :func:`probe_budget` allows :data:`BUDGET_FRACTION` of the training run's
@@ -22,6 +22,11 @@ adapter parameters (P = |g| + :data:`PRECOND_FLOOR` × the tensor's RMS gradient
 first step), by power iteration with one-sided finite-difference Hessian-vector products
 ``H v ≈ (g(θ + h v) − g(θ)) / h``; ``lr = SHARPNESS_C / λ``. Tensors whose gradient is exactly zero
 (QLoRA's A, next to B = 0) do not move in Adam's first step and are left out.
+
+``direction``: the curvature along Adam's first step. With d = sign(g) (that step's direction) and
+the one-sided finite difference ``H d ≈ (g(θ + h d) − g(θ)) / h``, the quadratic model of the loss along
+d is lowest at ``lr* = gᵀd / dᵀHd = Σ|g| / dᵀHd``; ``lr = lr* / DIRECTION_DIVISOR``. Two passes per
+sequence (one gradient at θ, one at θ + h d).
 
 ``range``: an lr range test on the adapter (restored afterwards): AdamW over one fixed batch while
 the lr rises exponentially from :data:`RANGE_LR` [0] to [1], loss smoothed by an EMA; ``lr = lr_min
@@ -59,6 +64,8 @@ SHARPNESS_C = 1.0
 PRECOND_FLOOR = 0.1
 #: ``sharpness``: power-iteration steps (each one sequence pass per probe sequence).
 SHARPNESS_ITERS = 5
+#: ``direction``: lr = lr* / DIRECTION_DIVISOR (eval/results/lr_probe.md).
+DIRECTION_DIVISOR = 1.0
 #: ``range``: the exponential ramp's first and last learning rates.
 RANGE_LR = (1e-6, 1e-1)
 #: ``range``: lr = (lr at the smoothed loss's minimum) / RANGE_DIVISOR.
@@ -80,7 +87,7 @@ class ProbeResult:
     learning_rate: float
     """The learning rate the probe sets."""
     measured: float
-    """update: u, the relative weight-space update per unit lr; sharpness: λ; range: lr at the smoothed-loss minimum."""
+    """update: u, the relative weight-space update per unit lr; sharpness: λ; direction: lr*; range: lr at the smoothed-loss minimum."""
     rule: str
     """How ``learning_rate`` follows from ``measured`` (the formula with its constant)."""
     sequences: int
@@ -243,6 +250,36 @@ def preconditioned_sharpness(model, params: dict, batches: list[tuple], grads: d
     return lam, tuple(trace)
 
 
+def step_curvature(model, params: dict, batches: list[tuple], grads: dict[str, torch.Tensor],
+                   key: str = "train.learning_rate") -> float:
+    """lr* = Σ|g| / dᵀHd with d = sign(g), the minimum of the quadratic model of the loss along Adam's
+    first step; ``H d`` by the one-sided finite difference with h = 1e-3 × max(‖θ‖, 1) / ‖d‖. The
+    adapter is put back. A non-positive curvature (no minimum along d) raises :class:`ProbeFailed`."""
+    d = {n: torch.sign(g) for n, g in grads.items()}
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    norm_d = math.sqrt(sum(float(x.abs().sum()) for x in d.values()))  # ‖sign(g)‖² = number of nonzero entries
+    if norm_d == 0:
+        raise ProbeFailed(f"the learning-rate probe failed: every adapter gradient is zero; set {key} to a number or auto")
+    h = 1e-3 * max(math.sqrt(sum(float(t.pow(2).sum()) for t in theta.values())), 1.0) / norm_d
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(d[n], alpha=h)
+        loss, g1 = _loss_and_grads(model, params, batches)
+        _check(loss, "the loss at the finite-difference point", key)
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(theta[n])
+    dhd = sum(float((d[n] * (g1[n] - grads[n])).sum()) for n in params) / h
+    gd = sum(float(g.abs().sum()) for g in grads.values())
+    _check(dhd, "the curvature along Adam's first step", key)
+    if dhd <= 0:
+        raise ProbeFailed(f"the learning-rate probe failed: the loss is not convex along Adam's first step (dᵀHd = {dhd:g}); "
+                          f"set {key} to a number or auto, or use train.lr_probe: update")
+    return gd / dhd
+
+
 def range_test(model, params: dict, batches: list[tuple], steps: int, lr_range: tuple[float, float] | None = None,
                betas: tuple[float, float] = (0.9, 0.999), key: str = "train.learning_rate") -> tuple[float, tuple[float, ...]]:
     """AdamW over ``batches`` (the same every step) while the lr rises exponentially from
@@ -313,6 +350,14 @@ def probe_lr(model, tok, examples: Sequence, budget: int, method: ProbeMethod = 
                                   f"set {key} to a number or auto")
             res = dict(learning_rate=SHARPNESS_C / lam, measured=lam, rule=f"lr = {SHARPNESS_C:g} / λ",
                        passes=n * (SHARPNESS_ITERS + 1), trace=trace)
+        elif method == "direction":
+            n = max(1, budget // 2)
+            batches = probe_batches(tok, examples, n, seed, max_length, batch_size)
+            loss, grads = _loss_and_grads(model, params, batches)
+            _check(loss, "the probe's training loss", key)
+            lr_star = step_curvature(model, params, batches, grads, key)
+            res = dict(learning_rate=lr_star / DIRECTION_DIVISOR, measured=lr_star, rule=f"lr = lr* / {DIRECTION_DIVISOR:g}",
+                       passes=2 * n, trace=())
         elif method == "range":
             n = max(1, min(batch_size, budget // 8))
             steps = max(2, budget // n)
@@ -321,7 +366,7 @@ def probe_lr(model, tok, examples: Sequence, budget: int, method: ProbeMethod = 
             res = dict(learning_rate=lr_min / RANGE_DIVISOR, measured=lr_min, rule=f"lr = lr_min / {RANGE_DIVISOR:g}",
                        passes=n * steps, trace=trace)
         else:
-            raise ConfigError(f"unknown probe method {method!r}; choose update, sharpness or range", "lr_probe")
+            raise ConfigError(f"unknown probe method {method!r}; choose update, sharpness, direction or range", "lr_probe")
     finally:
         model.train(was_training)
     return ProbeResult(method=method, sequences=n, budget=budget, seconds=time.perf_counter() - t0, seed=seed, **res)

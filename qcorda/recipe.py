@@ -25,7 +25,7 @@ Template = Literal["alpaca", "plain", "chat"]
 Optim = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
 QuantStorage = Literal["auto", "uint8", "bfloat16", "float16", "float32"]
 #: The measurements ``learning_rate: probe`` can take (:mod:`qcorda.probe`).
-LrProbe = Literal["update", "sharpness", "range"]
+LrProbe = Literal["update", "sharpness", "direction", "range"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class TrainConfig:
     lr_probe: LrProbe = "update"
     """What ``learning_rate: probe`` measures: ``update``, the size of Adam's first weight-space update
     (lr = τ/u); ``sharpness``, the top eigenvalue of the Adam-preconditioned Hessian (lr = c/λ);
+    ``direction``, the curvature along Adam's first step (lr = the quadratic model's minimum / c);
     ``range``, an lr range test (lr = lr_min / 10). Recipe: ``train.lr_probe``."""
     base_learning_rate: float = QLORA_LR
     """QLoRA's learning rate for this setup, which ``learning_rate: auto`` scales per method (2e-4:

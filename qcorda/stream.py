@@ -46,7 +46,7 @@ from .decompose import DecompositionError
 from .io import atomic_dir, check_out_dir, replace_atomic, write_text_atomic
 from .layer import prepare_layer
 from .methods import spec
-from .models import resolve_compute_dtype, resolve_device, resolve_local, skeleton
+from .models import Placement, resolve_compute_dtype, resolve_device, resolve_local, skeleton
 from .prepared import LayerResult, PrepareReport, config_json, versions, write_prepared
 from .quantize import bnb_config, linear4bit, quantize_nf4
 from .targets import StoragePlan, check_loadable, check_rank, find_targets, storage_plan
@@ -130,9 +130,11 @@ def open_source(model_id: str, cfg: InitConfig, out: Path, trust_remote_code: bo
 # --------------------------------------------------------------------------- the work directory
 
 
-def work_manifest(src: Source, cfg: InitConfig, covariance: str | Path | None) -> dict:
+def work_manifest(src: Source, cfg: InitConfig, covariance: str | Path | None, device: torch.device | None = None) -> dict:
     """What a finished layer depends on; a work directory is reused only when this matches.
-    The device is part of it: another device computes other bits."""
+    The device (``device``, resolved by the caller; default ``cfg.device``'s) is part of it: another
+    device computes other bits."""
+    device = device or resolve_device(cfg.device)
     calibration = None
     if cfg.needs_covariance:
         if covariance is not None and not Path(covariance).exists():
@@ -142,7 +144,7 @@ def work_manifest(src: Source, cfg: InitConfig, covariance: str | Path | None) -
         "format": PARTIAL_FORMAT,
         "model": src.model_id,
         "files": src.ckpt.fingerprint(),
-        "config": dict(config_json(cfg), device=resolve_device(cfg.device).type),
+        "config": dict(config_json(cfg), device=device.type),
         "targets": list(src.targets),
         "base_nf4": list(src.plan.base),
         "calibration": calibration,
@@ -215,6 +217,7 @@ def stream_prepare(
     trust_remote_code: bool = False,
     progress: bool = True,
     log=print,
+    where: Placement | None = None,
 ) -> PrepareReport:
     """Prepare ``model`` (a local HF directory, hub id or ``gemma-3-270m``) into ``out``, layer by layer.
 
@@ -226,27 +229,31 @@ def stream_prepare(
     ``open`` (the checkpoint and its skeleton), ``covariance`` (the block-by-block calibration walk
     and gathering its matrices into one file; ~0 when none is needed or it is reused), ``layers``
     (split and quantize every target) and ``output`` (assemble and write the prepared directory).
+
+    ``where``: the device and compute dtype, resolved by the caller (:func:`qcorda.prepare.prepare`);
+    default: ``cfg``'s, resolved here, once for the whole run.
     """
     t_start = time.perf_counter()
+    where = where or Placement(resolve_device(cfg.device), resolve_compute_dtype(cfg.compute_dtype))
     out = check_out_dir(out, overwrite)
     src = open_source(model, cfg, out, trust_remote_code)
-    manifest = work_manifest(src, cfg, covariance)
+    manifest = work_manifest(src, cfg, covariance, where.device)
     t_open = time.perf_counter()
     scratch = out.parent / f".{out.name}.scratch"  # a killed calibration's leftovers go first
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        covs = _covariances(src, cfg, out, manifest, covariance, scratch, trust_remote_code, progress)
+        covs = _covariances(src, cfg, out, manifest, covariance, scratch, trust_remote_code, progress, where.device)
         work = open_work_dir(out, manifest, log)
         try:
             covs = _settle(work, covs, scratch, save_covariance)
             t_cov = time.perf_counter()
-            results, resumed = _layers(work, src, cfg, covs, progress)
+            results, resumed = _layers(work, src, cfg, covs, progress, where)
             t_layers = time.perf_counter()
             calibration = None if covs is None else dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=cfg.calib.data)
             covs = None  # the covariances are done with: free them before the output shards are assembled
             _return_freed_memory()
             report = PrepareReport(cfg, model, src.targets, tuple(replace(r, seconds=0.0) for r in results), calibration,
-                                   str(resolve_compute_dtype(cfg.compute_dtype)).removeprefix("torch."), 0.0, versions(),
+                                   where.dtype_name, 0.0, versions(),
                                    src.plan.to_json())
             with atomic_dir(out, overwrite) as tmp:
                 _write_output(tmp, src, work, report, trust_remote_code)
@@ -271,7 +278,7 @@ def stream_prepare(
 
 
 def _covariances(src: Source, cfg: InitConfig, out: Path, manifest: dict, covariance, scratch: Path, trust_remote_code: bool,
-                 progress: bool) -> Covariances | None:
+                 progress: bool, device: torch.device) -> Covariances | None:
     """The calibration covariances: the work directory's (a resumed run), else collected block by block
     into ``scratch`` (or read from ``covariance``); None for a method that needs none."""
     if not cfg.needs_covariance:
@@ -288,7 +295,7 @@ def _covariances(src: Source, cfg: InitConfig, out: Path, manifest: dict, covari
         for d in (scratch / "tokenizer", scratch / "covariance"):
             d.mkdir(parents=True)
         covs = checkpoint_covariances(src.model_id, src.path, src.skel, src.ckpt, list(src.order), list(src.targets), cfg, covariance,
-                                      trust_remote_code, progress, scratch / "covariance", scratch / "tokenizer")
+                                      trust_remote_code, progress, scratch / "covariance", scratch / "tokenizer", device=device)
     unknown = [t for t in src.targets if t not in covs.members]
     if unknown:
         raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")
@@ -320,11 +327,11 @@ def _settle(work: Path, covs: Covariances | None, scratch: Path, save_covariance
     return covs
 
 
-def _layers(work: Path, src: Source, cfg: InitConfig, covs: Covariances | None, progress: bool) -> tuple[list[LayerResult], int]:
+def _layers(work: Path, src: Source, cfg: InitConfig, covs: Covariances | None, progress: bool, where: Placement) -> tuple[list[LayerResult], int]:
     """Every target's layer file (finished ones are reused); ``(results, layers reused)``."""
     from tqdm.auto import tqdm
 
-    device, compute_dtype = resolve_device(cfg.device), resolve_compute_dtype(cfg.compute_dtype)
+    device, compute_dtype = where.device, where.compute_dtype
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     results, resumed = [], 0
     bar = tqdm(list(enumerate(src.targets)), desc=f"prepare {cfg.method} r={cfg.rank}", unit="layer", disable=not progress)

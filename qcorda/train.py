@@ -59,21 +59,24 @@ def prepared_model(recipe: Recipe, progress: bool = True):
     ``recipe.init`` once into ``output_dir/prepared`` (by the streamed engine when it stores the
     method: the original model is never whole in memory) and load it from there, so that the first
     run and a resumed one train the very same model."""
+    import torch
+    from accelerate import PartialState
     from transformers import AutoTokenizer
 
+    # First: under accelerate launch the state gives this rank its own device (cuda:LOCAL_RANK); a bare
+    # "cuda" would put every rank's model on GPU 0.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device = str(state.device)
     if recipe.prepared is not None:
         prepared = Path(recipe.prepared)
         read_manifest(prepared, flag="prepared:")
-        return load_prepared(prepared), AutoTokenizer.from_pretrained(str(prepared)), prepared
+        return load_prepared(prepared, device=device), AutoTokenizer.from_pretrained(str(prepared)), prepared
     prepared = Path(recipe.output_dir) / "prepared"
-    import torch
-    from accelerate import PartialState
-
-    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():  # under accelerate launch, rank 0 prepares, the others load it
-        return _prepare_or_load(recipe, prepared, progress)
+    with state.main_process_first():  # under accelerate launch, rank 0 prepares, the others load it
+        return _prepare_or_load(recipe, prepared, progress, device)
 
 
-def _prepare_or_load(recipe: Recipe, prepared: Path, progress: bool):
+def _prepare_or_load(recipe: Recipe, prepared: Path, progress: bool, device: str | None = None):
     from transformers import AutoTokenizer
 
     if (prepared / MANIFEST).exists():
@@ -87,7 +90,7 @@ def _prepare_or_load(recipe: Recipe, prepared: Path, progress: bool):
             )
     else:
         prepare(recipe.model, recipe.init, out=prepared, progress=progress)
-    return load_prepared(prepared), AutoTokenizer.from_pretrained(str(prepared)), prepared
+    return load_prepared(prepared, device=device), AutoTokenizer.from_pretrained(str(prepared)), prepared
 
 
 def recipe_examples(recipe: Recipe, tokenizer) -> tuple[list, list]:
@@ -158,7 +161,7 @@ def use_bf16(recipe: Recipe) -> bool:
     import torch
 
     if recipe.train.bf16 == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)  # V100/T4 emulate it
     return bool(recipe.train.bf16)
 
 

@@ -1,5 +1,5 @@
 """Shared test setup: a prepared tiny model and a 'trained' adapter (merge / to-lora tests), and
-the scripts under eval/ loaded as modules."""
+the scripts under eval/ imported as modules."""
 
 from __future__ import annotations
 
@@ -44,11 +44,7 @@ def edited_adapter(trained, out, **config_updates):
 
 
 def eval_script(name: str):
-    """``eval/NAME.py`` loaded as a module (eval/ is not a package)."""
-    import importlib.util
-    from pathlib import Path
+    """The script ``eval/NAME.py``, imported as the module ``eval.NAME`` (the repository root is on pytest's path)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "eval" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"eval.{name}")

@@ -10,12 +10,13 @@ from qcorda.baselines import baseline_layer, eva_components
 from qcorda.config import CalibConfig, ConfigError, InitConfig
 from qcorda.adapters import dense_weight, plain_lora_refusal
 from qcorda.calibration import calibration_texts
+from qcorda.methods import names
 from qcorda.prepare import prepare
 from qcorda.prepared import load_prepared, save_prepared
 from qcorda.quantize import nf4_roundtrip
 from qcorda.targets import weight_of
 
-METHODS = ["lora", "qdora", "qeva", "qolora"]
+METHODS = names(baseline=True)
 CALIB = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=12, max_length=48, batch_size=4)
 
 
@@ -81,7 +82,8 @@ def test_init_layer_is_base_plus_adapter(method, tok):
             assert torch.equal(Wb, W) and res.err == 0.0  # fp32 compute on CPU: the 16-bit reference is exact
         elif method == "qolora":  # OLoRA: W = QR, B = Q[:, :r], A = R[:r], residual quantized by bnb
             Q, R = torch.linalg.qr(W)
-            torch.testing.assert_close(B, Q[:, :4]) and torch.testing.assert_close(A, R[:4])
+            torch.testing.assert_close(B, Q[:, :4])
+            torch.testing.assert_close(A, R[:4])
             torch.testing.assert_close(Wb, nf4_roundtrip(W - s * B @ A), atol=0, rtol=0)
         else:  # PEFT's zero B: the base is plain NF4 of W, the error is qlora's
             assert torch.count_nonzero(B) == 0
@@ -114,9 +116,9 @@ def test_qeva_captures_input_variance(tok):
 
 def test_qeva_needs_calibration_data(tok):
     cfg = InitConfig(method="qeva", rank=4)
-    with pytest.raises(ConfigError, match="--calib-data"):
+    with pytest.raises(ConfigError, match=r"^calib\.data is needed by method qeva"):  # the CLI shows it as --calib-data
         prepare(tiny.model("llama"), cfg, tokenizer=tok, progress=False)
-    with pytest.raises(ConfigError, match="--calib-data"):
+    with pytest.raises(ConfigError, match=r"calib\.data"):
         baseline_layer(torch.randn(8, 16), InitConfig(method="qeva", rank=2), "x")
 
 

@@ -16,7 +16,7 @@ from qcorda.config import CompareConfig
 from qcorda.render import write_report
 from qcorda.scoring import final_hidden, ppl_and_kl, scored_batches
 
-METHODS = ("qlora", "qpissa", "qcorda-cal", "lora")
+METHODS = ("qlora", "qpissa", "qcorda-cal", "lora")  # subset: the reference, SVD, covariance and 16-bit kinds
 RANKS = (4, 8)
 EVAL = ("gsm8k-test", "wikitext2")
 
@@ -91,8 +91,6 @@ def test_model_is_restored(run):
 
 def test_layer_errors_match_prepare_layer_and_definitions(run):
     model, _, _ = run
-    from qcorda.decompose import damp
-
     W = model.get_submodule("model.layers.0.mlp.down_proj").weight.detach().float()
     cfg = InitConfig(method="qpissa", rank=4)
     W_eff, result = effective_weight(W, cfg, "x", None)
@@ -104,7 +102,10 @@ def test_layer_errors_match_prepare_layer_and_definitions(run):
     L = torch.linalg.cholesky(C.double())
     assert e.act[0] == pytest.approx(float((E @ L).pow(2).sum()), rel=1e-4)
     assert e.nuclear == pytest.approx(float(torch.linalg.svdvals(E).sum()), rel=1e-4)
-    assert damp(C).L.shape == L.shape
+    # C_eval itself, undamped: with fewer records than features it has no Cholesky factor, and still
+    # tr(E·C·Eᵀ) = ‖E·Xᵀ‖²_F / n
+    Xs = X[:8]
+    assert layer_errors(W, W_eff, [(Xs.T @ Xs / 8).float()]).act[0] == pytest.approx(float((E @ Xs.T).pow(2).sum() / 8), rel=1e-4)
 
 
 def test_scored_batches_and_streamed_kl(tok):

@@ -11,7 +11,7 @@ from qcorda.testing import tiny
 from qcorda.config import ConfigError, EvalConfig, InitConfig
 from qcorda.data import load_records
 from qcorda.evaluate import (
-    evaluate, exact_match, extract_answer, generate, gsm8k, load_for_eval, normalize_answer, nq, perplexity, write_results,
+    evaluate, exact_match, extract_answer, generate, gsm8k, load_for_eval, normalize_answer, nq, nq_prompts, perplexity, write_results,
 )
 from qcorda.scoring import encode_pairs, sequence_nll
 
@@ -95,6 +95,15 @@ def test_perplexity_stride_scores_every_token_once(tok):
 # --------------------------------------------------------------------------- tasks on a tiny model
 
 
+def _answer_logprob(model, tok, prompt: str, answer: str) -> tuple[float, float]:
+    """(mean, sum) over the answer's tokens of log p(token | prompt, earlier answer tokens)."""
+    p, a = tok(prompt)["input_ids"], tok(answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = model(torch.tensor([p + a])).logits[0].float().log_softmax(-1)
+    total = sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(a))
+    return total / len(a), total
+
+
 def test_each_task_smoke(tok, tmp_path):
     model = tiny.model("llama")
     g = gsm8k(model, tok, limit=3, max_new_tokens=12, batch_size=2, progress=False)
@@ -102,7 +111,12 @@ def test_each_task_smoke(tok, tmp_path):
     assert [s["gold"] for s in g.samples] == ["18", "3", "70000"]
     q = nq(model, tok, limit=4, max_new_tokens=6, batch_size=3, progress=False)
     assert q.n == 4 and q.metrics["gold_logprob"] < 0 and q.metrics["gold_logprob_sum"] <= q.metrics["gold_logprob"]
-    assert all(s["gold_logprob"] == max(s["gold_logprob"], -1e9) for s in q.samples)
+    # each question's gold log-probs, by hand: one unpadded forward per accepted answer, the best answer's
+    for s, prompt in zip(q.samples, nq_prompts(load_records("nq-open", "test")[:4])):
+        means, sums = zip(*(_answer_logprob(model, tok, prompt, a) for a in s["answers"]))
+        assert s["gold_logprob"] == pytest.approx(max(means), rel=1e-4, abs=1e-5)
+        assert s["gold_logprob_sum"] == pytest.approx(max(sums), rel=1e-4, abs=1e-5)
+    assert q.metrics["gold_logprob"] == pytest.approx(sum(s["gold_logprob"] for s in q.samples) / 4)
     p = perplexity(model, tok, max_tokens=200, window=64, stride=32, progress=False)
     assert p.n == 199 and p.metrics["ppl"] > 1  # no BOS in the tiny tokenizer: the first token is not scored
     results = {"gsm8k": g, "nq": q, "ppl": p}
@@ -287,3 +301,19 @@ def test_study_report_best_lr_skips_diverged_runs_and_keeps_the_reading(tmp_path
     out.with_suffix(".md").write_text(text.replace("READING_PLACEHOLDER", "Hand-written."))
     study.write_report(out, res, args)
     assert "Hand-written." in out.with_suffix(".md").read_text()
+
+
+def test_gsm8k_answer_loss_without_generation(tok, monkeypatch):
+    """``generate_answers=False``: the same held-out answer loss, no decoding, no accuracy."""
+    import qcorda.evaluate as ev
+
+    model = tiny.model("llama")
+    full = gsm8k(model, tok, limit=3, max_new_tokens=4, batch_size=2, progress=False)
+
+    def refuse(*a, **k):
+        raise AssertionError("generate() called")
+
+    monkeypatch.setattr(ev, "generate", refuse)
+    fast = gsm8k(model, tok, limit=3, batch_size=2, progress=False, generate_answers=False)
+    assert fast.metrics["accuracy"] is None and fast.metrics["answer_nll"] == pytest.approx(full.metrics["answer_nll"], rel=1e-6)
+    assert "answer_nll" in fast.summary()

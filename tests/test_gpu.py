@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CALIB = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=12, max_length=48, batch_size=4)
 
 
-@pytest.mark.parametrize("method", ["qpissa", "qcorda-ipm", "qeva"])
+@pytest.mark.parametrize("method", ["qpissa", "qcorda-ipm", "qeva"])  # subset: SVD, covariance, EVA on the GPU
 def test_bf16_prepare_on_cuda_reloads_bit_for_bit(method, tok, tmp_path):
     """The in-memory engine on the GPU (calibration, split, NF4 codes, bf16 compute) and its saved directory loaded
     back onto the GPU compute the same logits, as they do on the CPU (tests/test_prepare.py)."""

@@ -8,6 +8,7 @@ import torch
 from qcorda.testing import tiny
 from qcorda.config import CalibConfig, ConfigError, InitConfig
 from qcorda.decompose import activation_fit, damp, svd_split
+from qcorda.methods import NAMES, names, spec
 import qcorda.calibration
 from qcorda.calibration import collect_covariances
 from qcorda.prepare import prepare
@@ -15,15 +16,16 @@ from qcorda.prepared import load_prepared, save_prepared
 from qcorda.quantize import nf4_roundtrip
 from qcorda.targets import find_targets, weight_of
 
-METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"]
-#: Methods whose stored codes are the ones their last fit was made for (Q_T), not NF4(W − s·B·A).
-KEEP_CODES = {"loftq", "qpissa", "qcorda-cal", "qera"}
+METHODS = names(baseline=False)
+#: Methods whose stored codes are the ones their last fit was made for (Q_T), not NF4(W − s·B·A): the
+#: iterative ones (at iters 2, as _cfg sets), and qera, one alternation from B·A = 0.
+KEEP_CODES = set(names(iterative=True)) | {"qera"}
 CALIB = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=12, max_length=48, batch_size=4)
 
 
 def _cfg(method, **kw):
     """Exact SVDs: the invariants below say "the optimal rank-r fit", which the randomized solver approaches."""
-    iters = kw.pop("iters", 2 if method in ("loftq", "qpissa", "qcorda-cal") else None)
+    iters = kw.pop("iters", 2 if spec(method).iterative else None)
     return InitConfig(method=method, rank=kw.pop("rank", 4), calib=CALIB, iters=iters, svd=kw.pop("svd", "full"), **kw)
 
 
@@ -36,7 +38,7 @@ def _dequantized(lora_layer):
 
 def _fit(method, E, cfg, covs, name):
     """The method's own rank-r fit of the quantization error E ``(out, in)``."""
-    if method in ("loftq", "qpissa"):
+    if not spec(method).covariance:  # loftq, qpissa: the Frobenius fit
         return svd_split(E, cfg.rank, cfg.scaling)
     return activation_fit(E, damp(covs.of(name), cfg.ridge), cfg.rank, cfg.scaling)
 
@@ -168,10 +170,7 @@ def test_a_layer_with_zero_inputs_is_named(tok):
         prepare(model, _cfg("qcorda-ipm"), tokenizer=tok, progress=False)
 
 
-ALL_METHODS = METHODS + ["lora", "qdora", "qeva", "qolora"]
-
-
-@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("method", NAMES)
 def test_in_memory_equals_reloaded_bit_for_bit_with_bf16_compute(method, tok, tmp_path):
     """Defect: the in-memory engine cast non-persistent buffers (rotary inv_freq) to bf16, from_pretrained
     keeps them fp32, so the first `qcorda train` run trained another model than a resumed one."""

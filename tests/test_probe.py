@@ -23,10 +23,10 @@ def examples():
     return load_examples("gsm8k-train", ("question", "answer"), "alpaca", 64)
 
 
-def _lora(k: float = 1.0, seed: int = 0):
+def _lora(k: float = 1.0, seed: int = 0, b_std: float = 0.05):
     """A tiny fp32 Llama with random rank-4 LoRA factors (B ≠ 0). With ``k`` ≠ 1, both factors are
     scaled by k and the base weight absorbs the change, W' = W − s(k² − 1)·B·A, so the effective weight
-    W + s·B·A, the loss and its gradient w.r.t. that weight are the same as at k = 1."""
+    W + s·B·A, the loss and its gradient w.r.t. that weight are the same as at k = 1. ``b_std`` 0: B = 0, as QLoRA."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -34,7 +34,7 @@ def _lora(k: float = 1.0, seed: int = 0):
                                                                        init_lora_weights=False, lora_dropout=0.0))
     with torch.no_grad():
         for _, A, B, s, base in P.lora_layers(model):
-            B.normal_(0, 0.05)
+            B.normal_(0, b_std) if b_std else B.zero_()
             base.weight -= s * (k * k - 1) * (B @ A)
             A.mul_(k)
             B.mul_(k)
@@ -45,16 +45,17 @@ def _same(a: P.ProbeResult, b: P.ProbeResult) -> bool:
     return (a.learning_rate, a.measured, a.trace, a.passes, a.sequences) == (b.learning_rate, b.measured, b.trace, b.passes, b.sequences)
 
 
-@pytest.mark.parametrize("method", ["update", "sharpness", "range"])
+@pytest.mark.parametrize("method", ["update", "sharpness", "direction", "range"])
 def test_probe_is_deterministic_for_a_seed_and_leaves_the_adapter(method, tok, examples):
-    model = _lora()
+    # direction: a random tiny model is not convex along Adam's first step unless B starts at 0 (test below)
+    model = _lora(b_std=0.0 if method == "direction" else 0.05)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    a = P.probe_lr(model, tok, examples, 12, method, seed=3, max_length=256, batch_size=4)
-    b = P.probe_lr(model, tok, examples, 12, method, seed=3, max_length=256, batch_size=4)
+    a = P.probe_lr(model, tok, examples, 12, method, seed=1, max_length=256, batch_size=4)
+    b = P.probe_lr(model, tok, examples, 12, method, seed=1, max_length=256, batch_size=4)
     assert _same(a, b) and a.learning_rate > 0 and a.passes <= a.budget == 12
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # the probe put every parameter back
     assert all(p.grad is None for p in model.parameters())
-    c = P.probe_lr(model, tok, examples, 12, method, seed=4, max_length=256, batch_size=4)
+    c = P.probe_lr(model, tok, examples, 12, method, seed=0, max_length=256, batch_size=4)
     assert (c.measured, c.trace) != (a.measured, a.trace)  # the seed draws the probe's sequences
 
 
@@ -149,3 +150,9 @@ def test_recipe_rejects_an_unknown_probe(tmp_path, tok):
         load_recipe(_recipe(tmp_path, "unused", lr_probe="hessian"))
     with pytest.raises(ConfigError, match=r"train\.learning_rate.*probe"):
         load_recipe(_recipe(tmp_path, "unused", learning_rate="probing"))
+
+
+def test_direction_refuses_a_loss_that_is_not_convex_along_the_step(tok, examples):
+    """On the tiny random model with B ≠ 0 and these sequences (seed 4) the curvature along sign(g) is negative: no minimum, no lr."""
+    with pytest.raises(P.ProbeFailed, match=r"not convex.*set train\.learning_rate"):
+        P.probe_lr(_lora(), tok, examples, 12, "direction", seed=4, max_length=256)

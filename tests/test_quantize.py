@@ -1,5 +1,6 @@
 """The residual is quantized by bitsandbytes itself, as Linear4bit stores it."""
 
+import pytest
 import torch
 
 from qcorda.quantize import BLOCKSIZE, dequantize_nf4, linear4bit, nf4_roundtrip, quantize_nf4
@@ -37,6 +38,15 @@ def test_bias_kept():
     torch.testing.assert_close(layer(x), x @ nf4_roundtrip(W).T + b, atol=1e-5, rtol=1e-5)
 
 
+def _has_avx512_bf16() -> bool:
+    """What bitsandbytes asks before it switches a CPU eval-mode forward to its bf16 kernel."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="bitsandbytes takes its bf16 CPU kernel only on CPUs with AVX512-BF16; "
+                    "without it the dequantize path is the only one, and the test cannot fail")
 def test_linear4bit_eval_mode_multiplies_by_the_dequantized_weight_in_fp32():
     """On CPUs with AVX512-BF16, bitsandbytes' eval-mode forward would switch to a bf16 kernel;
     qcorda's layers (built here or reloaded by load_prepared) keep the dequantize path, so the

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from qcorda.config import CalibConfig, InitConfig
+from qcorda.methods import names
 
 pytestmark = pytest.mark.slow
 
-METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal"]
+METHODS = names(baseline=False)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_every_method_prepares_and_good_ones_beat_qlora(gemma_setup):
     print("\nmethod        weight/qlora  held-out act/qlora")
     for m, (w, a) in totals.items():
         print(f"{m:12s}  {w / base_w:.3f}         {a / base_a:.3f}")
-    for m in ("qpissa", "loftq", "qcorda-ipm", "qcorda-cal"):
+    for m in ("qpissa", "loftq", "qcorda-ipm", "qcorda-cal"):  # subset: the ones that beat plain NF4 on both errors
         w, a = totals[m]
         assert w <= base_w and a <= base_a, m
 
@@ -64,7 +65,7 @@ def test_prepare_end_to_end_and_reload(gemma_path, tmp_path):
 
     cfg = InitConfig(method="qcorda-ipm", rank=16, calib=CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=32, max_length=128))
     tok = AutoTokenizer.from_pretrained(gemma_path)
-    p = prepare(gemma_path, cfg, tokenizer=tok, progress=False)  # no out: the in-memory engine
+    p = prepare(gemma_path, cfg, tokenizer=tok, progress=False)  # no out: streamed into a temporary directory, loaded
     model, rep = p.model, p.report
     assert len(rep.targets) == 126 and rep.err < rep.qlora_err
     x = next(token_batches(tok, ["Natalia sold clips to 48 of her friends in April."], 64, 1))

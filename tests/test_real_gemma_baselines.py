@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from qcorda.config import CalibConfig, InitConfig
+from qcorda.methods import names
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def test_baselines_per_layer_errors(gemma_path):
     eva: dict = {}  # qeva's B = 0: its error is plain NF4's whatever A is (EVA itself: the test below)
     chol = {t: damp(held_covs.of(t), 1e-6).L for t in targets}
     totals = {}
-    for method in ("lora", "qdora", "qolora"):
+    for method in (m for m in names(baseline=True) if m != "qeva"):
         cfg = InitConfig(method=method, rank=16, calib=CALIB)
         w_err = a_err = q_w = q_a = 0.0
         for t in targets:

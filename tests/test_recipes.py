@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qcorda.config import ConfigError
+from qcorda.methods import NAMES as METHOD_NAMES
 from qcorda.plan import (
     GB, PROJECTIONS, PlanInput, adam_state_bytes, check_arch, nf4_bytes, plan_input, plan_memory, plan_recipe,
     read_model_config, target_projections,
@@ -41,7 +42,7 @@ def test_recipe_loads_and_fits(name):
         # the header quotes the planner's figure for exactly this recipe
         assert f"qcorda plan: {fmt(round(res.plan.total / GB, 3))} GB planned" in text
     if path.parent != RECIPES_DIR:  # qcorda/recipes/<model>/<method>-<task>.yaml
-        assert path.stem.split("-")[0] in ("qcorda", "qpissa", "loftq", "qlora", "qmilora")
+        assert path.stem.split("-")[0] in {m.split("-")[0] for m in METHOD_NAMES}
         assert path.stem.startswith(recipe.init.method)
 
 

@@ -17,16 +17,17 @@ from qcorda.testing import tiny
 from qcorda.config import CalibConfig, ConfigError, InitConfig
 from qcorda.prepare import prepare
 from qcorda.prepared import load_prepared
+from qcorda.methods import names, spec
 from qcorda.models import load_model
 from qcorda.stream import partial_dir, stream_prepare
 
-METHODS = ["qlora", "loftq", "qpissa", "qmilora", "qcorda-ipm", "qcorda-kpm", "qcorda-cal", "qera"]
+METHODS = names(baseline=False)
 CALIB = CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=8, max_length=32, batch_size=4)
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(method, **kw):
-    iters = 2 if method in ("loftq", "qpissa", "qcorda-cal") else None
+    iters = 2 if spec(method).iterative else None
     return InitConfig(method=method, rank=kw.pop("rank", 4), calib=CALIB, iters=kw.pop("iters", iters), **kw)
 
 
@@ -259,3 +260,17 @@ def test_work_of_another_device_is_started_over(llama, tmp_path, monkeypatch, ca
     st.open_work_dir(tmp_path / "out", gpu)
     assert "(config.device: cpu -> cuda); starting over" in capsys.readouterr().err
     assert list((work / "layers").iterdir()) == []
+
+
+def test_timings_split_the_wall_time_into_phases(llama, tmp_path, monkeypatch):
+    """timings.json's phases add up to the wall time, and the time spent on layers is counted under ``layers``."""
+    monkeypatch.setenv("QCORDA_TEST_LAYER_DELAY", "0.05")  # after each of the 14 layers: 0.7 s in the layers phase
+    import json
+
+    out = tmp_path / "out"
+    stream_prepare(str(llama), _cfg("qcorda-ipm"), out, progress=False)
+    t = json.loads((out / "timings.json").read_text())
+    phases = t["phases"]
+    assert set(phases) == {"open", "covariance", "layers", "output"} and min(phases.values()) >= 0
+    assert sum(phases.values()) == pytest.approx(t["seconds"], abs=1e-3)
+    assert phases["layers"] >= 0.05 * len(t["layers"]) > max(phases["open"], phases["output"])

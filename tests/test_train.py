@@ -143,7 +143,7 @@ def test_an_explicit_learning_rate_far_above_the_recommended_one_warns(tmp_path,
         warnings.simplefilter("error")
         assert learning_rate(load_recipe(path, ["train.learning_rate=6e-5"])) == 6e-5  # 3x: no warning
         assert learning_rate(load_recipe(path, ["train.learning_rate=auto"])) == pytest.approx(2e-5)
-    with pytest.raises(ConfigError, match="train.learning_rate must be a positive number or auto"):
+    with pytest.raises(ConfigError, match="train.learning_rate must be a positive number, auto or probe"):
         load_recipe(path, ["train.learning_rate=fast"])
 
 
