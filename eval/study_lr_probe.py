@@ -5,22 +5,25 @@ Preset ``grid`` (the finetune study's setup: Gemma-3-270M, NF4 + DQ, r 16, 60 st
 sequences; the same prepare, training loop and measurements, imported from ``eval.study_finetune``):
 
 1. ``probe``: for each of the eight inits, every candidate measurement of :mod:`qcorda.probe`
-   (``update``, ``sharpness``, ``range``) at seed 0 within the probe budget (5 % of the run's sequence
-   passes), and ``update`` at seeds 1 and 2 (the probe's own sampling spread). Cheap: minutes.
-2. ``train``: each init trained at the lr ``probe_lr`` (the shipped method and constants) sets, seed 0
-   for every init first, then seeds 1 and 2; held-out loss paired by seed with the grid-best runs of
-   finetune.json (the seed sets the data order, the same in both studies).
+   (``update``, ``sharpness``, ``direction``, ``range``) at seed 0 within the probe budget (5 % of the
+   run's sequence passes), and at seeds 1 and 2 (the probe's own sampling spread). Cheap: minutes.
+2. ``train``: each init trained at the lr ``probe_lr`` sets with the shipped method and constants
+   (``TrainConfig().lr_probe``; the runs are kept per method), seed 0 for every init first, then seeds
+   1 and 2; held-out loss paired by seed with the grid-best runs of finetune.json (the seed sets the
+   data order, the same in both studies).
 
 Preset ``transfer`` (picked and written down before any probe result on it was seen; see
 :data:`PRESETS`): NQ-open closed-book QA instead of GSM8K, rank 64: a grid of 4 lrs x 3 inits at seed 0,
-seed 1 at each init's best, and training at the probe's lr, 2 seeds.
+seed 1 at each init's best, and training at the shipped probe's lr, 2 seeds; every candidate's lr there
+uses the constant anchored on the grid preset (never refitted on transfer data). Its results go to
+``eval/results/lr_probe_transfer.{json,md}``.
 
 Resumable: every finished unit (one init's probes, one training run) is saved at once in
 ``eval/results/lr_probe.json`` (:class:`eval.lib.Results`) with the markdown; rerun the same command
 to continue. ``--deadline HH:MM`` (UTC) starts no training run that would not end before it.
 
     OMP_NUM_THREADS=1 python -m eval.study_lr_probe                      # every part, in the default order
-    OMP_NUM_THREADS=1 python -m eval.study_lr_probe --parts update       # the shipped probe on the 8 inits only (minutes)
+    OMP_NUM_THREADS=1 python -m eval.study_lr_probe --parts candidates   # every candidate on the 8 inits, seed 0 (minutes)
     OMP_NUM_THREADS=1 python -m eval.study_lr_probe --preset transfer    # the second setup (hours)
 """
 
@@ -128,10 +131,14 @@ def report(doc: dict, ft: dict) -> str:
          "prepared again by the same `prepare_init` (seed 0) and trained by the same `run_one`, imported from `eval.study_finetune`.",
          f"- Probe budget: {P.BUDGET_FRACTION:.0%} of the run's 60 x 4 = 240 sequence passes = "
          f"{P.probe_budget(60, 4)} passes (one forward + backward of one training sequence each).",
-         f"- Candidates (`qcorda/probe.py`): `update` u = ‖s·Δ(B·A)‖/‖W‖ of Adam's first step per unit lr, lr = τ/u (τ = "
-         f"{P.UPDATE_TARGET:g}); `sharpness` λ of the Adam-preconditioned Hessian ({P.SHARPNESS_ITERS} power iterations on "
-         f"{max(1, P.probe_budget(60, 4) // (P.SHARPNESS_ITERS + 1))} sequences), lr = c/λ (c = {P.SHARPNESS_C:g}); `range` an lr "
-         f"range test {P.RANGE_LR[0]:g} → {P.RANGE_LR[1]:g}, lr = lr_min/{P.RANGE_DIVISOR:g}.", ""]
+         f"- Candidates (`qcorda/probe.py`): `update` u = ‖s·Δ(B·A)‖/‖W‖ of Adam's first step per unit lr, lr = τ/u; "
+         f"`sharpness` λ of the Adam-preconditioned Hessian ({P.SHARPNESS_ITERS} power iterations on "
+         f"{max(1, P.probe_budget(60, 4) // (P.SHARPNESS_ITERS + 1))} sequences), lr = c/λ; `direction` lr* = the minimum of the "
+         f"quadratic model along Adam's first step, lr = lr*/c; `range` an lr range test {P.RANGE_LR[0]:g} → {P.RANGE_LR[1]:g}, "
+         f"lr = lr_min/c. Section 1 uses each constant anchored on qlora (below). Shipped in qcorda/probe.py since 2026-12-06: "
+         f"τ = {P.UPDATE_TARGET:g}, c = {P.SHARPNESS_C:g}, {P.DIRECTION_DIVISOR:g}, {P.RANGE_DIVISOR:g}, the anchored values (before: "
+         f"c = 1, 1 and 10, uncalibrated); `learning_rate: probe` takes `{shipped_method()}` unless `train.lr_probe` says otherwise "
+         f"(before: `update`).", ""]
     # 1. the probe against the grid
     L += ["## 1. Probe lr against the grid's best (seed 0)", "",
           "Each candidate's lr with its constant fitted to qlora alone (the `anchored` columns: the constant that puts qlora "
@@ -177,26 +184,28 @@ def report(doc: dict, ft: dict) -> str:
         L.append(f"| {m} | {len(pts)} | {sum(0.5 <= r <= 2 for r in ra)} | {', '.join(f'{r:.2f}' for r in ra)} | "
                  f"{sum(0.5 <= r <= 2 for r in rf)} (const {fitted:.4g}) | {', '.join(f'{r:.2f}' for r in rf)} | {'; '.join(est_d)} |")
     L.append("")
-    spread = []
-    for i in GRID_INITS:
-        u = g.get(i, {}).get("probe", {}).get("update", {})
-        vals = [r["learning_rate"] for r in u.values()]
-        if len(vals) > 1:
-            spread.append(f"{i} {min(vals):.3g}-{max(vals):.3g} ({max(vals) / min(vals):.2f}x)")
-    if spread:
-        L += ["The probe's own spread (`update`, seeds 0-2, shipped τ): " + "; ".join(spread) + ".", ""]
-    costs = [(m, r["passes"], r["seconds"]) for i in GRID_INITS for m, rs in g.get(i, {}).get("probe", {}).items() for r in rs.values()]
+    for m in METHODS:
+        spread = []
+        for i in GRID_INITS:
+            vals = [_rule_lr(m, r["measured"], anchors[m]) for r in g.get(i, {}).get("probe", {}).get(m, {}).values() if "measured" in r]
+            if len(vals) > 1 and anchors[m] is not None:
+                spread.append(f"{i} {min(vals):.3g}-{max(vals):.3g} ({max(vals) / min(vals):.2f}x)")
+        if spread:
+            L += [f"The probe's own spread (`{m}`, probe seeds 0-2, anchored constant): " + "; ".join(spread) + ".", ""]
+    costs = [(m, r["passes"], r["seconds"]) for i in GRID_INITS for m, rs in g.get(i, {}).get("probe", {}).items() for r in rs.values()
+             if "passes" in r]
     if costs:
         L += ["Probe cost: " + "; ".join(f"{m} {sum(c[1] for c in costs if c[0] == m) // max(1, sum(1 for c in costs if c[0] == m))} passes, "
                                          f"{_pm([c[2] for c in costs if c[0] == m], 0)} s" for m in METHODS) + " per probe.", ""]
     # 2. training at the probe's lr
-    L += ["## 2. Held-out loss after training at the probe's lr (shipped method `update`, τ as shipped)", "",
-          "Paired by seed with the grid-best runs of finetune.json: Δ = probe-lr run − grid-best run at the same seed (n pairs). "
-          "cost = the probe's seconds / the run's training seconds, both in the same process.", "",
-          "| init | grid-best lr | probe lr | ratio | n | held-out at probe lr | at grid best (same seeds) | Δ (n) | cost |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for i in GRID_INITS:
-        runs = g.get(i, {}).get("runs", {})
+    L += ["## 2. Held-out loss after training at the probe's lr", "",
+          "Each run at the lr the method's shipped constant gave when it ran (the `update` runs: 2026-12-03, τ = 2.855e-3, "
+          "`update` then shipped). Paired by seed with the grid-best runs of finetune.json: Δ = probe-lr run − grid-best run at "
+          "the same seed (n pairs). cost = the probe's seconds / the run's training seconds, both in the same process.", "",
+          "| method | init | grid-best lr | probe lr | ratio | n | held-out at probe lr | at grid best (same seeds) | Δ (n) | cost |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, i in ((m, i) for m in METHODS for i in GRID_INITS):
+        runs = g.get(i, {}).get("runs", {}).get(m, {})
         if not runs:
             continue
         best, bruns = _grid_best(ft, i)
@@ -206,25 +215,12 @@ def report(doc: dict, ft: dict) -> str:
         paired = [r["gsm8k_loss"] - by_seed[r["seed"]] for r in mine if r["seed"] in by_seed]
         ref = [by_seed[r["seed"]] for r in mine if r["seed"] in by_seed]
         cost = [r["probe"]["seconds"] / r["train_seconds"] for r in mine]
-        L.append(f"| {i} | {best:g} | {', '.join(f'{x:.3g}' for x in lrs)} | {lrs[0] / best:.2f} | {len(mine)} | "
+        L.append(f"| {m} | {i} | {best:g} | {', '.join(f'{x:.3g}' for x in lrs)} | {lrs[0] / best:.2f} | {len(mine)} | "
                  f"{_pm([r['gsm8k_loss'] for r in mine])} | {_pm(ref)} | {_pm(paired)} ({len(paired)}) | {_pm([100 * c for c in cost], 1)} % |")
     # 3. the second setup
-    t = doc.get("transfer", {})
     L += ["", "## 3. Second setup (preset `transfer`)", "",
-          "NQ-open closed-book answers (train: the first 320 bundled NQ-open questions -> first gold answer; held-out: answer NLL of "
-          "the last 48), rank 64, 60 steps x 4, inits qlora, qera, qcorda-ipm; grid 6e-5, 2e-4, 6e-4, 1.8e-3 at seed 0, seed 1 at "
-          "each init's best; training at the probe's lr, seeds 0 and 1. Picked before any probe result on it was seen.", ""]
-    if not t.get("inits"):
-        L += ["**Not run.** The CPU of this session (2 cores shared by 7 processes) fit only the grid part; "
-              "`python -m eval.study_lr_probe --preset transfer` runs it.", ""]
-    else:
-        L += ["| init | " + " | ".join(f"lr {lr:g}" for lr in PRESETS["transfer"]["lrs"]) + " | probe lr | at probe lr |", "|---|" + "---|" * 6]
-        for i, e in t["inits"].items():
-            cells = [f"{e['grid'][f'{lr:g}']['heldout_loss']:.3f}" if f"{lr:g}" in e.get("grid", {}) else "" for lr in PRESETS["transfer"]["lrs"]]
-            pr = e.get("probe_runs", {})
-            L.append(f"| {i} | " + " | ".join(cells) + f" | {e.get('probe', {}).get('learning_rate', float('nan')):.3g} | "
-                     f"{_pm([r['heldout_loss'] for r in pr.values()])} |")
-        L.append("")
+          "NQ-open closed-book answers, rank 64, inits qlora, qera, qcorda-ipm, picked before any probe result on it was seen: "
+          "in [lr_probe_transfer.md](lr_probe_transfer.md) (`python -m eval.study_lr_probe --preset transfer`).", ""]
     L += ["## Time", ""]
     L += [f"- {part}: {sec / 60:.1f} min" for part, sec in doc.get("seconds", {}).items()]
     if doc.get("env"):
@@ -235,29 +231,198 @@ def report(doc: dict, ft: dict) -> str:
 
 # --------------------------------------------------------------------------- the transfer setup
 
+#: The probe's seeds on the transfer setup: every candidate at each (seed 0 first), for the probe's own spread.
+TRANSFER_PROBE_SEEDS = (0, 1, 2)
+
+
+def shipped_method() -> str:
+    """The measurement ``learning_rate: probe`` takes in a recipe that does not name one."""
+    from qcorda.recipe import TrainConfig
+
+    return TrainConfig().lr_probe
+
+
+def transfer_store(out: str | None) -> Results:
+    cfg = {k: v for k, v in PRESETS["transfer"].items() if k != "seeds"}
+    return Results(out or "lr_probe_transfer", key=json.loads(json.dumps({"study": "lr_probe", "preset": "transfer", **cfg})))
+
+
+def _nq_records(cfg: dict) -> tuple[list[dict], list[dict]]:
+    """(training records, held-out records): the first ``train_records`` and the last ``heldout_records``
+    bundled NQ-open questions, each with its first gold answer."""
+    records = [{"question": r["question"], "answer": r["answer"][0]} for r in load_records("nq-open")]
+    return records[: cfg["train_records"]], records[-cfg["heldout_records"]:]
+
 
 def _nq_examples(records: list[dict]) -> list:
     from qcorda.data import format_record
 
-    return [format_record({"question": r["question"], "answer": r["answer"][0]}, ("question", "answer")) for r in records]
+    return [format_record(r, ("question", "answer")) for r in records]
 
 
-def transfer(doc: dict, store: Results, args, deadline: float | None) -> None:
-    """Preset ``transfer``: prepare, grid, seed 1 at each best, probe and training at it (resumable)."""
+def _t_best(e: dict) -> float | None:
+    grid = {k: {"gsm8k_loss": r["heldout_loss"], "diverged": r["diverged"]} for k, r in e.get("grid", {}).items()}
+    return best_lr(grid)[0]
+
+
+def _t_interp(e: dict, lr: float) -> float | None:
+    pts = sorted((float(k), r["heldout_loss"]) for k, r in e.get("grid", {}).items() if not r["diverged"])
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= lr <= x1:
+            w = math.log(lr / x0) / math.log(x1 / x0)
+            return y0 + w * (y1 - y0)
+    return None
+
+
+def transfer_report(doc: dict, gdoc: dict, ft: dict) -> str:
+    """lr_probe_transfer.md: every candidate's lr (constants anchored on the *grid* preset's qlora, never
+    refitted here) against this setup's own small grid, and training at the shipped candidate's lr."""
+    cfg = PRESETS["transfer"]
+    T = doc.get("inits", {})
+    lrs = cfg["lrs"]
+    anchors = {m: _anchor(gdoc, ft, m) for m in METHODS}
+    shipped = doc.get("shipped", {}).get("method", shipped_method())
+    L = ["# `learning_rate: probe` on a setup no constant was calibrated on (preset `transfer`)", "",
+         "Reproduce / resume (every finished unit is kept in lr_probe_transfer.json; `--deadline` starts no run that would not end before it):",
+         "", "```", "OMP_NUM_THREADS=1 python -m eval.study_lr_probe --preset transfer --deadline HH:MM", "```", "",
+         "## Setup", "",
+         f"- Picked on 2026-12-03, before any probe result on it was seen (the `PRESETS` comment in eval/study_lr_probe.py), first run "
+         f"2026-12-06: NQ-open closed-book answers instead of GSM8K solutions (train: the first {cfg['train_records']} bundled NQ-open "
+         f"questions -> their first gold answer, alpaca template, max_length {cfg['max_length']}; held-out: answer NLL per token of the last "
+         f"{cfg['heldout_records']}), rank {cfg['rank']} instead of 16, Gemma-3-270M NF4 + DQ, 60 steps x 4, the grid preset's optimizer "
+         f"and schedule (`eval.study_finetune.train_adapter`). Inits: {', '.join(cfg['inits'])} (qera calibrated on the first 32 training "
+         "records).",
+         f"- Grid: {', '.join(f'{x:g}' for x in lrs)} at seed 0 (3x apart: the grid's best is the true best only to within about 1.7x), "
+         "seed 1 at each init's grid best.",
+         f"- Probe: every candidate, seeds {', '.join(map(str, TRANSFER_PROBE_SEEDS))}, budget {P.probe_budget(60, 4)} sequence passes "
+         "(5 % of the run's 240). Each candidate's constant is the one **anchored on qlora in the grid preset** (eval/results/lr_probe.md, "
+         "section 1: " + ", ".join(f"{m} {a:.4g}" for m, a in anchors.items() if a is not None) + "); nothing is refitted on this setup.",
+         f"- Trained at the probe's lr: the shipped candidate (`{shipped}`, {doc.get('shipped', {}).get('rule', '')}), its seed-0 lr, "
+         "training seeds 0 and 1 (the seed sets the data order, the same for every lr, so runs are paired by seed).", ""]
+    # the probe against the grid
+    L += ["## 1. Each candidate's lr against this setup's grid best (probe seed 0; spread over probe seeds)", "",
+          "ratio = probe lr / grid-best lr (seed 0); within 2x: 0.5-2. `partial`: not every grid lr has run for that init yet. "
+          "est. Δ: the seed-0 grid's held-out loss interpolated linearly in log lr at the probe lr, minus the grid best (an estimate, "
+          "not a run; n/m outside the grid).", "",
+          "| init | grid-best lr | " + " | ".join(f"{m}: lr (ratio) | {m}: probe-seed spread | {m}: est. Δ" for m in METHODS) + " |",
+          "|---|---|" + "---|---|---|" * len(METHODS)]
+    within = {m: [] for m in METHODS}
+    for i in cfg["inits"]:
+        e = T.get(i)
+        if not e or not e.get("probe"):
+            continue
+        best = _t_best(e)
+        done = len(e.get("grid", {})) == len(lrs)
+        cells = []
+        for m in METHODS:
+            rs = {k: r for k, r in e["probe"].get(m, {}).items() if "failed" not in r}
+            failed = len(e["probe"].get(m, {})) - len(rs)
+            if "0" not in rs or anchors[m] is None:
+                cells += [f"failed ({failed} of {failed + len(rs)} seeds)" if failed else "", "", ""]
+                continue
+            lr = _rule_lr(m, rs["0"]["measured"], anchors[m])
+            all_lr = [_rule_lr(m, r["measured"], anchors[m]) for r in rs.values()]
+            spread = f"{min(all_lr):.3g}-{max(all_lr):.3g} ({max(all_lr) / min(all_lr):.2f}x, n {len(all_lr)}{f', {failed} failed' if failed else ''})"
+            if best is None:
+                cells += [f"{lr:.3g}", spread, ""]
+                continue
+            within[m].append((i, lr / best, done))
+            est = _t_interp(e, lr)
+            ref = e["grid"][f"{best:g}"]["heldout_loss"]
+            cells += [f"{lr:.3g} ({lr / best:.2f})", spread, "n/m" if est is None else f"{est - ref:+.3f}"]
+        L.append(f"| {i} | {'' if best is None else f'{best:g}'}{'' if done else ' (partial)'} | " + " | ".join(cells) + " |")
+    L += ["", "| candidate | inits with a grid | within 2x | ratios |", "|---|---|---|---|"]
+    for m in METHODS:
+        w = within[m]
+        if w:
+            L.append(f"| {m}{' (shipped)' if m == shipped else ''} | {len(w)}{'' if all(d for *_, d in w) else ' (partial grids)'} | "
+                     f"{sum(0.5 <= r <= 2 for _, r, _ in w)} | {', '.join(f'{i} {r:.2f}' for i, r, _ in w)} |")
+    costs = {m: [r for e in T.values() for r in e.get("probe", {}).get(m, {}).values() if "failed" not in r] for m in METHODS}
+    train_s = [r["train_seconds"] for e in T.values() for r in [*e.get("grid", {}).values(), *e.get("probe_runs", {}).values()]]
+    if any(costs.values()):
+        mean_t = sum(train_s) / len(train_s) if train_s else None
+        L += ["", "Probe cost per probe (mean over inits and seeds; seconds include the probe's own overhead, on a shared CPU): " + "; ".join(
+            f"{m} {rs[0]['passes']} passes, {sum(r['seconds'] for r in rs) / len(rs):.0f} s"
+            + (f" = {100 * sum(r['seconds'] for r in rs) / len(rs) / mean_t:.1f} % of a training run's {mean_t:.0f} s" if mean_t else "")
+            for m, rs in costs.items() if rs) + "."]
+    # the grid and the runs at the probe's lr
+    L += ["", "## 2. The grid (held-out answer NLL per token, seed 0) and seed 1 at each init's best", "",
+          "| init | " + " | ".join(f"lr {x:g}" for x in lrs) + " | best | at best, seeds 0, 1 |", "|---|" + "---|" * (len(lrs) + 2)]
+    for i in cfg["inits"]:
+        e = T.get(i)
+        if not e:
+            continue
+        cells = []
+        for x in lrs:
+            r = e.get("grid", {}).get(f"{x:g}")
+            cells.append("" if r is None else f"{r['heldout_loss']:.3f}{' (diverged)' if r['diverged'] else ''}")
+        best = _t_best(e)
+        at = [] if best is None else [e["grid"][f"{best:g}"], *e.get("seeds", {}).get(f"{best:g}", {}).values()]
+        L.append(f"| {i} | " + " | ".join(cells) + f" | {'' if best is None else f'{best:g}'} | {_pm([r['heldout_loss'] for r in at])} |")
+    L += ["", f"## 3. Trained at the shipped probe's lr (`{shipped}`), paired by seed with the grid best", "",
+          "Δ = run at the probe lr − run at the grid-best lr, same seed; n pairs.", "",
+          "| init | probe lr | grid-best lr | ratio | held-out at probe lr (seeds) | at grid best, same seeds | Δ (n) |", "|---|---|---|---|---|---|---|"]
+    for i in cfg["inits"]:
+        e = T.get(i, {})
+        pr = e.get("probe_runs", {})
+        best = _t_best(e) if e else None
+        if not pr or best is None:
+            continue
+        ref = {r["seed"]: r["heldout_loss"] for r in [e["grid"][f"{best:g}"], *e.get("seeds", {}).get(f"{best:g}", {}).values()]}
+        mine = [pr[s] for s in sorted(pr)]
+        d = [r["heldout_loss"] - ref[r["seed"]] for r in mine if r["seed"] in ref]
+        lr = mine[0]["lr"]
+        L.append(f"| {i} | {lr:.3g} | {best:g} | {lr / best:.2f} | {_pm([r['heldout_loss'] for r in mine])} ({', '.join(str(r['seed']) for r in mine)}) | "
+                 f"{_pm([ref[r['seed']] for r in mine if r['seed'] in ref])} | {_pm(d)} ({len(d)}) |")
+    todo = doc.get("todo", [])
+    L += ["", "## Time and what is not run", ""]
+    L += [f"- {part}: {sec / 60:.1f} min" for part, sec in doc.get("seconds", {}).items()]
+    runs = [r for e in T.values() for r in [*e.get("grid", {}).values(), *e.get("probe_runs", {}).values(),
+                                            *(x for s in e.get("seeds", {}).values() for x in s.values())]]
+    if runs:
+        L.append(f"- per training run: {sum(r['train_seconds'] for r in runs) / len(runs) / 60:.1f} min training + "
+                 f"{sum(r['eval_seconds'] for r in runs) / len(runs) / 60:.1f} min held-out evaluation (n {len(runs)})")
+    if doc.get("env"):
+        L.append(f"- machine: {machine(doc['env'])}")
+    L.append("- not run yet: " + ("; ".join(todo) if todo else "nothing") + ".")
+    L += ["", "## Reading", "", doc.get("reading", "(written when the figures are in)"), ""]
+    return "\n".join(L)
+
+
+def _t_time_left(deadline: float | None, doc: dict) -> bool:
+    """True when a training run (the mean of this setup's so far, else 15 min) would end before ``deadline``."""
+    if deadline is None:
+        return True
+    runs = [r for e in doc.get("inits", {}).values() for r in [*e.get("grid", {}).values(), *e.get("probe_runs", {}).values()]]
+    est = sum(r["train_seconds"] + r["eval_seconds"] for r in runs) / len(runs) if runs else 900.0
+    return time.time() + est < deadline
+
+
+def transfer(args, deadline: float | None) -> None:
+    """Preset ``transfer``, resumable, in the order of what each figure is worth for its cost: prepare the
+    inits; every candidate's probe at every probe seed; the grid at seed 0; training at the shipped probe's
+    lr, seed 0; seed 1 at each init's grid best; training at the probe's lr, seed 1."""
     from qcorda.models import load_model
     from qcorda.prepare import prepare
     from qcorda.scoring import completion_logprobs
 
     cfg = PRESETS["transfer"]
+    store = transfer_store(args.out)
+    doc = store.load()
+    gdoc, ft = Results("lr_probe").load(), _ft()
+    shipped = shipped_method()
+    if doc.setdefault("shipped", {"method": shipped}).get("method") != shipped:
+        raise SystemExit(f"this study's runs at the probe's lr used {doc['shipped']['method']}, the shipped probe is now {shipped}: "
+                         "start a fresh --out")
     a = ft_args(cfg["rank"], max_length=cfg["max_length"])
-    records = load_records("nq-open")
-    train = _nq_examples(records[: cfg["train_records"]])
-    held = _nq_examples(records[-cfg["heldout_records"]:])
+    train_rec, held_rec = _nq_records(cfg)
+    train, held = _nq_examples(train_rec), _nq_examples(held_rec)
     work = Path(args.work) / f"transfer-r{cfg['rank']}"
     work.mkdir(parents=True, exist_ok=True)
     calib = work / "nq_calib.jsonl"
-    calib.write_text("".join(json.dumps({"question": e.prompt, "answer": e.completion}) + "\n" for e in train[:32]))
-    T = doc.setdefault("transfer", {"inits": {}})
+    calib.write_text("".join(json.dumps(r) + "\n" for r in train_rec[:32]))
+    T = doc.setdefault("inits", {})
+    save = lambda: store.save(doc, transfer_report(doc, gdoc, ft))  # noqa: E731
 
     def heldout(model, tok):
         lls = completion_logprobs(model, tok, [e.prompt for e in held], [e.completion for e in held], 8, progress=False)
@@ -268,46 +433,81 @@ def transfer(doc: dict, store: Results, args, deadline: float | None) -> None:
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         log = train_adapter(model, tok, train, a, lr, seed)
-        ts = time.perf_counter() - t0
-        return {**log, "heldout_loss": heldout(model, tok), "train_seconds": ts, "lr": lr, "seed": seed}
+        t1 = time.perf_counter()
+        loss = heldout(model, tok)
+        return {**log, "heldout_loss": loss, "train_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1, "lr": lr, "seed": seed}
 
+    budget = P.probe_budget(a.steps, a.batch_size)
     prepared = {}
     for label in cfg["inits"]:
         out = work / label
         if not (out / "qcorda.json").exists():
+            t = time.perf_counter()
             method, start, _ = INITS[label]
             model, tok = load_model("gemma-3-270m")
             ic = InitConfig(method=method, rank=cfg["rank"], cal_start=start, compute_dtype="float32", seed=0, device="cpu",
                             calib=CalibConfig(data=str(calib), fields=("question", "answer"), samples=32, max_length=64, batch_size=8))
             prepare(model, ic, out, tokenizer=tok, overwrite=True)
+            del model
+            _add(doc, "0. prepare the inits", time.perf_counter() - t)
         prepared[label] = out
-        e = T["inits"].setdefault(label, {"grid": {}, "seeds": {}, "probe_runs": {}})
-        if "probe" not in e:
-            model, tok = load(out, "cpu", trainable=True)
-            e["probe"] = asdict(P.probe_lr(model, tok, train, P.probe_budget(a.steps, a.batch_size), seed=0, max_length=a.max_length,
-                                           batch_size=a.batch_size))
-            store.save(doc, report(doc, _ft()))
+        T.setdefault(label, {"probe": {}, "grid": {}, "seeds": {}, "probe_runs": {}})
+    for label in cfg["inits"]:
+        e = T[label]
+        todo = [(m, s) for s in TRANSFER_PROBE_SEEDS for m in METHODS if str(s) not in e["probe"].get(m, {})]
+        if not todo:
+            continue
+        t = time.perf_counter()
+        model, tok = load(prepared[label], "cpu", trainable=True)
+        for m, s in todo:
+            try:
+                r = asdict(P.probe_lr(model, tok, train, budget, method=m, seed=s, max_length=a.max_length, batch_size=a.batch_size))
+            except P.ProbeFailed as err:  # recorded, not fatal: a candidate that fails here is a finding
+                r = {"method": m, "failed": str(err), "seed": s}
+            e["probe"].setdefault(m, {})[str(s)] = r
+            print(f"== transfer {label} {m} seed {s}: " + (r["failed"] if "failed" in r else
+                  f"measured {r['measured']:.4g} ({r['passes']} passes, {r['seconds']:.0f} s)"), flush=True)
+            _add(doc, "1. probes (every candidate, seeds 0-2)", time.perf_counter() - t)
+            t = time.perf_counter()
+            save()
+        del model
+    doc["shipped"]["rule"] = T[cfg["inits"][0]]["probe"][shipped]["0"].get("rule", "")
     units = [(lab, lr, 0, "grid") for lr in cfg["lrs"] for lab in cfg["inits"]]
-    for kind, seed in (("best", 1), ("probe", 0), ("probe", 1)):
-        units += [(lab, None, seed, kind) for lab in cfg["inits"]]
-    for label, lr, seed, kind in units:
-        e = T["inits"][label]
+    units += [(lab, None, 0, "probe") for lab in cfg["inits"]]
+    units += [(lab, None, 1, "best") for lab in cfg["inits"]]
+    units += [(lab, None, 1, "probe") for lab in cfg["inits"]]
+    parts = {"grid": "2. grid, seed 0", "probe": "3. at the probe's lr", "best": "4. seed 1 at the grid best"}
+
+    def slot_of(label, lr, seed, kind):
+        e = T[label]
         if kind == "best":
-            grid = {k: {"gsm8k_loss": r["heldout_loss"], "diverged": r["diverged"]} for k, r in e["grid"].items()}
-            lr = best_lr(grid)[0]
-            slot = e["seeds"].setdefault(f"{lr:g}", {})
-        elif kind == "probe":
-            lr, slot = e["probe"]["learning_rate"], e["probe_runs"]
-        else:
-            slot = e["grid"]
-        name = f"{lr:g}" if kind == "grid" else str(seed)
-        if name in slot or not _time_left(deadline, doc):
+            if len(e["grid"]) < len(cfg["lrs"]):
+                return None, None, None
+            lr = _t_best(e)
+            return lr, e["seeds"].setdefault(f"{lr:g}", {}), str(seed)
+        if kind == "probe":
+            r = e["probe"][shipped]["0"]
+            if "failed" in r:
+                return None, None, None
+            return r["learning_rate"], e["probe_runs"], str(seed)
+        return lr, e["grid"], f"{lr:g}"
+
+    for label, lr0, seed, kind in units:
+        lr, slot, name = slot_of(label, lr0, seed, kind)
+        if slot is None or name in slot or not _t_time_left(deadline, doc):
             continue
         print(f"== transfer {label} {kind} lr {lr:g} seed {seed}", flush=True)
         t = time.perf_counter()
         slot[name] = one(prepared[label], lr, seed)
-        _add(doc, "transfer runs", time.perf_counter() - t)
-        store.save(doc, report(doc, _ft()))
+        print(f"   held-out {slot[name]['heldout_loss']:.4f}, train {slot[name]['train_seconds']:.0f} s", flush=True)
+        _add(doc, parts[kind], time.perf_counter() - t)
+        doc["todo"] = [f"{lab} {k} seed {sd}" + (f" lr {x:g}" if x else "") for lab, x, sd, k in units
+                       if (lambda s: s[1] is None or s[2] not in s[1])(slot_of(lab, x, sd, k))]
+        save()
+    doc["todo"] = [f"{lab} {k} seed {sd}" + (f" lr {x:g}" if x else "") for lab, x, sd, k in units
+                   if (lambda s: s[1] is None or s[2] not in s[1])(slot_of(lab, x, sd, k))]
+    save()
+    print(store.md_path.read_text())
 
 
 # --------------------------------------------------------------------------- main
@@ -327,7 +527,7 @@ def _time_left(deadline: float | None, doc: dict) -> bool:
     """True when a run (the mean of those so far, else 20 min) would end before ``deadline``."""
     if deadline is None:
         return True
-    runs = [r for e in doc.get("grid", {}).values() for r in e.get("runs", {}).values()]
+    runs = [r for e in doc.get("grid", {}).values() for rs in e.get("runs", {}).values() for r in rs.values()]
     est = sum(r["train_seconds"] + r["eval_seconds"] for r in runs) / len(runs) if runs else 1200.0
     return time.time() + est < deadline
 
@@ -353,10 +553,13 @@ def probe_part(doc, store, ft, part, todo_spec, inits, prepared, train, a, budge
         t = time.perf_counter()
         model, tok = load(prepared[label], "cpu", trainable=True)
         for m, sd in todo:
-            r = P.probe_lr(model, tok, train, budget, method=m, seed=sd, max_length=a.max_length, batch_size=a.batch_size)
-            e["probe"].setdefault(m, {})[str(sd)] = asdict(r)
-            print(f"== {label} {m} seed {sd}: measured {r.measured:.4g} -> lr {r.learning_rate:.3g} ({r.passes} passes, {r.seconds:.0f} s)",
-                  flush=True)
+            try:
+                r = asdict(P.probe_lr(model, tok, train, budget, method=m, seed=sd, max_length=a.max_length, batch_size=a.batch_size))
+            except P.ProbeFailed as err:  # recorded, not fatal: a candidate that fails is a finding
+                r = {"method": m, "failed": str(err), "seed": sd}
+            e["probe"].setdefault(m, {})[str(sd)] = r
+            print(f"== {label} {m} seed {sd}: " + (r["failed"] if "failed" in r else
+                  f"measured {r['measured']:.4g} -> lr {r['learning_rate']:.3g} ({r['passes']} passes, {r['seconds']:.0f} s)"), flush=True)
             _add(doc, f"1. probe: {part}", time.perf_counter() - t)
             t = time.perf_counter()
             store.save(doc, report(doc, ft))
@@ -364,50 +567,58 @@ def probe_part(doc, store, ft, part, todo_spec, inits, prepared, train, a, budge
 
 
 def train_part(doc, store, ft, seeds, inits, prepared, train, a, budget, deadline) -> None:
-    """Each init trained at the lr the shipped probe sets (measured again in this process, seed 0), by
-    ``eval.study_finetune.run_one``; all inits at one seed before the next seed."""
+    """Each init trained at the lr the shipped probe (``TrainConfig().lr_probe``) sets (measured again in
+    this process, seed 0), by ``eval.study_finetune.run_one``; all inits at one seed before the next
+    seed. Runs are kept per method: a run at another method's lr is never taken for this one's."""
+    method = shipped_method()
     for seed in seeds:
         for label in inits:
             e = doc["grid"].setdefault(label, {"probe": {}, "runs": {}})
-            if str(seed) in e["runs"] or not _time_left(deadline, doc):
+            slot = e["runs"].setdefault(method, {})
+            if str(seed) in slot or not _time_left(deadline, doc):
                 continue
             t = time.perf_counter()
             model, tok = load(prepared[label], "cpu", trainable=True)
-            pr = P.probe_lr(model, tok, train, budget, seed=0, max_length=a.max_length, batch_size=a.batch_size)
+            pr = P.probe_lr(model, tok, train, budget, method=method, seed=0, max_length=a.max_length, batch_size=a.batch_size)
             del model
             print(f"== {label}: train at the probe's lr {pr.learning_rate:.3g}, seed {seed}", flush=True)
             run = run_one(prepared[label], pr.learning_rate, seed, train, a)
             run["probe"] = asdict(pr)
-            e["runs"][str(seed)] = run
+            slot[str(seed)] = run
             print({k: run[k] for k in ("gsm8k_loss", "nq_logprob", "ppl", "diverged", "train_seconds")}, flush=True)
-            _add(doc, f"2. training at the probe lr, seed {seed}", time.perf_counter() - t)
+            _add(doc, f"2. training at the probe lr ({method}), seed {seed}", time.perf_counter() - t)
             store.save(doc, report(doc, ft))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="grid", choices=list(PRESETS))
-    p.add_argument("--parts", default="update,train:0,candidates,spread,train:1,train:2",
-                   help="grid preset: the parts, in the order they run: update (the shipped probe, seed 0, every init), "
-                        "candidates (sharpness and range, seed 0), spread (update at seeds 1 and 2), train (at the probe's lr, --seeds; "
-                        "train:0 seed 0 only)")
+    p.add_argument("--parts", default="update,candidates,train:0,spread,train:1,train:2",
+                   help="grid preset: the parts, in the order they run: update (update, seed 0, every init), candidates (direction, "
+                        "sharpness and range, seed 0), spread (every candidate at seeds 1 and 2), train (at the shipped probe's lr, "
+                        "--seeds; train:0 seed 0 only)")
     p.add_argument("--inits", default=",".join(GRID_INITS))
     p.add_argument("--seeds", default="0,1,2", help="training seeds at the probe's lr, in order (all inits at one seed first)")
     p.add_argument("--deadline", help="HH:MM UTC: start no training run that would not end before it")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "qcorda" / "study_lr_probe"))
-    p.add_argument("--out", default="lr_probe", help="results stem under eval/results")
+    p.add_argument("--out", help="results stem under eval/results (default: lr_probe for the grid preset, lr_probe_transfer "
+                                 "for transfer, whose report reads the grid's anchored constants from lr_probe.json)")
     args = p.parse_args(argv)
-    store = Results(args.out, key={"study": "lr_probe", "grid": "finetune.json cpu r16"})
+    deadline = _deadline(args.deadline)
+    if args.preset == "transfer":
+        if args.report_only:
+            store = transfer_store(args.out)
+            store.save(store.load(), transfer_report(store.load(), Results("lr_probe").load(), _ft()))
+        else:
+            transfer(args, deadline)
+        return 0
+    store = Results(args.out or "lr_probe", key={"study": "lr_probe", "grid": "finetune.json cpu r16"})
     doc = store.load()
     doc.setdefault("grid", {})
     ft = _ft()
     if args.report_only:
         store.save(doc, report(doc, ft))
-        return 0
-    deadline = _deadline(args.deadline)
-    if args.preset == "transfer":
-        transfer(doc, store, args, deadline)
         return 0
     a = ft_args(16)
     same = [k for k in ft["key"] if k != "eval_every"]  # the loss curves' spacing changes no final figure
@@ -421,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     prepared = {label: prepare_init(label, a, work)[0] for label in inits}
     budget = P.probe_budget(a.steps, a.batch_size)
     #: probe parts, in the order they run: (part, method, seed); each (init, method, seed) is saved at once
-    probe_parts = {"update": [("update", 0)], "candidates": [("direction", 0), ("sharpness", 0), ("range", 0)], "spread": [("update", 1), ("update", 2)]}
+    probe_parts = {"update": [("update", 0)], "candidates": [("direction", 0), ("sharpness", 0), ("range", 0)], "spread": [(m, s) for s in (1, 2) for m in METHODS]}
     for part in parts:
         if part in probe_parts:
             probe_part(doc, store, ft, part, probe_parts[part], inits, prepared, train, a, budget)

@@ -6,7 +6,7 @@ Four measurements, each a pure function of the adapter at its init and a few tra
 training sequence); :func:`probe_budget` allows :data:`BUDGET_FRACTION` of the training run's
 ``max_steps × batch_size × grad_accum`` passes.
 
-``update`` (the default): the size of Adam's first update in weight space. Adam's first step moves
+``update``: the size of Adam's first update in weight space. Adam's first step moves
 every adapter entry by ``lr · sign(g)`` (bias-corrected m̂/√v̂ = g/|g|), so to first order in lr each
 adapted layer's effective weight ``W + s·B·A`` (B ``(out_features, r)``, A ``(r, in_features)``)
 moves by ``lr · s·(sign(g_B)·A + B·sign(g_A))``. The probe measures
@@ -17,7 +17,7 @@ moves by ``lr · s·(sign(g_B)·A + B·sign(g_A))``. The probe measures
 ``lr = τ / u``, τ = :data:`UPDATE_TARGET`: the relative update QLoRA makes at its tuned rate. An
 init whose factors are k times larger (both B and A) has a k times larger u and gets 1/k the lr.
 
-``sharpness``: λ, the top (largest |·|) eigenvalue of the Adam-preconditioned Hessian ``P^-1/2 H P^-1/2`` of the
+``sharpness`` (the default, :data:`qcorda.recipe.DEFAULT_LR_PROBE`): λ, the top (largest |·|) eigenvalue of the Adam-preconditioned Hessian ``P^-1/2 H P^-1/2`` of the
 adapter parameters (P = |g| + :data:`PRECOND_FLOOR` × the tensor's RMS gradient: Adam's √v̂ after its
 first step), by power iteration with one-sided finite-difference Hessian-vector products
 ``H v ≈ (g(θ + h v) − g(θ)) / h``; ``lr = SHARPNESS_C / λ``. Tensors whose gradient is exactly zero
@@ -49,7 +49,7 @@ from typing import Sequence
 import torch
 
 from .config import ConfigError
-from .recipe import LrProbe as ProbeMethod
+from .recipe import DEFAULT_LR_PROBE, LrProbe as ProbeMethod
 from .scoring import encode_pairs, masked_nll
 
 #: The probe may cost this fraction of the training run's sequence passes.
@@ -58,18 +58,24 @@ BUDGET_FRACTION = 0.05
 #: u = 2.379 on Gemma-3-270M (r 16, NF4, every linear layer; eval/results/lr_probe.md) times its
 #: grid-best lr 1.2e-3 (eval/results/finetune.md). Calibrated on that one init and setup.
 UPDATE_TARGET = 2.855e-3
-#: ``sharpness``: lr = SHARPNESS_C / λ (eval/results/lr_probe.md).
-SHARPNESS_C = 1.0
+#: ``sharpness``: c in lr = c / λ: qlora's λ = 1.2543e4 on Gemma-3-270M (r 16, NF4, every linear layer,
+#: 60 steps x 4 GSM8K sequences; eval/results/lr_probe.md, section 1) times its grid-best lr 1.2e-3
+#: (eval/results/finetune.md). Calibrated on that one init; the other seven grid inits then land
+#: within 0.55-1.50x of their grid-best lr (section 1), which is why it is the default.
+SHARPNESS_C = 15.05
 #: ``sharpness``: Adam's √v̂ is floored at this fraction of the tensor's RMS gradient.
 PRECOND_FLOOR = 0.1
-#: ``sharpness``: power-iteration steps (each one sequence pass per probe sequence).
+#: ``sharpness``: power-iteration steps (each one sequence pass per probe sequence); fewer (at least
+#: one) when the budget is under SHARPNESS_ITERS + 1 passes.
 SHARPNESS_ITERS = 5
-#: ``direction``: lr = lr* / DIRECTION_DIVISOR (eval/results/lr_probe.md).
-DIRECTION_DIVISOR = 1.0
+#: ``direction``: lr = lr* / DIRECTION_DIVISOR: qlora's lr* = 6.218e-4 over its grid-best lr 1.2e-3
+#: (eval/results/lr_probe.md, section 1; the same setup as SHARPNESS_C).
+DIRECTION_DIVISOR = 0.5181
 #: ``range``: the exponential ramp's first and last learning rates.
 RANGE_LR = (1e-6, 1e-1)
-#: ``range``: lr = (lr at the smoothed loss's minimum) / RANGE_DIVISOR.
-RANGE_DIVISOR = 10.0
+#: ``range``: lr = (lr at the smoothed loss's minimum) / RANGE_DIVISOR: qlora's lr_min = 4.329e-3 over its
+#: grid-best lr 1.2e-3 (eval/results/lr_probe.md, section 1; the same setup as SHARPNESS_C).
+RANGE_DIVISOR = 3.607
 #: ``range``: EMA weight of the previous smoothed loss.
 RANGE_SMOOTHING = 0.5
 
@@ -83,7 +89,7 @@ class ProbeResult:
     """What the probe measured and the learning rate it sets (saved in ``qcorda_train.json``)."""
 
     method: str
-    """``update``, ``sharpness`` or ``range``."""
+    """``update``, ``sharpness``, ``direction`` or ``range``."""
     learning_rate: float
     """The learning rate the probe sets."""
     measured: float
@@ -317,7 +323,7 @@ def range_test(model, params: dict, batches: list[tuple], steps: int, lr_range: 
     return lrs[max(0, best - 1)], tuple(trace)
 
 
-def probe_lr(model, tok, examples: Sequence, budget: int, method: ProbeMethod = "update", seed: int = 0,
+def probe_lr(model, tok, examples: Sequence, budget: int, method: ProbeMethod = DEFAULT_LR_PROBE, seed: int = 0,
              max_length: int = 512, batch_size: int = 4, key: str = "train.learning_rate") -> ProbeResult:
     """Measure ``method`` on ``model``'s adapter at its current values over training ``examples``
     within ``budget`` sequence passes, and set the learning rate from it (module docstring).
@@ -341,15 +347,16 @@ def probe_lr(model, tok, examples: Sequence, budget: int, method: ProbeMethod = 
             res = dict(learning_rate=UPDATE_TARGET / u, measured=u, rule=f"lr = {UPDATE_TARGET:g} / u", passes=n, trace=())
         elif method == "sharpness":
             n = max(1, budget // (SHARPNESS_ITERS + 1))
+            iters = max(1, min(SHARPNESS_ITERS, budget // n - 1))  # a budget under SHARPNESS_ITERS + 1 passes: fewer iterations
             batches = probe_batches(tok, examples, n, seed, max_length, batch_size)
             loss, grads = _loss_and_grads(model, params, batches)
             _check(loss, "the probe's training loss", key)
-            lam, trace = preconditioned_sharpness(model, params, batches, grads, SHARPNESS_ITERS, seed, key)
+            lam, trace = preconditioned_sharpness(model, params, batches, grads, iters, seed, key)
             if lam <= 0:
                 raise ProbeFailed(f"the learning-rate probe failed: the preconditioned sharpness is {lam:g} (not positive); "
                                   f"set {key} to a number or auto")
             res = dict(learning_rate=SHARPNESS_C / lam, measured=lam, rule=f"lr = {SHARPNESS_C:g} / λ",
-                       passes=n * (SHARPNESS_ITERS + 1), trace=trace)
+                       passes=n * (iters + 1), trace=trace)
         elif method == "direction":
             n = max(1, budget // 2)
             batches = probe_batches(tok, examples, n, seed, max_length, batch_size)

@@ -26,6 +26,11 @@ Optim = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_to
 QuantStorage = Literal["auto", "uint8", "bfloat16", "float16", "float32"]
 #: The measurements ``learning_rate: probe`` can take (:mod:`qcorda.probe`).
 LrProbe = Literal["update", "sharpness", "direction", "range"]
+#: The measurement ``learning_rate: probe`` takes unless ``train.lr_probe`` says otherwise: ``sharpness``, the
+#: one candidate whose lr lands within 2x of the grid-best lr for all eight inits of eval/results/finetune.md
+#: with its constant anchored on qlora alone (0.55-1.50x; ``update`` 7/8, ``range`` 6/8, ``direction`` 5/8:
+#: eval/results/lr_probe.md, section 1).
+DEFAULT_LR_PROBE: LrProbe = "sharpness"
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,12 @@ class TrainConfig:
     (:mod:`qcorda.probe`, method ``lr_probe``, at most 5 % of the run's compute, seeded by ``seed``; the
     result is saved in ``qcorda_train.json``). An explicit value more than 3x the method's recommended
     one is warned about. Recipe: ``train.learning_rate``."""
-    lr_probe: LrProbe = "update"
-    """What ``learning_rate: probe`` measures: ``update``, the size of Adam's first weight-space update
-    (lr = τ/u); ``sharpness``, the top eigenvalue of the Adam-preconditioned Hessian (lr = c/λ);
-    ``direction``, the curvature along Adam's first step (lr = the quadratic model's minimum / c);
-    ``range``, an lr range test (lr = lr_min / 10). Recipe: ``train.lr_probe``."""
+    lr_probe: LrProbe = DEFAULT_LR_PROBE
+    """What ``learning_rate: probe`` measures: ``sharpness`` (the default), the top eigenvalue of the
+    Adam-preconditioned Hessian (lr = c/λ); ``update``, the size of Adam's first weight-space update
+    (lr = τ/u); ``direction``, the curvature along Adam's first step (lr = the quadratic model's minimum / c);
+    ``range``, an lr range test (lr = lr_min / c). Each constant is anchored on QLoRA's grid-best lr
+    (:mod:`qcorda.probe`). Recipe: ``train.lr_probe``."""
     base_learning_rate: float = QLORA_LR
     """QLoRA's learning rate for this setup, which ``learning_rate: auto`` scales per method (2e-4:
     QLoRA's on GPUs). Set it to the rate QLoRA trains best at here: a short run wants more, and below it

@@ -13,7 +13,7 @@ from qcorda.config import CalibConfig, InitConfig
 from qcorda.data import load_examples
 from qcorda.prepare import prepare
 from qcorda.prepared import load_prepared
-from qcorda.recipe import load_recipe
+from qcorda.recipe import TrainConfig, load_recipe
 from qcorda.testing import tiny
 from qcorda.train import probe_learning_rate, read_train_manifest, train
 
@@ -70,6 +70,31 @@ def test_factors_scaled_by_k_get_1_over_k_the_lr(tok, examples):
     assert big.learning_rate / base.learning_rate == pytest.approx(1 / k, rel=1e-3)
 
 
+@pytest.mark.parametrize("k", [2.0, 4.0])
+def test_sharpness_qlora_start_with_a_scaled_by_k_gets_1_over_k_the_lr(k, tok, examples):
+    """sharpness (the shipped probe) at QLoRA's start, B = 0, with A scaled by k: g_A = 0 (next to B = 0), so
+    only B is measured; g_B = s·(∂L/∂W)·Aᵀ scales by k, the B-block Hessian (s·A)ᵀ(∂²L/∂W²)(s·A) by k²
+    and Adam's preconditioner |g_B| by k, so P^-1/2·H·P^-1/2, its λ and lr = c/λ scale by exactly k
+    and 1/k (up to the finite difference)."""
+    base = P.probe_lr(_lora(1.0, b_std=0.0), tok, examples, 12, "sharpness", seed=0, max_length=256)
+    big = P.probe_lr(_lora(k, b_std=0.0), tok, examples, 12, "sharpness", seed=0, max_length=256)
+    assert big.learning_rate < base.learning_rate
+    assert big.measured / base.measured == pytest.approx(k, rel=1e-2)
+    assert big.learning_rate / base.learning_rate == pytest.approx(1 / k, rel=1e-2)
+
+
+@pytest.mark.parametrize("k", [2.0, 4.0])
+def test_sharpness_both_factors_scaled_by_k_get_a_lower_lr_by_less_than_k(k, tok, examples):
+    """sharpness with B ≠ 0, both factors scaled by k and the effective weight kept: the Gauss–Newton part
+    of the preconditioned Hessian scales by k (as above) but the part from the product's own curvature,
+    ∂L/∂W through ∂²(B·A), by 1/k (it is linear in the factors' scale, the preconditioner divides by k),
+    so λ grows by more than 1 and less than k: the lr falls by a factor between 1 and k (measured here:
+    1.36 at k = 2, 2.54 at k = 4)."""
+    base = P.probe_lr(_lora(1.0), tok, examples, 12, "sharpness", seed=0, max_length=256)
+    big = P.probe_lr(_lora(k), tok, examples, 12, "sharpness", seed=0, max_length=256)
+    assert 1 / k < big.learning_rate / base.learning_rate < 1
+
+
 def test_update_size_is_the_first_order_weight_change(tok, examples):
     """u per unit lr against the weight change of one real Adam step at a small lr (first step: sign(g))."""
     model = _lora()
@@ -113,8 +138,10 @@ def test_learning_rate_probe_trains_at_it_and_records_it(tmp_path, tok):
     r = train(recipe, progress=False)
     meta = read_train_manifest(r.adapter)
     probe = meta["lr_probe"]
-    assert probe["method"] == "update" and probe["budget"] == P.probe_budget(40, 2) == 4 and probe["passes"] == 4
-    assert r.learning_rate == meta["learning_rate"] == probe["learning_rate"] == pytest.approx(P.UPDATE_TARGET / probe["measured"])
+    # the shipped probe, sharpness; a budget of 4 passes (under SHARPNESS_ITERS + 1) takes 1 sequence and 3 power iterations
+    assert probe["method"] == TrainConfig().lr_probe == "sharpness" and probe["budget"] == P.probe_budget(40, 2) == 4
+    assert probe["passes"] == 4 and len(probe["trace"]) == 3
+    assert r.learning_rate == meta["learning_rate"] == probe["learning_rate"] == pytest.approx(P.SHARPNESS_C / probe["measured"])
     log = [json.loads(line) for line in (Path(recipe.output_dir) / "log.jsonl").read_text().splitlines()]
     logged = [float(h["learning_rate"]) for h in log if "learning_rate" in h]
     assert logged and all(x == pytest.approx(probe["learning_rate"], rel=1e-6) for x in logged)  # constant schedule
