@@ -233,6 +233,11 @@ def report(doc: dict, ft: dict) -> str:
 
 #: The probe's seeds on the transfer setup: every candidate at each (seed 0 first), for the probe's own spread.
 TRANSFER_PROBE_SEEDS = (0, 1, 2)
+#: Where an init's seed-0 best is the grid's lowest (highest) lr, one more lr 3x below (above) it is run
+#: before the seed-1 run at the best. Added on 2026-12-06 after the 4-lr grid and the probe's lrs on this
+#: setup had been seen (qera and qcorda-ipm were best at 6e-5, the grid's edge): it moves no constant,
+#: it only locates the grid's best.
+TRANSFER_EDGE_FACTOR = 3.0
 
 
 def shipped_method() -> str:
@@ -293,7 +298,8 @@ def transfer_report(doc: dict, gdoc: dict, ft: dict) -> str:
          f"and schedule (`eval.study_finetune.train_adapter`). Inits: {', '.join(cfg['inits'])} (qera calibrated on the first 32 training "
          "records).",
          f"- Grid: {', '.join(f'{x:g}' for x in lrs)} at seed 0 (3x apart: the grid's best is the true best only to within about 1.7x), "
-         "seed 1 at each init's grid best.",
+         "seed 1 at each init's grid best. Where the best was at the grid's edge, one more lr 3x beyond it (added after the 4-lr grid "
+         "and the probe lrs here had been seen; see `TRANSFER_EDGE_FACTOR`).",
          f"- Probe: every candidate, seeds {', '.join(map(str, TRANSFER_PROBE_SEEDS))}, budget {P.probe_budget(60, 4)} sequence passes "
          "(5 % of the run's 240). Each candidate's constant is the one **anchored on qlora in the grid preset** (eval/results/lr_probe.md, "
          "section 1: " + ", ".join(f"{m} {a:.4g}" for m, a in anchors.items() if a is not None) + "); nothing is refitted on this setup.",
@@ -346,14 +352,15 @@ def transfer_report(doc: dict, gdoc: dict, ft: dict) -> str:
             + (f" = {100 * sum(r['seconds'] for r in rs) / len(rs) / mean_t:.1f} % of a training run's {mean_t:.0f} s" if mean_t else "")
             for m, rs in costs.items() if rs) + "."]
     # the grid and the runs at the probe's lr
+    cols = sorted({float(k) for e in T.values() for k in e.get("grid", {})} | set(lrs))
     L += ["", "## 2. The grid (held-out answer NLL per token, seed 0) and seed 1 at each init's best", "",
-          "| init | " + " | ".join(f"lr {x:g}" for x in lrs) + " | best | at best, seeds 0, 1 |", "|---|" + "---|" * (len(lrs) + 2)]
+          "| init | " + " | ".join(f"lr {x:g}" for x in cols) + " | best | at best, seeds 0, 1 |", "|---|" + "---|" * (len(cols) + 2)]
     for i in cfg["inits"]:
         e = T.get(i)
         if not e:
             continue
         cells = []
-        for x in lrs:
+        for x in cols:
             r = e.get("grid", {}).get(f"{x:g}")
             cells.append("" if r is None else f"{r['heldout_loss']:.3f}{' (diverged)' if r['diverged'] else ''}")
         best = _t_best(e)
@@ -473,15 +480,22 @@ def transfer(args, deadline: float | None) -> None:
         del model
     doc["shipped"]["rule"] = T[cfg["inits"][0]]["probe"][shipped]["0"].get("rule", "")
     units = [(lab, lr, 0, "grid") for lr in cfg["lrs"] for lab in cfg["inits"]]
+    units += [(lab, None, 0, "edge") for lab in cfg["inits"]]
     units += [(lab, None, 0, "probe") for lab in cfg["inits"]]
     units += [(lab, None, 1, "best") for lab in cfg["inits"]]
     units += [(lab, None, 1, "probe") for lab in cfg["inits"]]
-    parts = {"grid": "2. grid, seed 0", "probe": "3. at the probe's lr", "best": "4. seed 1 at the grid best"}
+    parts = {"grid": "2. grid, seed 0", "edge": "2. grid, seed 0", "probe": "3. at the probe's lr", "best": "4. seed 1 at the grid best"}
 
     def slot_of(label, lr, seed, kind):
         e = T[label]
+        if kind == "edge":
+            if any(f"{x:g}" not in e["grid"] for x in cfg["lrs"]):
+                return None, None, None
+            best = _t_best(e)
+            lr = best / TRANSFER_EDGE_FACTOR if best == min(cfg["lrs"]) else best * TRANSFER_EDGE_FACTOR if best == max(cfg["lrs"]) else None
+            return (None, None, None) if lr is None else (lr, e["grid"], f"{lr:g}")
         if kind == "best":
-            if len(e["grid"]) < len(cfg["lrs"]):
+            if any(f"{x:g}" not in e["grid"] for x in cfg["lrs"]):
                 return None, None, None
             lr = _t_best(e)
             return lr, e["seeds"].setdefault(f"{lr:g}", {}), str(seed)
@@ -492,6 +506,16 @@ def transfer(args, deadline: float | None) -> None:
             return r["learning_rate"], e["probe_runs"], str(seed)
         return lr, e["grid"], f"{lr:g}"
 
+    def todo() -> list[str]:
+        out = []
+        for lab, x, sd, k in units:
+            lr, slot, name = slot_of(lab, x, sd, k)
+            if k == "edge" and slot is None and all(f"{v:g}" in T[lab]["grid"] for v in cfg["lrs"]):
+                continue  # the best is inside the grid: no edge run
+            if slot is None or name not in slot:
+                out.append(f"{lab} {k} seed {sd}" + (f" lr {lr:g}" if lr else " (if the grid's best is at its edge)" if k == "edge" else ""))
+        return out
+
     for label, lr0, seed, kind in units:
         lr, slot, name = slot_of(label, lr0, seed, kind)
         if slot is None or name in slot or not _t_time_left(deadline, doc):
@@ -501,11 +525,9 @@ def transfer(args, deadline: float | None) -> None:
         slot[name] = one(prepared[label], lr, seed)
         print(f"   held-out {slot[name]['heldout_loss']:.4f}, train {slot[name]['train_seconds']:.0f} s", flush=True)
         _add(doc, parts[kind], time.perf_counter() - t)
-        doc["todo"] = [f"{lab} {k} seed {sd}" + (f" lr {x:g}" if x else "") for lab, x, sd, k in units
-                       if (lambda s: s[1] is None or s[2] not in s[1])(slot_of(lab, x, sd, k))]
+        doc["todo"] = todo()
         save()
-    doc["todo"] = [f"{lab} {k} seed {sd}" + (f" lr {x:g}" if x else "") for lab, x, sd, k in units
-                   if (lambda s: s[1] is None or s[2] not in s[1])(slot_of(lab, x, sd, k))]
+    doc["todo"] = todo()
     save()
     print(store.md_path.read_text())
 
