@@ -16,6 +16,11 @@ config classes: hidden 64, 2 blocks, no hub), with the default targets (all-line
 - the mean KL of the initialized 4-bit model to the fp32 original on 8 held-out GSM8K test records, relative
   to qlora's, for qcorda-cal and qera (per seed: the seed builds the random model and the inits).
 
+For the mixture-of-experts families also: the NF4 fraction of the experts' bytes, how many experts' adapters
+changed in training, the experts that got fewer calibration tokens than their inputs, and, apart
+(:func:`expert_cost`), the seconds of the per-expert covariances and splits of one MoE layer against one dense
+layer of the same total size.
+
 Writes ``eval/results/families.{json,md}``; resumes from the json (a family done with the same key is skipped).
 """
 
@@ -33,6 +38,9 @@ import yaml
 from eval.lib import Results, machine
 from qcorda.checkpoint import Checkpoint
 from qcorda.config import CalibConfig, ConfigError, InitConfig, MergeConfig, ToLoraConfig, VerifyConfig
+from qcorda.covariance import Covariances
+from qcorda.experts import is_expert
+from qcorda.layer import prepare_layer
 from qcorda.merge import merge
 from qcorda.prepare import prepare
 from qcorda.prepared import load_prepared
@@ -79,8 +87,11 @@ def _chain(prepared: Path, src: Path, work: Path) -> dict:
         t0 = time.perf_counter()
         r = train(load_recipe(work / "r.yaml"), progress=False)
         init, trained = Checkpoint(prepared / "adapter_init", "adapter_model"), Checkpoint(r.adapter, "adapter_model")
+        changed = {k: not torch.equal(init.get(k), trained.get(k)) for k in init.keys()}
+        experts = [k for k in changed if is_expert(k.split(".lora_")[0].removeprefix("base_model.model."))]
         out["train"] = {"ok": True, "loss": [r.first_loss, r.last_loss], "seconds": time.perf_counter() - t0,
-                        "adapter_changed": any(not torch.equal(init.get(k), trained.get(k)) for k in init.keys())}
+                        "adapter_changed": any(changed.values()),
+                        "expert_tensors": len(experts), "expert_tensors_changed": sum(changed[k] for k in experts)}
     except Exception as e:  # a failure is a result of this study, not a crash of it
         return {"train": {"ok": False, "error": _short(e)}}
     try:
@@ -117,7 +128,13 @@ def run_family(family: str, seeds: list[int], root: Path) -> dict:
                 row["prepare"][method] = {"ok": False, "error": _short(e)}
                 continue
             inv = F.load_invariant(out, original)
-            row["prepare"][method] = {"ok": True, "seconds": time.perf_counter() - t0, **inv,
+            manifest = json.loads((out / "qcorda.json").read_text())
+            experts = manifest["storage"].get("experts")
+            moe = {"experts_nf4": experts["nf4_fraction"], "expert_share": experts["bytes"] / manifest["storage"]["block_bytes"],
+                   "expert_layers": sum(is_expert(t) for t in manifest["targets"]),
+                   "few_tokens": sum(1 for l in manifest["layers"] if l.get("tokens") is not None and l["tokens"] < l["shape"][1]),
+                   "no_tokens": sum(1 for l in manifest["layers"] if l.get("tokens") == 0)} if experts else {}
+            row["prepare"][method] = {"ok": True, "seconds": time.perf_counter() - t0, **inv, **moe,
                                       "kl": _kl(original, out, batches) if method in ("qlora", "qcorda-cal", "qera") else None}
         if seed == seeds[0] and row["prepare"].get("qcorda-cal", {}).get("ok"):
             work = root / f"s{seed}" / "chain-all"
@@ -184,12 +201,79 @@ def markdown(doc: dict) -> str:
                       if s["prepare"].get(m, {}).get("ok") and s["prepare"]["qlora"].get("kl")]
             kls.append(f"{sum(ratios) / len(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}]" if ratios else "–")
         lines.append(f"| {family} | " + " | ".join(cells + [load, nf4, train_c, merge_c, lora_c, sub_c] + kls) + " |")
+    moe = [f for f in doc["key"]["families"] if f in F.MOE and f in doc["families"]
+           and doc["families"][f]["seeds"][next(iter(doc["families"][f]["seeds"]))]["prepare"].get("qcorda-cal", {}).get("ok")]
+    if moe:
+        lines += ["", "## Mixture of experts", "",
+                  "Every expert is its own layer (`qcorda.experts`: the fused 3-D expert parameters split into per-expert "
+                  "Linear layers, the same forward), decomposed in fp32 by the method, its residual stored NF4 + double "
+                  "quantization (blocksize 64), its adapter initialized (qcorda-cal) from the covariance of the calibration "
+                  "tokens its router sends it. Columns (qcorda-cal, seed 0): expert layers with an adapter; the experts' share "
+                  "of the block bytes and the NF4 fraction of the experts' bytes; expert layers that got fewer routed "
+                  "calibration tokens than their inputs (the damping rule decides their covariance) and none (C = I); expert "
+                  "adapter tensors changed by 2 training steps; the merged float32 model's top-1 agreement with the trained "
+                  "4-bit model (plain transformers loads it from per-expert tensors under the checkpoint's own names); "
+                  "to-lora: exact-delta, experts as PEFT `target_parameters`, loaded by PEFT on the original base.", "",
+                  "| family | expert layers | experts' share of block bytes | experts in NF4 | few tokens / none | expert adapters changed | merge top-1 | to-lora |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for f in moe:
+            first = doc["families"][f]["seeds"][next(iter(doc["families"][f]["seeds"]))]
+            p, ch = first["prepare"]["qcorda-cal"], first.get("chain", {})
+            tr, mg, tl = ch.get("train", {}), ch.get("merge", {}), ch.get("to_lora", {})
+            lines.append(f"| {f} | {p['expert_layers']} | {p['expert_share']:.0%} | {p['experts_nf4']:.0%} | "
+                         f"{p['few_tokens']} / {p['no_tokens']} | {tr.get('expert_tensors_changed', '–')} of {tr.get('expert_tensors', '–')} | "
+                         f"{mg['top1']:.3f} | {'ok' if tl.get('ok') else 'FAIL'} |" if mg.get("ok") else f"| {f} | FAIL |")
+    cost = doc.get("expert_cost")
+    if cost:
+        lines += ["", "### Cost of per-expert covariances and splits", "",
+                  f"`python -m eval.families` (`expert_cost`): one MoE projection of {cost['experts']} experts of "
+                  f"({cost['inter']}, {cost['hidden']}), top-{cost['top_k']} routing of {cost['tokens']} tokens, against one "
+                  f"dense layer of the same total size ({cost['experts'] * cost['inter']}, {cost['hidden']}) seeing every token; "
+                  f"rank {cost['rank']}, fp32, {cost['threads']} thread(s), best of {cost['repeats']}. Covariance: the experts' "
+                  "X_eᵀX_e over their routed tokens (k·T token rows in all) against one XᵀX over T.", "",
+                  "| part | experts (s) | dense (s) | experts / dense |", "|---|---|---|---|"]
+        for part, (e, d) in cost["seconds"].items():
+            lines.append(f"| {part} | {e:.3f} | {d:.3f} | {e / d:.2f} |")
     refusals = {f: next((p["error"] for p in r["seeds"][next(iter(r["seeds"]))]["prepare"].values() if not p["ok"]), None)
                 for f, r in doc["families"].items()}
     lines += ["", "Refusals (the message prepare prints):", ""]
     lines += [f"- **{f}**: {e}" for f, e in refusals.items() if e]
     lines += ["", f"Wall time: {doc.get('seconds', 0):.0f} s."]
     return "\n".join(lines)
+
+
+def expert_cost(hidden: int = 512, inter: int = 256, experts: int = 8, top_k: int = 2, tokens: int = 4096, rank: int = 16,
+                repeats: int = 3) -> dict:
+    """Seconds of the per-expert covariances and splits of one MoE projection (E experts ``(I, H)``, each seeing its
+    routed tokens) against one dense layer ``(E·I, H)`` seeing every token: the covariance accumulation and the
+    qcorda-ipm / qcorda-cal split + NF4 quantization (:func:`qcorda.layer.prepare_layer`), best of ``repeats``."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(tokens, hidden, generator=g)
+    route = torch.rand(tokens, experts, generator=g).topk(top_k, dim=1).indices  # uniform top-k routing
+    Ws = [torch.randn(inter, hidden, generator=g) / hidden**0.5 for _ in range(experts)]
+    W = torch.cat(Ws)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def cov_experts():
+        return [X[(route == e).any(1)].T @ X[(route == e).any(1)] / tokens for e in range(experts)]
+
+    seconds = {"covariance": (best(cov_experts), best(lambda: X.T @ X / tokens))}
+    Cs = cov_experts()
+    covs = Covariances({**{f"e{e}": C for e, C in enumerate(Cs)}, "dense": X.T @ X / tokens},
+                       {**{f"e{e}": f"e{e}" for e in range(experts)}, "dense": "dense"}, tokens)
+    for method in ("qcorda-ipm", "qcorda-cal"):
+        cfg = InitConfig(method=method, rank=rank, calib=CALIB)
+        seconds[f"{method} split + NF4"] = (best(lambda: [prepare_layer(Ws[e], cfg, f"e{e}", covs) for e in range(experts)]),
+                                            best(lambda: prepare_layer(W, cfg, "dense", covs)))
+    return {"hidden": hidden, "inter": inter, "experts": experts, "top_k": top_k, "tokens": tokens, "rank": rank,
+            "repeats": repeats, "threads": torch.get_num_threads(), "seconds": seconds}
 
 
 def main(argv=None) -> int:
@@ -212,6 +296,9 @@ def main(argv=None) -> int:
             doc["families"][family] = run_family(family, seeds, Path(tmp))
         doc["seconds"] = time.perf_counter() - t0
         store.save(doc, markdown(doc))
+    if "expert_cost" not in doc and any(f in F.MOE for f in families):
+        print("[families] expert_cost", flush=True)
+        doc["expert_cost"] = expert_cost()
     store.save(doc, markdown(doc))
     print(markdown(doc))
     return 0

@@ -152,7 +152,8 @@ class Checkpoint:
         loads the architecture (:func:`conversion_map`): GPT-NeoX's ``embed_out`` read as ``lm_head``,
         Mixtral's ``block_sparse_moe`` as ``mlp``. Keys that transformers fuses from several tensors
         (per-expert matrices into one 3-D parameter) are not readable keys; they are listed in
-        ``fused`` (model key → on-disk keys)."""
+        ``fused`` (model key → on-disk keys), and their per-expert parts are readable under the names
+        of an unfused model (:func:`qcorda.experts.unfuse`)."""
         import copy
 
         renamed, fused = conversion_map(model, self.keys())
@@ -228,7 +229,10 @@ def conversion_map(model: torch.nn.Module, disk_keys: Iterable[str]) -> tuple[di
 
     ``renamed``: model key → the one on-disk key it is read from (a rename or the same name).
     ``fused``: model key → the on-disk keys a ``WeightConverter`` combines into it (per-expert
-    matrices stacked into a 3-D parameter). Without these APIs every key maps to itself."""
+    matrices stacked into a 3-D parameter). Each of those is also in ``renamed``, under its own name
+    with the renamings alone applied (Mixtral's ``block_sparse_moe.experts.0.w1`` as
+    ``mlp.experts.0.w1``): the name of its layer in a model unfused by :func:`qcorda.experts.unfuse`.
+    Without these APIs every key maps to itself."""
     disk_keys = list(disk_keys)
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -248,7 +252,24 @@ def conversion_map(model: torch.nn.Module, disk_keys: Iterable[str]) -> tuple[di
             renamed[new] = key
         else:
             fused.setdefault(new, []).append(key)
+            renamed[rename_source_key(key, renamings, [], prefix, meta)[0]] = key
     return renamed, {k: tuple(v) for k, v in fused.items()}
+
+
+def disk_names(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, str]:
+    """model key → the name a checkpoint of ``model``'s architecture stores it under: transformers' renamings
+    for the architecture reversed, as its ``save_pretrained`` writes them (Mixtral's ``mlp`` as
+    ``block_sparse_moe``; per-expert keys of an unfused model stay per-expert). Identity without these APIs."""
+    keys = list(keys)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:
+        return {k: k for k in keys}
+    transforms = get_model_conversion_mapping(model, add_legacy=False) if hasattr(model, "config") else []
+    reverse = [t.reverse_transform() for t in transforms if isinstance(t, WeightRenaming)]
+    meta, prefix = model.state_dict(), getattr(model, "base_model_prefix", None)
+    return {k: rename_source_key(k, reverse, [], prefix, meta)[0] for k in keys}
 
 
 # --------------------------------------------------------------------------- writing
@@ -353,16 +374,17 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 
 def write_adapter(directory: str | Path, lora_config, tensors: dict[str, torch.Tensor]) -> Path:
-    """A PEFT adapter directory: ``adapter_config.json`` from ``lora_config`` (``target_modules``
-    sorted: PEFT keeps them in a set, whose order changes with Python's string hashing) and
-    ``adapter_model.safetensors`` from ``tensors`` keyed as PEFT keys them."""
+    """A PEFT adapter directory: ``adapter_config.json`` from ``lora_config`` (``target_modules`` and
+    ``target_parameters`` sorted: PEFT keeps them in sets, whose order changes with Python's string hashing) and
+    ``adapter_model.safetensors`` from ``tensors`` keyed as PEFT keys them (``target_parameters`` sorted too)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lora_config.save_pretrained(str(directory))
     path = directory / "adapter_config.json"
     data = json.loads(path.read_text())
-    if isinstance(data.get("target_modules"), list):
-        data["target_modules"] = sorted(data["target_modules"])
+    for key in ("target_modules", "target_parameters"):
+        if isinstance(data.get(key), list):
+            data[key] = sorted(data[key])
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
     save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     return directory

@@ -21,7 +21,8 @@ states ``(tokens, hidden)`` are kept per model, and :mod:`qcorda.scoring` runs t
 chunk at a time, so a 262k vocabulary never materializes for a whole set.
 
 Row keys (``report.json`` ``rows``, ``report.csv``): ``method``, ``rank``, ``layer`` (a module
-name, ``*.<type>`` for a layer type such as ``*.q_proj``, or ``total``), ``weight_err_rel``,
+name, ``*.<type>`` for a layer type such as ``*.q_proj`` or ``*.experts.gate_proj``, every expert of every
+block, or ``total``), ``weight_err_rel``,
 ``nuclear_err_rel``, ``act_err_rel`` (first eval set), ``act_err_rel_<set>`` for every further
 eval set, and on ``total`` rows ``ppl``, ``kl`` (first set) and ``ppl_<set>``, ``kl_<set>``.
 """
@@ -40,6 +41,7 @@ from .baselines import eva_components
 from .calibration import collect_covariances
 from .config import CompareConfig, ConfigError, InitConfig
 from .covariance import Covariances, collect
+from .experts import is_expert, unfuse
 from .data import calibration_batches, load_examples, load_records
 from .decompose import activation_error, low_rank_term
 from .layer import prepare_layer
@@ -102,11 +104,11 @@ def relative(num: float, den: float) -> float:
 
 def aggregate(method: str, rank: int, names: Sequence[str], errs: dict[str, LayerErrors], ref: dict[str, LayerErrors],
               keys: Sequence[str]) -> list[dict]:
-    """Rows per layer, per layer type (``*.q_proj``) and ``total``: each figure summed over the
-    group and divided by qlora's sum over the same group."""
+    """Rows per layer, per layer type (``*.q_proj``; the experts of every block rolled up as ``*.experts.w1``)
+    and ``total``: each figure summed over the group and divided by qlora's sum over the same group."""
     groups: dict[str, list[str]] = {}
     for n in names:
-        groups.setdefault("*." + n.rsplit(".", 1)[-1], []).append(n)
+        groups.setdefault("*." + ("experts." if is_expert(n) else "") + n.rsplit(".", 1)[-1], []).append(n)
     rows = []
     for label, members in [(n, [n]) for n in names] + list(groups.items()) + [("total", list(names))]:
         row = {"method": method, "rank": rank, "layer": label}
@@ -182,7 +184,8 @@ def _config_json(cfg: CompareConfig) -> dict:
 
 
 def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progress: bool = True, cache: dict | None = None) -> CompareReport:
-    """Measure every method × rank on ``model`` (an fp32 HF causal LM, restored on return).
+    """Measure every method × rank on ``model`` (an fp32 HF causal LM, restored on return; fused experts stay
+    unfused, :func:`qcorda.experts.unfuse`, which computes the same).
 
     Covariances are collected once (calibration, for the data-driven methods) plus one C_eval
     per eval set; then one progress bar runs over the qlora reference and methods × ranks ×
@@ -192,6 +195,7 @@ def compare(model, tokenizer, config: CompareConfig, model_id: str = "", progres
     t0 = time.perf_counter()
     if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         raise ConfigError("the model is already quantized; pass the original (16/32-bit) model to compare")
+    unfuse(model)  # a mixture of experts: each expert a layer, as prepare splits it (the same forward)
     targets = find_targets(model, config.init.target_modules)
     for r in config.ranks:
         check_rank(model, targets, r, flag="--ranks")

@@ -24,6 +24,7 @@ import torch
 from .checkpoint import Checkpoint, meta_tensor, write_safetensors
 from .config import ConfigError
 from .decompose import DecompositionError
+from .experts import routed_rows
 
 FORMAT = "qcorda.covariance/1"
 #: Key prefixes in a covariance file (and in a spilled block): C over every record, C_h over the held-out ones.
@@ -51,6 +52,13 @@ class Covariances:
     when they were marked; else None."""
     n_heldout: int = 0
     """Non-padding tokens of the held-out records (included in ``n_tokens``)."""
+    routed: dict[str, int] = field(default_factory=dict)
+    """group → its tokens, for the groups that saw fewer than ``n_tokens`` (experts: the tokens their
+    router sent them). Their C is still XᵀX / n_tokens: a scale common to every group."""
+
+    def tokens_of(self, target: str) -> int:
+        """The calibration tokens ``target``'s covariance holds (``n_tokens`` unless it is an expert's)."""
+        return self.routed.get(self.members[target], self.n_tokens)
 
     def of(self, target: str) -> torch.Tensor:
         """C over every calibration record ``(in_features, in_features)``."""
@@ -73,7 +81,7 @@ class Covariances:
     def save(self, path: str | Path) -> None:
         """Write every matrix to one safetensors file, one matrix in memory at a time."""
         meta = {"format": FORMAT, "members": self.members, "n_tokens": self.n_tokens, "manifest": self.manifest,
-                "n_heldout": self.n_heldout}
+                "n_heldout": self.n_heldout, **({"routed": self.routed} if self.routed else {})}
         parts = {COV: self.matrices, **({HELD: self.heldout} if self.heldout is not None else {})}
         specs = {}
         for prefix, mats in parts.items():
@@ -116,7 +124,8 @@ class Covariances:
                     "delete it or pass the matching model, targets and calibration data"
                 )
         held = parts[HELD] if len(parts[HELD]) else None
-        return cls(parts[COV], meta["members"], int(meta["n_tokens"]), manifest, held, int(meta.get("n_heldout", 0)))
+        return cls(parts[COV], meta["members"], int(meta["n_tokens"]), manifest, held, int(meta.get("n_heldout", 0)),
+                   {g: int(n) for g, n in meta.get("routed", {}).items()})
 
 
 class OnDisk(Mapping):
@@ -169,6 +178,8 @@ class Accumulator:
         self.sums: dict[str, torch.Tensor] = {}
         self.held_sums: dict[str, torch.Tensor] = {}
         self.group_of: dict[str, str] = {}
+        self.tokens: dict[str, int] = {}
+        """group → the tokens its inputs held (fewer than all for an expert: those routed to it)."""
         self.mask: torch.Tensor | None = None
         self.held_mask: torch.Tensor | None = None
         self._first, self._last_x, self._last_group = True, None, None
@@ -200,7 +211,11 @@ class Accumulator:
             elif self.group_of[name] != name:
                 return
             mask, held = self.mask, self.held_mask
-            if x.dim() == 2 and x.shape[0] == mask.numel():
+            rows = routed_rows()
+            if x.dim() == 2 and rows is not None and x.shape[0] == rows.numel():
+                # an expert's input: the flattened tokens its router sent to it, rows[i] being row i's token
+                mask, held = mask.reshape(-1)[rows], None if held is None else held.reshape(-1)[rows]
+            elif x.dim() == 2 and x.shape[0] == mask.numel():
                 # OPT flattens the hidden states to (batch·seq, features) before fc1/fc2: the same tokens,
                 # in the mask's row-major order
                 mask, held = mask.reshape(-1), None if held is None else held.reshape(-1)
@@ -216,6 +231,7 @@ class Accumulator:
                     "check the model's dtype (load it in float32) and the calibration text"
                 )
             self._add(self.sums, name, X)
+            self.tokens[name] = self.tokens.get(name, 0) + X.shape[0]
             if held is not None and held.any():
                 self._add(self.held_sums, name, x[held].to(device=self.device, dtype=self.dtype))
 
@@ -258,7 +274,8 @@ class Accumulator:
             parts = {p: {k[len(p):]: v for k, v in found.items() if k.startswith(p)} for p in (COV, HELD)}
         manifest = dict(manifest or {}, n_samples=n_samples, n_tokens=n_tokens)
         held = parts[HELD] if n_heldout is not None else None
-        return Covariances(parts[COV], dict(self.group_of), n_tokens, manifest, held, n_heldout or 0)
+        routed = {g: self.tokens.get(g, 0) for g in set(self.group_of.values()) if self.tokens.get(g, 0) != n_tokens}
+        return Covariances(parts[COV], dict(self.group_of), n_tokens, manifest, held, n_heldout or 0, routed)
 
 
 def collect(

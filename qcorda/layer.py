@@ -35,7 +35,12 @@ def split_layer(weight: torch.Tensor, cfg: InitConfig, name: str, covs: Covarian
     if cfg.needs_covariance:
         if covs is None:
             raise ConfigError(f"method {cfg.method} needs calibration data for layer {name}; pass --calib-data")
-        if cfg.heldout_every:
+        if covs.tokens_of(name) == 0:
+            # an expert its router never chose on the calibration data: C = 0 has no split, so it takes the
+            # damping rule's limit (λ → ∞, C + λ·I ∝ I), the data-free split of W; the report says so
+            C = torch.eye(weight.shape[1], dtype=torch.float32)
+            heldout = C.to(weight.device) if cfg.heldout_every else None
+        elif cfg.heldout_every:
             C, heldout = covs.fit_of(name), covs.heldout_of(name).to(weight.device)
         else:
             C = covs.of(name)
@@ -76,7 +81,9 @@ def prepare_layer(weight: torch.Tensor, cfg: InitConfig, name: str, covs: Covari
     split = replace(split, codes=None)  # the codes travel as q; the split keeps only B and A
     err = _squared_distance(W, dequantize_nf4(q).add_(low_rank_term(split, cfg.scaling)))
     qlora_err = _squared_distance(W, nf4_roundtrip(W))
-    result = LayerResult(name, tuple(W.shape), err, qlora_err, split.damping, time.perf_counter() - t0, split.iters)
+    routed = covs is not None and cfg.needs_covariance and covs.members.get(name) in covs.routed
+    result = LayerResult(name, tuple(W.shape), err, qlora_err, split.damping, time.perf_counter() - t0, split.iters,
+                         covs.tokens_of(name) if routed else None)
     return split, q, result
 
 

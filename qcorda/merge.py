@@ -11,6 +11,10 @@ A DoRA adapter (``qdora``) merges as m ⊙ (deq(Q(W_res)) + s·B·A) / ‖·‖ 
 (embeddings, norms, lm_head, biases) is copied from the prepared directory, cast to the
 output dtype. Tensors are read one at a time (safetensors memory maps), so the peak
 memory is the output plus one layer.
+
+A mixture of experts (prepared with one layer per expert, :mod:`qcorda.experts`) is written as its
+checkpoints are on disk: one 2-D tensor per expert under the architecture's own names (Mixtral's
+``block_sparse_moe.experts.{e}.w1.weight``), which plain transformers loads, fusing them as usual.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from typing import Callable
 import torch
 
 from .adapters import AdapterSpec, check_adapter, read_adapter
-from .checkpoint import Checkpoint, write_shards
+from .checkpoint import Checkpoint, disk_names, write_shards
 from .config import ConfigError, MergeConfig, VerifyConfig
 from .decompose import matmul_precision
+from .experts import UnfusedExperts, unfuse
 from .io import atomic_dir, check_out_dir
 from .prepared import ADAPTER_INIT, device_map, load_prepared, manifest_sha256, read_manifest
 from .quantize import NF4Weight, dequantize_nf4, nf4_from_state_dict
@@ -69,14 +74,23 @@ def plain_config(prepared: str | Path, dtype: torch.dtype):
     return config
 
 
-def plain_layout(config) -> tuple[set[str], set[str]]:
-    """(names of GPT-2-style ``Conv1D`` modules, weight stored ``(in, out)``; state-dict keys the
-    plain model needs, tied ones left out) from a weightless skeleton of the plain model."""
+def plain_skeleton(config):
+    """A weightless plain model of ``config``, its experts unfused: one 2-D tensor each, as the checkpoint stores
+    them on disk (transformers fuses them when it loads)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
+    unfuse(skeleton)
+    return skeleton
+
+
+def plain_layout(config) -> tuple[set[str], set[str]]:
+    """(names of GPT-2-style ``Conv1D`` modules, weight stored ``(in, out)``; state-dict keys the
+    plain model needs, tied ones left out, per-expert ones as the checkpoint stores them) from a weightless
+    skeleton of the plain model."""
+    skeleton = plain_skeleton(config)
     conv1d = {n for n, m in skeleton.named_modules() if type(m).__name__ == "Conv1D"}
     out_emb = skeleton.get_output_embeddings()
     tied = getattr(config, "tie_word_embeddings", False) and out_emb is not None
@@ -149,6 +163,18 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
     return specs, produce, layers
 
 
+def on_disk(config, specs: dict, produce: Callable):
+    """``(specs, produce)`` keyed as the architecture's checkpoints are on disk, for a mixture of experts
+    (:func:`qcorda.checkpoint.disk_names`: Mixtral's experts as ``block_sparse_moe.experts.{e}.w1``, what
+    ``save_pretrained`` writes); a dense model's keys are left as they are."""
+    skeleton = plain_skeleton(config)
+    if not any(isinstance(m, UnfusedExperts) for m in skeleton.modules()):
+        return specs, produce
+    names = disk_names(skeleton, specs)
+    model_key = {names[k]: k for k in specs}
+    return {names[k]: v for k, v in specs.items()}, lambda key: produce(model_key[key])
+
+
 # --------------------------------------------------------------------------- command
 
 
@@ -206,7 +232,9 @@ def merge(prepared: str | Path, out: str | Path, cfg: MergeConfig = MergeConfig(
     with atomic_dir(out, overwrite) as tmp:
         with tqdm(total=len(targets), desc=f"merge -> {cfg.dtype}", unit="layer", disable=not progress) as bar:
             specs, produce, layers = merged_tensors(prepared, spec, torch_dtype, targets, bar.update)
-            write_shards(tmp, specs, produce, plain_config(prepared, torch_dtype), _generation_config(prepared))
+            config = plain_config(prepared, torch_dtype)
+            specs, produce = on_disk(config, specs, produce)
+            write_shards(tmp, specs, produce, config, _generation_config(prepared))
         _copy_tokenizer(prepared, tmp)
         info = {
             "format": "qcorda.merge/1",

@@ -25,6 +25,11 @@ micro-batch ``B``, sequence length ``T`` and activation width ``a`` bytes (2 for
   computes the loss with its fused, tiled log-prob kernel, so the ``B·T·V`` logits (which would be
   ``B·T·262144`` for Gemma) never exist at once: one ``4096 × 32768`` tile buffer and the fp32
   hidden-state gradient on a GPU, about 8 fp32 tiles on the CPU (:func:`lm_head_bytes`).
+* **mixture of experts** (``arch.experts`` E > 0, each token routed to ``experts_per_token`` k experts of
+  width ``m_e = expert_intermediate``): gate, up and down are per expert, so their NF4 weights, constants,
+  adapters, gradients and optimizer states count E times (``prepare`` stores every expert in NF4 and gives
+  each targeted expert its own adapter); the router ``E·h`` per block stays in the compute dtype; a token's
+  MLP activations are those of its k active experts (``4·k·m_e`` instead of ``4·m``) plus E router logits.
 * **CUDA context**: the driver/cuBLAS/kernels allowance (0 on the CPU).
 
 The result is an estimate of ``torch.cuda.max_memory_allocated`` plus the context; see
@@ -66,8 +71,9 @@ Device = Literal["cuda", "cpu"]
 
 
 def projection_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
-    """``(out_features, in_features)`` of each projection of one block."""
-    h, m, d = arch.hidden, arch.intermediate, arch.dim_head
+    """``(out_features, in_features)`` of each projection of one block (of one expert, for gate/up/down of a
+    mixture of experts)."""
+    h, m, d = arch.hidden, arch.expert_width, arch.dim_head
     q, kv = arch.heads * d, arch.kv_heads * d
     return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
             "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}
@@ -164,30 +170,35 @@ def plan_memory(p: PlanInput) -> MemoryPlan:
     """The :class:`MemoryPlan` of one training micro-step at peak (pure arithmetic)."""
     a, L, h, V = p.compute_bytes, p.arch.layers, p.arch.hidden, p.arch.vocab
     shapes = projection_shapes(p.arch)
+    E, k = p.arch.experts, p.arch.experts_per_token
     nf4 = consts = qparams = 0
     unq_linear = trainable = opt = 0
     for name, (o, i) in shapes.items():
+        n = L * (E if E and _PARENT[name] == "mlp" else 1)  # one tensor per block, or per expert of every block
         if name in p.targets:
             packed, c = nf4_bytes(o * i)
-            nf4, consts, qparams = nf4 + L * packed, consts + L * c, qparams + L * o * i
-            trainable += L * p.rank * (o + i)
-            opt += L * (adam_state_bytes(p.rank * i, p.optim) + adam_state_bytes(p.rank * o, p.optim))
+            nf4, consts, qparams = nf4 + n * packed, consts + n * c, qparams + n * o * i
+            trainable += n * p.rank * (o + i)
+            opt += n * (adam_state_bytes(p.rank * i, p.optim) + adam_state_bytes(p.rank * o, p.optim))
         elif name in p.kept:
-            unq_linear += L * o * i
+            unq_linear += n * o * i
         else:  # the rest of the 4-bit base: NF4(W), no adapter
             packed, c = nf4_bytes(o * i)
-            nf4, consts, qparams = nf4 + L * packed, consts + L * c, qparams + L * o * i
+            nf4, consts, qparams = nf4 + n * packed, consts + n * c, qparams + n * o * i
+    unq_linear += L * E * h  # the routers: never quantized
     d = p.arch.dim_head
     norms = L * (4 * h + 2 * d) + h
     embeddings = V * h * (1 if p.arch.tied_embeddings else 2)
     unquantized = (embeddings + norms + unq_linear) * a
 
     BT = p.batch_size * p.seq_len
-    q, kv, m = p.arch.heads * d, p.arch.kv_heads * d, p.arch.intermediate
+    q, kv, m = p.arch.heads * d, p.arch.kv_heads * d, p.arch.expert_width
+    active = k if E else 1  # a token runs through its k experts' MLPs
+    mlp_targets = sum(1 for t in p.targets if _PARENT[t] == "mlp")
     # one block's saved tensors per token: norm in/out (4h), q, k, v before and after RoPE,
-    # attention output, o_proj output, the MLP's gate, up, act(gate), act(gate)*up, down output,
-    # the residual adds, and the rank-r LoRA intermediates of each target
-    per_token = 8 * h + 3 * q + 4 * kv + 4 * m + p.rank * len(p.targets)
+    # attention output, o_proj output, the MLP's gate, up, act(gate), act(gate)*up, down output (per
+    # active expert, + the router logits), the residual adds, and the rank-r LoRA intermediates of each target
+    per_token = 8 * h + 3 * q + 4 * kv + active * 4 * m + E + p.rank * (len(p.targets) + (active - 1) * mlp_targets)
     scores = p.batch_size * p.arch.heads * p.seq_len**2 * 2 if p.attention_scores else 0  # scores + probs
     biggest = max(o * i for o, i in shapes.values())
     # saved tensors + gradients of the same size flowing back through the block, + one dequantized weight
@@ -305,9 +316,23 @@ def read_model_config(model: str | None) -> dict | None:
     return data.get("text_config", data) if isinstance(data.get("text_config"), dict) else data
 
 
+#: recipe key → config.json keys (the first present), mixtures of experts
+MOE_KEYS = {
+    "experts": ("num_local_experts", "num_experts"),
+    "experts_per_token": ("num_experts_per_tok",),
+    "expert_intermediate": ("moe_intermediate_size",),
+}
+
+
 def check_arch(arch: ArchConfig, config: dict, source: str = "config.json") -> None:
     """Raise :class:`ConfigError` naming the recipe key whose value differs from ``config``."""
     tied_default = config.get("tie_word_embeddings", True)
+    for key, ckeys in MOE_KEYS.items():
+        ckey = next((c for c in ckeys if config.get(c)), None)
+        theirs = config[ckey] if ckey else (None if key == "expert_intermediate" else 0)
+        if getattr(arch, key) != theirs and (key != "expert_intermediate" or arch.experts):
+            raise ConfigError(f"recipe key arch.{key} = {getattr(arch, key)} but {source} has {ckey or ckeys[0]} = {theirs}; "
+                              f"set arch.{key}: {json.dumps(theirs)} in the recipe")
     for key, ckey in ARCH_KEYS.items():
         ours = getattr(arch, key)
         if key == "head_dim":

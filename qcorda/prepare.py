@@ -41,6 +41,7 @@ from .baselines import EVA_RHO, eva_components
 from .calibration import collect_covariances, loaded_fingerprint, reused_covariances
 from .config import ConfigError, InitConfig
 from .covariance import Covariances
+from .experts import mark_unfused, unfuse
 from .layer import prepare_layer
 from .methods import spec
 from .models import Placement, load_model
@@ -127,6 +128,7 @@ def prepare_model(model, config: InitConfig, model_id: str = "", calib: Covarian
     t_start = time.perf_counter()
     if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         raise ConfigError("the model is already quantized; pass the original (16/32-bit) model to prepare")
+    unfuse(model)  # fused experts as per-expert Linear layers, each an ordinary target (qcorda.experts)
     targets = find_targets(model, config.target_modules)
     check_rank(model, targets, config.rank)
     plan = storage_plan(model, targets, config.keep_full_precision, spec(config.method).quantized)
@@ -215,6 +217,7 @@ def assemble(model, config: InitConfig, layers: dict[str, tuple], compute_dtype:
     if quantized:
         mark_quantized(model, compute_dtype, list(skip_modules))
     model.config.use_cache = False
+    mark_unfused(model)  # a mixture of experts: PEFT must wrap its per-expert layers as they are
     peft_model = get_peft_model(model, lora_config(config, list(layers)))
     with torch.no_grad():
         for name, (split, _) in layers.items():

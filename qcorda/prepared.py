@@ -30,6 +30,7 @@ import torch
 from .checkpoint import ADAPTER_PREFIX, dedupe_tied, write_adapter, write_shards
 from .config import ConfigError, InitConfig
 from .decompose import matmul_precision
+from .experts import loader_class
 from .io import atomic_dir
 from .models import resolve_device
 from .quantize import keep_dequantize_path
@@ -65,6 +66,14 @@ class LayerResult:
     seconds: float
     iters: int | None = None
     """Iterative methods: the alternations T of the stored iterate (chosen per layer with ``--iters auto``)."""
+    tokens: int | None = None
+    """Experts (data-driven methods): the calibration tokens the router sent to it. Fewer than in_features:
+    its covariance is singular and the damping λ makes it definite; 0: the identity (λ → ∞), a data-free split."""
+
+    @property
+    def few_tokens(self) -> bool:
+        """An expert whose covariance the damping rule, not the data, decides (fewer tokens than inputs)."""
+        return self.tokens is not None and self.tokens < self.shape[1]
 
     @property
     def rel_err(self) -> float:
@@ -267,13 +276,18 @@ def compute_in(model, dtype: torch.dtype) -> int:
 def load_prepared(prepared: str | Path, adapter: str | Path | None = None, is_trainable: bool = True, device: str | None = None):
     """The prepared 4-bit model with ``adapter`` (default ``adapter_init``) attached, as a ``PeftModel``, on
     ``device`` (default CUDA when present) in the stored compute dtype, computing with the dequantized NF4
-    weight as training does (:func:`qcorda.quantize.keep_dequantize_path`, :func:`compute_in`)."""
+    weight as training does (:func:`qcorda.quantize.keep_dequantize_path`, :func:`compute_in`).
+
+    A mixture-of-experts model is built with its experts unfused (:func:`qcorda.experts.loader_class`): every
+    expert a ``Linear4bit``, as prepared. Plain ``AutoModelForCausalLM.from_pretrained`` cannot load those."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     manifest = read_manifest(prepared)
     dtype = getattr(torch, manifest["compute_dtype"])
-    model = AutoModelForCausalLM.from_pretrained(str(prepared), dtype=dtype, device_map=device_map(device))
+    # a mixture of experts: its per-expert NF4 layers load into an unfused model (plain transformers would fuse them)
+    cls = loader_class(AutoConfig.from_pretrained(str(prepared)))
+    model = cls.from_pretrained(str(prepared), dtype=dtype, device_map=device_map(device))
     keep_dequantize_path(model)
     compute_in(model, dtype)
     model.config.use_cache = False

@@ -176,11 +176,26 @@ class ArchConfig:
     """lm_head shares the input embedding (``tie_word_embeddings``)."""
     head_dim: int | None = None
     """Per-head width (``head_dim``); default hidden / heads."""
+    experts: int = 0
+    """Mixture of experts: routed experts per block (``num_local_experts`` / ``num_experts``), each a gated
+    MLP stored in NF4 like every block Linear; 0 (default): one dense MLP per block."""
+    experts_per_token: int = 0
+    """Mixture of experts: experts each token is routed to (``num_experts_per_tok``); their activations count."""
+    expert_intermediate: int | None = None
+    """Mixture of experts: one expert's MLP width (``moe_intermediate_size``); default ``intermediate``."""
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
             if getattr(self, name) <= 0:
                 raise ConfigError("must be positive", name)
+        if self.experts < 0 or (self.experts > 0 and not 0 < self.experts_per_token <= self.experts):
+            raise ConfigError(f"must be between 1 and experts ({self.experts}) for a mixture of experts, got "
+                              f"{self.experts_per_token}", "experts_per_token")
+
+    @property
+    def expert_width(self) -> int:
+        """The MLP width of one expert (of the one MLP, in a dense model)."""
+        return self.expert_intermediate or self.intermediate
 
     @property
     def dim_head(self) -> int:

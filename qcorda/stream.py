@@ -43,6 +43,7 @@ from .checkpoint import Checkpoint, file_fingerprint, meta_tensor, save_tensors
 from .config import ConfigError, InitConfig
 from .covariance import Covariances
 from .decompose import DecompositionError
+from .experts import unfuse
 from .io import atomic_dir, check_out_dir, replace_atomic, write_text_atomic
 from .layer import prepare_layer
 from .methods import spec
@@ -97,13 +98,16 @@ def open_source(model_id: str, cfg: InitConfig, out: Path, trust_remote_code: bo
     if o == s or o in s.parents:
         raise ConfigError(f"--out {out} is the model directory {path} or contains it; choose another --out")
     _, skel = skeleton(path, trust_remote_code)
+    unfuse(skel)  # fused experts as per-expert Linear layers, each an ordinary target (qcorda.experts)
     ckpt = Checkpoint(path).model_view(skel)  # read by the model's names, as transformers maps them
-    fused = sorted(ckpt.fused)
+    params = dict(skel.named_parameters())
+    fused = sorted(k for k in ckpt.fused if k in params)  # a fused experts module unfuse does not know
     if fused:
         raise ConfigError(
             f"MODEL {path}: {type(skel).__name__} fuses the per-expert tensors on disk into 3-D expert parameters "
-            f"({fused[0]} from {len(ckpt.fused[fused[0]])} tensors such as {ckpt.fused[fused[0]][0]}); this qcorda version "
-            "does not prepare fused mixture-of-experts layers, and it never leaves experts silently in 16 bits"
+            f"({fused[0]} from {len(ckpt.fused[fused[0]])} tensors such as {ckpt.fused[fused[0]][0]}) of a layout "
+            "qcorda cannot split into per-expert layers (only gate_up_proj/down_proj with act(gate)·up); it never "
+            "leaves experts silently in 16 bits"
         )
     targets = find_targets(skel, cfg.target_modules)
     check_rank(skel, targets, cfg.rank)

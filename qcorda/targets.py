@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError
+from .experts import is_expert
 
 _BLOCK = re.compile(r"\.\d+\.")  # decoder blocks live in a ModuleList: "...layers.3.mlp..."
 
@@ -120,13 +121,19 @@ class StoragePlan:
     """Every Linear module not stored in NF4 (lm_head included): config.json's ``llm_int8_skip_modules``."""
     nf4_bytes: int
     block_bytes: int
+    expert_nf4_bytes: int = 0
+    expert_bytes: int = 0
+    """The experts' share of ``nf4_bytes`` and ``block_bytes`` (per-expert layers, :func:`qcorda.experts.is_expert`,
+    and fused 3-D expert tensors); 0 in a dense model."""
 
     @property
     def nf4_fraction(self) -> float:
         return self.nf4_bytes / self.block_bytes if self.block_bytes else 1.0
 
     def to_json(self) -> dict:
-        return {"nf4_fraction": self.nf4_fraction, "nf4_bytes": self.nf4_bytes, "block_bytes": self.block_bytes,
+        experts = {"experts": {"nf4_fraction": self.expert_nf4_bytes / self.expert_bytes, "nf4_bytes": self.expert_nf4_bytes,
+                               "bytes": self.expert_bytes}} if self.expert_bytes else {}
+        return {"nf4_fraction": self.nf4_fraction, "nf4_bytes": self.nf4_bytes, "block_bytes": self.block_bytes, **experts,
                 "base_nf4": list(self.base), "full_precision": [{"name": n, "reason": r} for n, r in self.full_precision],
                 "skip_modules": list(self.skip_modules)}
 
@@ -145,7 +152,7 @@ def storage_plan(model: torch.nn.Module, targets: list[str], keep: tuple[str, ..
                           "that layer out of --target-modules")
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base, full, skip, named = [], [], [], set()
-    nf4 = total = 0
+    nf4 = total = expert_nf4 = expert_total = 0
     for name, m in model.named_modules():
         if is_linear(m):
             named.add(name)
@@ -162,8 +169,11 @@ def storage_plan(model: torch.nn.Module, targets: list[str], keep: tuple[str, ..
                 continue
             full_name, size = f"{name}.{pname}", p.numel() * p.element_size()
             total += size
+            expert = is_expert(name) or (p.dim() == 3 and name.rsplit(".", 1)[-1] == "experts")
+            expert_total += size if expert else 0
             if quantized and is_linear(m) and pname == "weight" and (name in target_set or name in base):
                 nf4 += size
+                expert_nf4 += size if expert else 0
                 continue
             if not quantized:
                 reason = "the method keeps a 16-bit base"
@@ -177,7 +187,7 @@ def storage_plan(model: torch.nn.Module, targets: list[str], keep: tuple[str, ..
             else:
                 reason = "not a weight of a Linear layer"
             full.append((full_name, reason))
-    plan = StoragePlan(tuple(targets), tuple(base), tuple(full), tuple(skip), nf4, total)
+    plan = StoragePlan(tuple(targets), tuple(base), tuple(full), tuple(skip), nf4, total, expert_nf4, expert_total)
     unnamed = [(n, r) for n, r in full if r != flag and not r.startswith("router")]
     if quantized and plan.nf4_fraction < MIN_NF4_FRACTION and unnamed:
         raise ConfigError(

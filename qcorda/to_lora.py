@@ -34,6 +34,7 @@ from .checkpoint import ADAPTER_PREFIX, Checkpoint, write_adapter
 from .io import atomic_dir, check_out_dir
 from .config import ConfigError, MergeConfig, ToLoraConfig, ToLoraMode, VerifyConfig
 from .decompose import matmul_precision
+from .experts import fused_layout, layout_of, lora_keys, pack_lora, unfuse
 from .merge import PREPARED_HINT, ExportResult, dequantized, load_plain, merge, verification
 from .models import resolve_local, skeleton
 from .prepared import ADAPTER_INIT, device_map, load_prepared, manifest_sha256, read_manifest
@@ -139,6 +140,35 @@ def _lora_config(spec: AdapterSpec, mode: str, ranks: dict[str, int], targets: l
     )
 
 
+def _fused_adapter(found: dict[str, tuple[LoraFactors, float]], groups: dict[str, tuple[str, ...]], shapes: dict, dense: list[str],
+                   base_dir: Path, base: str, trust_remote_code: bool):
+    """(LoraConfig, tensors) of a plain PEFT LoRA for a base whose experts are fused 3-D parameters: the
+    dense targets as ``target_modules``, the experts' fused parameters as PEFT's ``target_parameters``
+    (:func:`qcorda.experts.pack_lora`). One rank R for all (each factor pair zero-padded, a fused
+    ``gate_up_proj`` holding gate's and up's), the scale folded into B and α = R (scaling 1)."""
+    from peft import LoraConfig, get_peft_model
+
+    scaled = {n: (scale * f.B, f.A) for n, (f, scale) in found.items()}
+    per = {p: len(ms) // len({m.rsplit(".", 2)[-2] for m in ms}) for p, ms in groups.items()}
+    R = max([f.rank for n, (f, _) in found.items() if n in dense]
+            + [per[p] * max(found[m][0].rank for m in ms if m in found) for p, ms in groups.items() if any(m in found for m in ms)])
+    packed = pack_lora(scaled, groups, shapes, R)
+    lcfg = LoraConfig(r=R, lora_alpha=float(R), target_modules=list(dense), target_parameters=sorted(packed), lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base)
+    _, fused = skeleton(base_dir, trust_remote_code, flag="--base")  # the base as PEFT will see it: experts fused
+    keys = lora_keys(get_peft_model(fused, lcfg))  # PEFT's own names for each fused parameter's LoRA
+    tensors = {}
+    for name in dense:
+        B, A = scaled[name]
+        k = A.shape[0]
+        tensors[f"{ADAPTER_PREFIX}{name}.lora_A.weight"] = torch.cat([A, A.new_zeros(R - k, A.shape[1])])
+        tensors[f"{ADAPTER_PREFIX}{name}.lora_B.weight"] = torch.cat([B, B.new_zeros(B.shape[0], R - k)], dim=1)
+    for param, (B, A) in packed.items():
+        tensors[f"{ADAPTER_PREFIX}{keys[param]}.lora_A.weight"] = A
+        tensors[f"{ADAPTER_PREFIX}{keys[param]}.lora_B.weight"] = B
+    return lcfg, tensors
+
+
 def convert_layer(name: str, W: torch.Tensor, w_deq: torch.Tensor, spec: AdapterSpec, init: AdapterSpec, mode: str,
                   rank: int | None, recorded_err: float | None, base: str, prepared: Path) -> tuple[LoraFactors, ConvertedLayer]:
     """The plain-LoRA factors of one layer by ``mode``, and how far W + s′·B′·A′ is from the trained layer.
@@ -194,12 +224,17 @@ def to_lora(prepared: str | Path, base: str, out: str | Path, cfg: ToLoraConfig 
 
     base_dir = resolve_local(base, flag="--base")
     _, skel = skeleton(base_dir, trust_remote_code, flag="--base")
+    layout = layout_of(skel)
+    unfuse(skel, layout)  # experts as prepared: one layer each, read from the checkpoint's per-expert tensors
     original = Checkpoint(base_dir, "model", "--base").model_view(skel)  # by the model's names, as transformers maps them
     reader = Checkpoint(prepared, "model", "PREPARED", PREPARED_HINT)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     layers: list[ConvertedLayer] = []
     conv1d = False
+    groups = fused_layout(skel, layout) if layout is not None else {}
+    experts = {m for members in groups.values() for m in members} & set(targets)
+    found: dict[str, tuple[LoraFactors, float]] = {}
     for name in tqdm(targets, desc=f"to-lora {cfg.mode}", unit="layer", disable=not progress):
         try:
             module = skel.get_submodule(name)
@@ -214,11 +249,18 @@ def to_lora(prepared: str | Path, base: str, out: str | Path, cfg: ToLoraConfig 
                                  cfg.rank, recorded.get(name), base, prepared)
         layers.append(layer)
         ranks[name] = f.rank
-        tensors[f"{ADAPTER_PREFIX}{name}.lora_A.weight"] = f.A
-        tensors[f"{ADAPTER_PREFIX}{name}.lora_B.weight"] = f.B
+        if experts:
+            found[name] = (f, spec.scaling(name) if cfg.mode == "exact-delta" else 1.0)
+        else:
+            tensors[f"{ADAPTER_PREFIX}{name}.lora_A.weight"] = f.A
+            tensors[f"{ADAPTER_PREFIX}{name}.lora_B.weight"] = f.B
+    if experts:
+        shapes = {m: tuple(skel.get_submodule(m).weight.shape) for members in groups.values() for m in members}
+        lcfg, tensors = _fused_adapter(found, groups, shapes, [t for t in targets if t not in experts], base_dir, str(base),
+                                       trust_remote_code)
+    else:
+        lcfg = _lora_config(spec, cfg.mode, ranks, targets, str(base), conv1d)
     del skel, original
-
-    lcfg = _lora_config(spec, cfg.mode, ranks, targets, str(base), conv1d)
     with atomic_dir(out, overwrite) as tmp:
         write_adapter(tmp, lcfg, tensors)
         tensors.clear()

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from qcorda.checkpoint import Checkpoint
+from qcorda.experts import fused_layout, is_expert, layout_of, unfuse
 from qcorda.config import CalibConfig, ConfigError, InitConfig, MergeConfig, ToLoraConfig, VerifyConfig
 from qcorda.merge import merge
 from qcorda.prepare import prepare
@@ -32,7 +33,7 @@ WORKING = tuple(f for f in F.FAMILIES if f not in F.REFUSED)
 #: One family per kind of layout (tied Llama, GPT-2's Conv1D, OPT's 2-D layer inputs, GPT-NeoX's renamed head):
 #: every method and the whole chain run on these by default; on the others qcorda-cal and the subset do, the
 #: exhaustive grid is marked slow (the fast part takes about 3 minutes on one core).
-FAST = ("llama", "gpt2", "opt", "gpt-neox")
+FAST = ("llama", "gpt2", "opt", "gpt-neox", "mixtral")
 
 
 def _fast_if(cond: bool, *values):
@@ -70,7 +71,10 @@ def check_loaded(prepared: Path, family: str, kept: int = 0) -> dict:
     assert got["base_is_nf4_of_w"] and got["skip_exact"], got
     assert len(got["not_4bit"]) == kept, got
     storage = json.loads((prepared / "qcorda.json").read_text())["storage"]
-    assert (storage["nf4_fraction"] == 1.0) == (kept == 0) and len(storage["full_precision"]) == kept
+    full = [d for d in storage["full_precision"] if not d["reason"].startswith("router")]  # routers stay full precision
+    assert (storage["nf4_fraction"] == 1.0) == (kept == 0 and len(full) == len(storage["full_precision"])) and len(full) == kept
+    if family in F.MOE:  # every expert's bytes are NF4
+        assert storage["experts"]["nf4_fraction"] == 1.0 and storage["experts"]["bytes"] > 0, storage
     return got
 
 
@@ -105,23 +109,81 @@ def _chain(workdir: Path, family: str, subset: bool) -> None:
     adapter = _train(workdir, prepared)
     init, trained = Checkpoint(prepared / "adapter_init", "adapter_model"), Checkpoint(adapter, "adapter_model")
     assert any(not torch.equal(init.get(k), trained.get(k)) for k in init.keys()), "training changed no adapter"
+    unchanged = [k for k in init.keys() if is_expert(k.split(".lora_")[0].removeprefix("base_model.model."))
+                 and torch.equal(init.get(k), trained.get(k))]
+    assert not unchanged, f"training left expert adapters unchanged: {unchanged[:3]}"
     verify = VerifyConfig(samples=2, max_length=48)
     merged = merge(prepared, str(prepared) + "-merged", MergeConfig(dtype="float32", verification=verify), adapter=adapter, progress=False)
     (agree,) = merged.agreement
     assert agree.top1 >= 0.99 and agree.max_abs_diff < 1e-3 and agree.nonfinite == 0
     src = _source(workdir, family)
+    if family in F.MOE:  # the checkpoint's own on-disk layout: per-expert 2-D tensors, under its names
+        ours, theirs = Checkpoint(merged.out), Checkpoint(src)
+        assert sorted(ours.keys()) == sorted(theirs.keys())
+        assert all(ours.spec(k)[0] == theirs.spec(k)[0] for k in theirs.keys())
     lora = to_lora(prepared, str(src), str(prepared) + "-lora", ToLoraConfig(mode="exact-delta", verify=False),
                    adapter=adapter, progress=False).out
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(src)), str(lora))
     manifest = json.loads((prepared / "qcorda.json").read_text())
     s = manifest["config"]["lora_alpha"] / manifest["config"]["rank"]
-    for name in manifest["targets"]:
-        layer = model.base_model.model.get_submodule(name)
+    def expected(name):
         B, A = (trained.get(f"base_model.model.{name}.lora_{k}.weight") for k in "BA")
         B0, A0 = (init.get(f"base_model.model.{name}.lora_{k}.weight") for k in "BA")
+        return s * B @ A - s * B0 @ A0
+
+    inner = model.base_model.model
+    fused = _fused_deltas(inner)  # mixtures of experts: PEFT's target_parameters LoRA of each fused parameter
+    for name in manifest["targets"]:
+        if is_expert(name):
+            continue
+        layer = inner.get_submodule(name)
         delta = layer.get_delta_weight("default")
         delta = delta.T if type(layer.get_base_layer()).__name__ == "Conv1D" else delta
-        torch.testing.assert_close(delta, s * B @ A - s * B0 @ A0, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(delta, expected(name), rtol=1e-4, atol=1e-6)
+    experts = [t for t in manifest["targets"] if is_expert(t)]
+    if experts:  # ΔW[e] of gate_up_proj is [Δgate_e; Δup_e], of down_proj Δdown_e
+        unfused = F.model(family)
+        groups = fused_layout_of(unfused)
+        assert set(fused) == {p for p, ms in groups.items() if set(ms) & set(experts)}
+        for param, members in groups.items():
+            per = len(members) // fused[param].shape[0]
+            for e in range(fused[param].shape[0]):
+                want = torch.cat([expected(m) if m in experts else torch.zeros(unfused.get_submodule(m).weight.shape)
+                                  for m in members[e * per:(e + 1) * per]])
+                torch.testing.assert_close(fused[param][e], want, rtol=1e-4, atol=1e-6)
+        _lora_equals_merged(prepared, adapter, src, merged.out)
+
+
+def _fused_deltas(inner) -> dict:
+    """fused parameter name → PEFT's ΔW ``(E, out, in)`` of its target_parameters LoRA."""
+    out = {}
+    for name, m in inner.named_modules():
+        if getattr(m, "parameter_name", None) and hasattr(m, "lora_A"):
+            owner = ".".join(p for p in name.split(".") if p != "base_layer")
+            out[f"{owner}.{m.parameter_name}"] = m.get_delta_weight("default")
+    return out
+
+
+def fused_layout_of(model) -> dict:
+    layout = layout_of(model)
+    unfuse(model, layout)
+    return fused_layout(model, layout)
+
+
+def _lora_equals_merged(prepared: Path, adapter: Path, src: Path, merged: Path) -> None:
+    """to-lora at full rank (absorb-quant-error, rank ≥ every min(out, in)) loaded by PEFT on the original base, fused
+    experts as target_parameters, computes the merged model: W + D = deq(Q(W_res)) + s·B·A for every target."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = to_lora(prepared, str(src), str(prepared) + "-lora-full", ToLoraConfig(mode="absorb-quant-error", rank=1024, verify=False),
+                   adapter=adapter, progress=False, overwrite=True).out
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(src)), str(lora)).eval()
+    plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert (a - b).abs().max().item() < 1e-3 and torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 @pytest.mark.parametrize("family", [_fast_if(f == "llama", f) for f in WORKING])
@@ -194,7 +256,7 @@ def _hashes(d: Path) -> dict[str, str]:
             if p.is_file() and p.name != "timings.json"}
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
 def test_in_memory_engine_stores_the_same_4bit_base(workdir, family, tmp_path):
     """The in-memory engine (a model object) writes the streamed engine's directory for a subset, byte for byte."""
     from qcorda.models import load_model
@@ -207,3 +269,18 @@ def test_in_memory_engine_stores_the_same_4bit_base(workdir, family, tmp_path):
         assert hm[f] == hs[f], f
     storage = [json.loads((d / "qcorda.json").read_text())["storage"] for d in (tmp_path / "m", streamed)]
     assert storage[0] == storage[1]
+
+
+@pytest.mark.parametrize("family", [f for f in F.MOE if f not in F.REFUSED])
+def test_expert_adapters_get_gradients(workdir, family):
+    """The loaded 4-bit model trains every expert's adapter: each expert the router sends tokens to has
+    non-zero gradients on its lora_A and lora_B (and the base stays frozen)."""
+    from qcorda.prepared import load_prepared
+
+    model = load_prepared(_prepared(workdir, family, "qcorda-cal", False), device="cpu")
+    ids = torch.randint(3, 100, (4, 64), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if ".experts." in n and p.requires_grad}
+    assert grads and all(".lora_" in n for n in grads)
+    zero = [n for n, g in grads.items() if g is None or not g.abs().sum() > 0]
+    assert not zero, f"expert adapters without gradient: {zero[:3]}"

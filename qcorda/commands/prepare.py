@@ -64,3 +64,13 @@ def _summary(report, cfg, out) -> None:
         print(f"NF4: {storage['nf4_fraction']:.1%} of the block weights' bytes ({len(report.targets)} targets with an adapter, "
               f"{len(storage['base_nf4'])} other block Linears as NF4(W)); full precision: "
               + ("none" if not kept else "; ".join(f"{d['name']} ({d['reason']})" for d in kept[:8]) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")))
+        experts = storage.get("experts")
+        if experts:
+            print(f"experts: {experts['nf4_fraction']:.1%} of their bytes in NF4")
+    few = [l for l in report.layers if l.few_tokens]
+    if few:
+        none = [l for l in few if l.tokens == 0]
+        print(f"experts with few calibration tokens: {len(few)} layers got fewer routed tokens than their inputs "
+              f"(min {min(l.tokens for l in few)}); the damping rule makes their covariance definite"
+              + (f", and {len(none)} got none: the damping limit C = I, a data-free split (e.g. {none[0].name})" if none else "")
+              + "; qcorda.json records each layer's tokens")

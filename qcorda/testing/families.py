@@ -60,12 +60,10 @@ SUBSET: dict[str, tuple[str, ...]] = {
 }
 
 #: Families prepare refuses, and a regex of the refusal: Falcon's FalconLinear is not converted to 4-bit by
-#: transformers' bitsandbytes loader; the MoE families' experts are fused 3-D parameters (never silently 16-bit).
+#: transformers' bitsandbytes loader; GPT-OSS's checkpoint holds 3-D expert tensors (with biases and its own
+#: activation) that qcorda does not split into experts yet, refused by the NF4-fraction check (never silently 16-bit).
 REFUSED: dict[str, str] = {
     "falcon": r"FalconLinear.*does not convert to 4-bit",
-    "mixtral": r"fuses the per-expert tensors.*does not prepare fused mixture-of-experts",
-    "qwen3-moe": r"fuses the per-expert tensors.*does not prepare fused mixture-of-experts",
-    "qwen2-moe": r"fuses the per-expert tensors.*does not prepare fused mixture-of-experts",
     "gpt-oss": r"of the block weights' bytes would be stored in NF4 .*--keep-full-precision",
 }
 
@@ -95,10 +93,12 @@ def save(directory: str | Path, family: str, seed: int = 0) -> Path:
 
 
 def load_invariant(prepared: str | Path, original: torch.nn.Module, seed: int = 0) -> dict:
-    """How exactly plain transformers + PEFT load a prepared directory, against the ``original`` fp32 model.
+    """How exactly plain transformers + PEFT load a prepared directory, against the ``original`` fp32 model
+    (a mixture of experts is unfused in place, :func:`qcorda.experts.unfuse`).
 
-    Loads ``prepared`` with ``AutoModelForCausalLM.from_pretrained`` and ``PeftModel.from_pretrained``
-    (``adapter_init``), nothing of qcorda, and for every target and base layer of ``qcorda.json`` feeds a
+    Loads ``prepared`` with ``from_pretrained`` and ``PeftModel.from_pretrained`` (``adapter_init``): of
+    qcorda only the class, ``AutoModelForCausalLM`` itself or, for a mixture of experts, the unfused one
+    (:func:`qcorda.experts.loader_class`), and for every target and base layer of ``qcorda.json`` feeds a
     random x ``(3, in_features)``. Returns ``max_abs_diff``: max |layer(x) − x·W_effᵀ − b| with W_eff =
     deq(codes) + s·B·A (targets) or deq(codes) (base layers), codes and B, A read from the files;
     ``max_err_gap``: max relative gap between ‖W − W_eff‖²_F and the error ``qcorda.json`` records;
@@ -108,9 +108,10 @@ def load_invariant(prepared: str | Path, original: torch.nn.Module, seed: int = 
     import json
 
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..checkpoint import Checkpoint
+    from ..experts import loader_class, unfuse
     from ..merge import stored_nf4
     from ..quantize import dequantize_nf4, nf4_roundtrip
     from ..targets import in_block, is_linear, is_router, weight_of
@@ -119,7 +120,9 @@ def load_invariant(prepared: str | Path, original: torch.nn.Module, seed: int = 
     manifest = json.loads((prepared / "qcorda.json").read_text())
     targets, base = manifest["targets"], manifest["storage"]["base_nf4"]
     s = manifest["config"]["lora_alpha"] / manifest["config"]["rank"]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(prepared)), str(prepared / "adapter_init")).train()
+    unfuse(original)
+    cls = loader_class(AutoConfig.from_pretrained(str(prepared)))
+    model = PeftModel.from_pretrained(cls.from_pretrained(str(prepared)), str(prepared / "adapter_init")).train()
     inner = model.base_model.model
     codes, init = Checkpoint(prepared), Checkpoint(prepared / "adapter_init", "adapter_model")
     errs = {l["name"]: l["err"] for l in manifest["layers"]}

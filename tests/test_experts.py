@@ -1,0 +1,113 @@
+"""Fused mixture-of-experts layers as per-expert Linear layers (qcorda.experts): the same forward, the covariance
+of exactly the tokens each expert's router sends it, the damping rule for an expert that gets none."""
+
+import pytest
+import torch
+
+from qcorda.config import CalibConfig, InitConfig
+from qcorda.covariance import collect
+from qcorda.experts import UnfusedExperts, is_expert, layout_of, unfuse
+from qcorda.layer import prepare_layer
+from qcorda.targets import find_targets
+from qcorda.testing import families as F
+
+MOE = ("mixtral", "qwen3-moe", "qwen2-moe")
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_unfused_forward_is_the_fused_one(family):
+    model = F.model(family)
+    ids = torch.randint(3, 100, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    fused = dict(model.named_parameters())
+    names = unfuse(model)
+    assert names and all(isinstance(model.get_submodule(n), UnfusedExperts) for n in names)
+    layout = layout_of(F.model(family))
+    e = model.get_submodule(f"{names[0]}.2")
+    gate, up = (getattr(e, leaf).weight for leaf in layout.gate_up)
+    assert torch.equal(torch.cat([gate, up]), fused[f"{names[0]}.gate_up_proj"][2])
+    assert torch.equal(getattr(e, layout.down).weight, fused[f"{names[0]}.down_proj"][2])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_expert_covariance_holds_exactly_its_routed_tokens():
+    """C_e = X_eᵀX_e / n over the non-padding tokens the router sent to expert e (n: every non-padding token)."""
+    model = unfuse_model("mixtral")
+    block = model.model.layers[1].mlp
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0  # padding: its tokens are routed too, and must not count
+    seen = {}
+    h = block.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].reshape(-1, a[0].shape[-1]).clone()))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    h.remove()
+    x = seen["x"]
+    with torch.no_grad():
+        _, _, top = block.gate(x)
+    targets = [t for t in find_targets(model, ("all-linear",)) if is_expert(t)]
+    covs = collect(model, [{"input_ids": ids, "attention_mask": mask}], targets, progress=False)
+    keep = mask.reshape(-1).bool()
+    for e in range(4):
+        rows = (top == e).any(-1) & keep
+        ref = x[rows].T @ x[rows] / int(keep.sum())
+        name = f"model.layers.1.mlp.experts.{e}.w1"
+        torch.testing.assert_close(covs.of(name), ref, rtol=1e-5, atol=1e-6)
+        assert covs.tokens_of(name) == int(rows.sum())
+
+
+def unfuse_model(family):
+    model = F.model(family)
+    unfuse(model)
+    return model
+
+
+def test_expert_without_tokens_takes_the_damping_limit():
+    """An expert its router never chose: C = I (the damping rule's limit), and the report says how many tokens it got."""
+    model = unfuse_model("mixtral")
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(3))
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.gate.weight.zero_()  # equal logits: top-2 picks the same two experts for every token, two get none
+    targets = [t for t in find_targets(model, ("all-linear",)) if ".layers.0.mlp.experts." in t]
+    covs = collect(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], targets, progress=False)
+    tokens = [covs.tokens_of(f"model.layers.0.mlp.experts.{e}.w1") for e in range(4)]
+    assert sorted(tokens) == [0, 0, 8, 8]
+    none, all_ = tokens.index(0), tokens.index(8)
+    cfg = InitConfig(method="qcorda-ipm", rank=4, svd="full", calib=CalibConfig(data="gsm8k-train"))
+    W = model.get_submodule(f"model.layers.0.mlp.experts.{none}.w1").weight.detach()
+    split, _, idle = prepare_layer(W, cfg, f"model.layers.0.mlp.experts.{none}.w1", covs)
+    assert idle.tokens == 0 and idle.few_tokens and torch.isfinite(split.B).all()
+    # C = I: CorDA's split is then the top-r SVD of W (the data-free split)
+    U, S, Vh = torch.linalg.svd(W)
+    torch.testing.assert_close(cfg.scaling * split.B @ split.A, (U[:, :4] * S[:4]) @ Vh[:4], rtol=1e-3, atol=1e-4)
+    _, _, busy = prepare_layer(W, cfg, f"model.layers.0.mlp.experts.{all_}.w1", covs)
+    assert busy.tokens is None and not busy.few_tokens  # every token reached it: no routed count to report
+
+
+def test_plan_counts_every_expert_and_the_active_ones():
+    """qcorda plan on the tiny Qwen3-MoE's numbers: its NF4 weights are every block Linear of the prepared model (E
+    experts per block), its trainable parameters every target's r·(in + out); a dense twin plans fewer; and
+    arch.experts is checked against config.json."""
+    from qcorda.config import ConfigError
+    from qcorda.plan import PlanInput, check_arch, plan_memory
+    from qcorda.recipe import ArchConfig
+    from qcorda.targets import in_block, is_linear, is_router
+
+    config = F.config("qwen3-moe")
+    arch = ArchConfig(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=config.vocab_size,
+                      tied_embeddings=config.tie_word_embeddings, experts=4, experts_per_token=2, expert_intermediate=32)
+    check_arch(arch, config.to_dict())
+    model = unfuse_model("qwen3-moe")
+    linears = {n: m for n, m in model.named_modules() if is_linear(m) and in_block(n) and not is_router(n)}
+    inp = PlanInput(arch, 4, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 2, 64, "adamw_torch", 4)
+    plan = plan_memory(inp)
+    assert plan.quantized_params == sum(m.weight.numel() for m in linears.values())
+    assert plan.trainable_params == sum(4 * sum(m.weight.shape) for m in linears.values())
+    dense = plan_memory(PlanInput(ArchConfig(**{**arch.__dict__, "experts": 0, "experts_per_token": 0}), *list(inp.__dict__.values())[1:]))
+    assert dense.layer_working_set < plan.layer_working_set and dense.quantized_params < plan.quantized_params
+    with pytest.raises(ConfigError, match=r"arch.experts = 8 but .* num_(local_)?experts = 4"):
+        check_arch(ArchConfig(**{**arch.__dict__, "experts": 8}), config.to_dict())
