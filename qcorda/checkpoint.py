@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .config import ConfigError
+from .experts import slices
 from .io import replace_atomic
 
 #: safetensors dtype names ↔ torch dtypes.
@@ -79,6 +80,7 @@ class Checkpoint:
         self._specs: dict[str, tuple[tuple[int, ...], str]] = {}
         self._metadata: dict[Path, dict] = {}
         self._disk: dict[str, str] = {}  # a model view's key → the key in the file (identity when absent)
+        self._slices: dict[str, tuple[str, int, bool]] = {}  # a model view's key → (fused key, expert, transposed)
         self.fused: dict[str, tuple[str, ...]] = {}
         for f in self.files:
             self._read_header(f)
@@ -153,7 +155,8 @@ class Checkpoint:
         Mixtral's ``block_sparse_moe`` as ``mlp``. Keys that transformers fuses from several tensors
         (per-expert matrices into one 3-D parameter) are not readable keys; they are listed in
         ``fused`` (model key → on-disk keys), and their per-expert parts are readable under the names
-        of an unfused model (:func:`qcorda.experts.unfuse`)."""
+        of an unfused model (:func:`qcorda.experts.unfuse`). For experts stored fused on disk (GPT-OSS),
+        each expert's slice is readable under its unfused name (:func:`qcorda.experts.slices`)."""
         import copy
 
         renamed, fused = conversion_map(model, self.keys())
@@ -161,6 +164,12 @@ class Checkpoint:
         view._where = {m: self._where[d] for m, d in renamed.items()}
         view._specs = {m: self._specs[d] for m, d in renamed.items()}
         view._disk = {m: d for m, d in renamed.items() if m != d}
+        view._slices = {}
+        for key, (whole, e, transposed) in slices(model).items():  # GPT-OSS: one expert of a fused tensor on disk
+            if whole in renamed:
+                shape, dtype = self._specs[renamed[whole]]
+                view._where[key], view._slices[key] = self._where[renamed[whole]], (renamed[whole], e, transposed)
+                view._specs[key] = (tuple(reversed(shape[1:])) if transposed else tuple(shape[1:]), dtype)
         view.fused = fused
         return view
 
@@ -170,7 +179,7 @@ class Checkpoint:
         f = self._where[key]
         try:  # a fresh handle per read: closing it unmaps the pages it touched
             with safe_open(str(f), framework="pt") as h:
-                return fn(_Renamed(h, self._disk))
+                return fn(_Renamed(h, self._disk, self._slices))
         except Exception as e:
             raise ConfigError(f"{self.flag} {self.path}: tensor {key} cannot be read from {f.name} ({e}); {self.hint}") from e
 
@@ -210,16 +219,20 @@ class Checkpoint:
 
 
 class _Renamed:
-    """A safetensors handle read by a model view's keys."""
+    """A safetensors handle read by a model view's keys (an expert's slice of a fused tensor read alone)."""
 
-    def __init__(self, handle, disk: dict[str, str]):
-        self.handle, self.disk = handle, disk
+    def __init__(self, handle, disk: dict[str, str], slices: dict[str, tuple[str, int, bool]]):
+        self.handle, self.disk, self.slices = handle, disk, slices
 
     def get_tensor(self, key: str):
+        if key in self.slices:
+            whole, e, transposed = self.slices[key]
+            t = self.handle.get_slice(whole)[e : e + 1][0]
+            return t.T.contiguous() if transposed else t
         return self.handle.get_tensor(self.disk.get(key, key))
 
     def get_slice(self, key: str):
-        return self.handle.get_slice(self.disk.get(key, key))
+        return self.get_tensor(key) if key in self.slices else self.handle.get_slice(self.disk.get(key, key))
 
 
 def conversion_map(model: torch.nn.Module, disk_keys: Iterable[str]) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:

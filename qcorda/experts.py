@@ -17,9 +17,13 @@ Per expert e, with x the rows routed to it and w_k their routing weights::
 
     y += w_k · down_e( act(gate_e(x)) ⊙ up_e(x) )      gate_e = gate_up_proj[e][:I], up_e = gate_up_proj[e][I:]
 
-which is the fused forward, expert by expert (tested against it in fp32). Plain transformers
+which is the fused forward, expert by expert (tested against it in fp32). GPT-OSS stores its experts
+fused on disk (``gate_up_proj`` ``(E, H, 2I)`` with gate and up interleaved, ``down_proj`` ``(E, I, H)``,
+biases, its own clamped activation): its experts become ``experts.{e}.gate_up_proj`` ``(2I, H)`` and
+``experts.{e}.down_proj`` ``(H, I)`` layers with biases, read as slices of the tensors on disk
+(:func:`slices`) and stacked back for ``merge`` (:func:`stack_stored`). Plain transformers
 cannot load per-expert NF4 layers (its loader fuses them again into a 3-D parameter, which
-bitsandbytes does not quantize): :func:`unfused_model_class` is the class
+bitsandbytes does not quantize; GPT-OSS's model has no per-expert layers to load them into): :func:`unfused_model_class` is the class
 :func:`qcorda.prepared.load_prepared` loads them with. :func:`fused_layout` maps per-expert
 modules back to the fused parameters (``to-lora``'s PEFT ``target_parameters``).
 """
@@ -49,17 +53,27 @@ class ExpertLayout:
     ``gate_up``: the leaf names concatenated (dim 0 of each expert's slice) into ``gate_up_proj``,
     gate first (``("gate_proj", "up_proj")``, Mixtral ``("w1", "w3")``); ``down``: the leaf of ``down_proj``."""
 
-    gate_up: tuple[str, str]
+    gate_up: tuple[str, ...]
     down: str
+    stored: bool = False
+    """The checkpoint stores the fused 3-D tensors themselves (GPT-OSS): ``gate_up`` is one leaf, a layer of
+    the interleaved gate and up (``(2I, H)`` + bias) whose activation is the module's own ``_apply_gate``, and
+    each expert's weights are slices of the tensors on disk (:func:`slices`)."""
 
 
 #: ``.experts.*.w1.weight`` → ``w1``: a per-expert source pattern of a fusing WeightConverter.
 _LEAF = re.compile(r"experts\.\*\.(\w+)\.weight$")
 
 
+#: GPT-OSS's layout: one gate_up_proj (E, H, 2I) + bias, transposed, gate and up interleaved, its own activation.
+STORED = ExpertLayout(("gate_up_proj",), "down_proj", stored=True)
+
+
 def layout_of(model: torch.nn.Module) -> ExpertLayout | None:
-    """The :class:`ExpertLayout` that ``model``'s conversion mapping fuses, or None (no fused experts
-    on load: dense models, or GPT-OSS, whose checkpoint already holds 3-D expert tensors)."""
+    """The :class:`ExpertLayout` of ``model``'s fused experts: the per-expert tensors its conversion mapping
+    fuses on load (Mixtral, Qwen-MoE), :data:`STORED` for experts stored fused (GPT-OSS), or None (dense)."""
+    if any(_stored(m) for m in model.modules()):
+        return STORED
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter
@@ -77,31 +91,50 @@ def layout_of(model: torch.nn.Module) -> ExpertLayout | None:
     return ExpertLayout((gate_up[0], gate_up[1]), down[0])
 
 
+def _params3(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if isinstance(gu, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gu.dim() == 3 and down.dim() == 3:
+        return gu, down
+    return None
+
+
+def _stored(module: torch.nn.Module) -> bool:
+    """GPT-OSS's experts: ``gate_up_proj`` ``(E, H, 2I)`` + bias ``(E, 2I)``, ``down_proj`` ``(E, I, H)`` + bias
+    ``(E, H)`` (x·W, transposed), gate and up interleaved, activated by the module's ``_apply_gate``."""
+    p = _params3(module)
+    return (p is not None and getattr(module, "is_transposed", False) and hasattr(module, "_apply_gate")
+            and isinstance(getattr(module, "gate_up_proj_bias", None), torch.nn.Parameter)
+            and isinstance(getattr(module, "down_proj_bias", None), torch.nn.Parameter)
+            and p[0].shape[0] == p[1].shape[0] and p[0].shape[2] == 2 * p[1].shape[1] and p[0].shape[1] == p[1].shape[2])
+
+
 def is_fused(module: torch.nn.Module) -> bool:
     """``module`` is a fused experts module :func:`unfuse` reproduces: 3-D ``gate_up_proj`` ``(E, 2I, H)``
-    and ``down_proj`` ``(E, H, I)``, no biases, not transposed, ``act(gate) ⊙ up`` (Mixtral, Qwen-MoE)."""
-    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (isinstance(gu, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gu.dim() == 3 and down.dim() == 3
-            and not getattr(module, "is_transposed", False) and not getattr(module, "has_bias", False)
+    and ``down_proj`` ``(E, H, I)``, no biases, not transposed, ``act(gate) ⊙ up`` (Mixtral, Qwen-MoE); or
+    GPT-OSS's (:data:`STORED`)."""
+    if _stored(module):
+        return True
+    p = _params3(module)
+    return (p is not None and not getattr(module, "is_transposed", False) and not getattr(module, "has_bias", False)
             and not hasattr(module, "gate_up_proj_bias") and hasattr(module, "act_fn")
-            and gu.shape[0] == down.shape[0] and gu.shape[1] == 2 * down.shape[2] and gu.shape[2] == down.shape[1])
+            and p[0].shape[0] == p[1].shape[0] and p[0].shape[1] == 2 * p[1].shape[2] and p[0].shape[2] == p[1].shape[1])
 
 
 class Expert(torch.nn.Module):
     """One expert: ``nn.Linear`` layers named as the checkpoint names them (gate ``(I, H)``, up ``(I, H)``,
-    down ``(H, I)``)."""
+    down ``(H, I)``; GPT-OSS: gate_up ``(2I, H)`` and down ``(H, I)``, with biases)."""
 
     def __init__(self, layout: ExpertLayout, hidden: int, inter: int, device, dtype):
         super().__init__()
         self.names = layout
+        width = inter * 2 // len(layout.gate_up)  # I each, or 2I for GPT-OSS's one gate_up layer
         for leaf in layout.gate_up:
-            self.add_module(leaf, torch.nn.Linear(hidden, inter, bias=False, device=device, dtype=dtype))
-        self.add_module(layout.down, torch.nn.Linear(inter, hidden, bias=False, device=device, dtype=dtype))
+            self.add_module(leaf, torch.nn.Linear(hidden, width, bias=layout.stored, device=device, dtype=dtype))
+        self.add_module(layout.down, torch.nn.Linear(inter, hidden, bias=layout.stored, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, act) -> torch.Tensor:
-        """down(act(gate(x)) ⊙ up(x)) of ``x`` ``(n, H)``."""
-        gate, up = (getattr(self, leaf)(x) for leaf in self.names.gate_up)
-        return getattr(self, self.names.down)(act(gate) * up)
+    def forward(self, x: torch.Tensor, glu) -> torch.Tensor:
+        """down(glu(gate(x), up(x))) of ``x`` ``(n, H)``: act(gate) ⊙ up, or GPT-OSS's gate of its one gate_up."""
+        return getattr(self, self.names.down)(glu(*(getattr(self, leaf)(x) for leaf in self.names.gate_up)))
 
 
 class UnfusedExperts(torch.nn.Module):
@@ -109,20 +142,33 @@ class UnfusedExperts(torch.nn.Module):
     fused module computed: ``forward(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k))``."""
 
     def __init__(self, fused: torch.nn.Module, layout: ExpertLayout):
-        E, inter2, hidden = fused.gate_up_proj.shape
-        inter = inter2 // 2
         w = fused.gate_up_proj
+        E, hidden, inter = (w.shape[0], w.shape[1], w.shape[2] // 2) if layout.stored else (w.shape[0], w.shape[2], w.shape[1] // 2)
         super().__init__()
         for e in range(E):  # children "0", "1", ...: the checkpoint's ``experts.{e}.<leaf>``
             self.add_module(str(e), Expert(layout, hidden, inter, w.device, w.dtype))
-        self.num_experts, self.act_fn = E, fused.act_fn
+        self.num_experts, self.layout = E, layout
+        if layout.stored:  # GPT-OSS: its own activation, transformers' code, with its constants
+            self.alpha, self.limit, self._apply_gate = fused.alpha, fused.limit, type(fused)._apply_gate
+        else:
+            self.act_fn = fused.act_fn
         if w.device.type != "meta":
             with torch.no_grad():
                 for e, expert in enumerate(self.experts()):
+                    if layout.stored:  # x·W + b: the Linear holds Wᵀ
+                        expert.gate_up_proj.weight.copy_(fused.gate_up_proj[e].T)
+                        expert.gate_up_proj.bias.copy_(fused.gate_up_proj_bias[e])
+                        expert.down_proj.weight.copy_(fused.down_proj[e].T)
+                        expert.down_proj.bias.copy_(fused.down_proj_bias[e])
+                        continue
                     gate, up = fused.gate_up_proj[e].chunk(2, dim=0)
                     getattr(expert, layout.gate_up[0]).weight.copy_(gate)
                     getattr(expert, layout.gate_up[1]).weight.copy_(up)
                     getattr(expert, layout.down).weight.copy_(fused.down_proj[e])
+
+    def glu(self, *parts: torch.Tensor) -> torch.Tensor:
+        """act(gate) ⊙ up of (gate, up); GPT-OSS: its ``_apply_gate`` of the interleaved gate_up."""
+        return self._apply_gate(self, parts[0]) if self.layout.stored else self.act_fn(parts[0]) * parts[1]
 
     def experts(self) -> list[Expert]:
         return [self._modules[str(e)] for e in range(self.num_experts)]
@@ -135,7 +181,7 @@ class UnfusedExperts(torch.nn.Module):
             # every expert runs, with zero rows when nothing is routed to it: its covariance then exists (and is zero)
             token = _ROUTED.set(rows)
             try:
-                y = expert(hidden_states[rows], self.act_fn)
+                y = expert(hidden_states[rows], self.glu)
             finally:
                 _ROUTED.reset(token)
             out.index_add_(0, rows, (y * top_k_weights[rows, pos, None]).to(out.dtype))
@@ -156,20 +202,60 @@ def unfuse(model: torch.nn.Module, layout: ExpertLayout | None = None) -> list[s
     return names
 
 
+def slices(model: torch.nn.Module) -> dict[str, tuple[str, int, bool]]:
+    """Per-expert keys of an unfused ``model`` whose checkpoint stores the fused tensors (:data:`STORED`):
+    key → (fused key, expert e, transposed): ``experts.{e}.gate_up_proj.weight`` = ``experts.gate_up_proj[e]ᵀ``,
+    ``experts.{e}.gate_up_proj.bias`` = ``experts.gate_up_proj_bias[e]`` (and down_proj alike)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, UnfusedExperts) and m.layout.stored:
+            for e in range(m.num_experts):
+                for leaf in (*m.layout.gate_up, m.layout.down):
+                    out[f"{name}.{e}.{leaf}.weight"] = (f"{name}.{leaf}", e, True)
+                    out[f"{name}.{e}.{leaf}.bias"] = (f"{name}.{leaf}_bias", e, False)
+    return out
+
+
+def stack_stored(model: torch.nn.Module, specs: dict, produce):
+    """``(specs, produce)`` of a checkpoint of the unfused ``model`` with each expert tensor stored fused on disk
+    (:func:`slices`, GPT-OSS) stacked back: ``experts.gate_up_proj`` ``(E, H, 2I)`` = [W_eᵀ for each e] in the
+    place of its first expert's key, the biases ``(E, 2I)`` alike; other keys as they are."""
+    sl = slices(model)
+    members: dict[str, list[str]] = {}
+    for key, (whole, _, _) in sl.items():
+        if key in specs:
+            members.setdefault(whole, []).append(key)
+    out = {}
+    for key, spec in specs.items():
+        whole = sl[key][0] if key in sl else None
+        if whole is None:
+            out[key] = spec
+        elif key == members[whole][0]:
+            shape = tuple(reversed(spec.shape)) if sl[key][2] else tuple(spec.shape)
+            out[whole] = torch.empty((len(members[whole]), *shape), dtype=spec.dtype, device="meta")
+
+    def stacked(key: str):
+        if key not in members:
+            return produce(key)
+        return torch.stack([produce(m).T if sl[m][2] else produce(m) for m in members[key]]).contiguous()
+
+    return out, stacked
+
+
 def is_expert(name: str) -> bool:
     """``name`` is a per-expert layer (``...experts.3.w1``)."""
     return re.search(r"(^|\.)experts\.\d+\.\w+$", name) is not None
 
 
-def fused_layout(model: torch.nn.Module, layout: ExpertLayout) -> dict[str, tuple[str, ...]]:
+def fused_layout(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     """``{fused parameter name: per-expert module names}`` of an unfused ``model``, in the fused order:
     ``…experts.gate_up_proj`` ← (``experts.0.w1``, ``experts.0.w3``, ``experts.1.w1``, …) (gate then up per
-    expert, E·2 names), ``…experts.down_proj`` ← (``experts.0.w2``, …) (E names)."""
+    expert, E·2 names; GPT-OSS: E), ``…experts.down_proj`` ← (``experts.0.w2``, …) (E names)."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, UnfusedExperts):
-            out[f"{name}.gate_up_proj"] = tuple(f"{name}.{e}.{leaf}" for e in range(m.num_experts) for leaf in layout.gate_up)
-            out[f"{name}.down_proj"] = tuple(f"{name}.{e}.{layout.down}" for e in range(m.num_experts))
+            out[f"{name}.gate_up_proj"] = tuple(f"{name}.{e}.{leaf}" for e in range(m.num_experts) for leaf in m.layout.gate_up)
+            out[f"{name}.down_proj"] = tuple(f"{name}.{e}.{m.layout.down}" for e in range(m.num_experts))
     return out
 
 

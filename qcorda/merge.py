@@ -31,7 +31,7 @@ from .adapters import AdapterSpec, check_adapter, read_adapter
 from .checkpoint import Checkpoint, disk_names, write_shards
 from .config import ConfigError, MergeConfig, VerifyConfig
 from .decompose import matmul_precision
-from .experts import UnfusedExperts, unfuse
+from .experts import UnfusedExperts, stack_stored, unfuse
 from .io import atomic_dir, check_out_dir
 from .prepared import ADAPTER_INIT, device_map, load_prepared, manifest_sha256, read_manifest
 from .quantize import NF4Weight, dequantize_nf4, nf4_from_state_dict
@@ -166,10 +166,12 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
 def on_disk(config, specs: dict, produce: Callable):
     """``(specs, produce)`` keyed as the architecture's checkpoints are on disk, for a mixture of experts
     (:func:`qcorda.checkpoint.disk_names`: Mixtral's experts as ``block_sparse_moe.experts.{e}.w1``, what
-    ``save_pretrained`` writes); a dense model's keys are left as they are."""
+    ``save_pretrained`` writes; GPT-OSS's stacked back into 3-D tensors, :func:`qcorda.experts.stack_stored`);
+    a dense model's keys are left as they are."""
     skeleton = plain_skeleton(config)
     if not any(isinstance(m, UnfusedExperts) for m in skeleton.modules()):
         return specs, produce
+    specs, produce = stack_stored(skeleton, specs, produce)  # GPT-OSS stores its experts fused
     names = disk_names(skeleton, specs)
     model_key = {names[k]: k for k in specs}
     return {names[k]: v for k, v in specs.items()}, lambda key: produce(model_key[key])

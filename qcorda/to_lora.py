@@ -232,7 +232,7 @@ def to_lora(prepared: str | Path, base: str, out: str | Path, cfg: ToLoraConfig 
     ranks: dict[str, int] = {}
     layers: list[ConvertedLayer] = []
     conv1d = False
-    groups = fused_layout(skel, layout) if layout is not None else {}
+    groups = fused_layout(skel)
     experts = {m for members in groups.values() for m in members} & set(targets)
     found: dict[str, tuple[LoraFactors, float]] = {}
     for name in tqdm(targets, desc=f"to-lora {cfg.mode}", unit="layer", disable=not progress):

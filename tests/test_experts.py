@@ -11,7 +11,7 @@ from qcorda.layer import prepare_layer
 from qcorda.targets import find_targets
 from qcorda.testing import families as F
 
-MOE = ("mixtral", "qwen3-moe", "qwen2-moe")
+MOE = ("mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss")
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -25,9 +25,13 @@ def test_unfused_forward_is_the_fused_one(family):
     assert names and all(isinstance(model.get_submodule(n), UnfusedExperts) for n in names)
     layout = layout_of(F.model(family))
     e = model.get_submodule(f"{names[0]}.2")
-    gate, up = (getattr(e, leaf).weight for leaf in layout.gate_up)
-    assert torch.equal(torch.cat([gate, up]), fused[f"{names[0]}.gate_up_proj"][2])
-    assert torch.equal(getattr(e, layout.down).weight, fused[f"{names[0]}.down_proj"][2])
+    gate_up = torch.cat([getattr(e, leaf).weight for leaf in layout.gate_up])
+    down = getattr(e, layout.down).weight
+    if layout.stored:  # GPT-OSS computes x·W + b: each Linear holds W[e]ᵀ and b[e]
+        gate_up, down = gate_up.T, down.T
+        assert torch.equal(e.gate_up_proj.bias, fused[f"{names[0]}.gate_up_proj_bias"][2])
+    assert torch.equal(gate_up, fused[f"{names[0]}.gate_up_proj"][2])
+    assert torch.equal(down, fused[f"{names[0]}.down_proj"][2])
     with torch.no_grad():
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)

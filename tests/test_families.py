@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from qcorda.checkpoint import Checkpoint
-from qcorda.experts import fused_layout, is_expert, layout_of, unfuse
+from qcorda.experts import fused_layout, is_expert, unfuse
 from qcorda.config import CalibConfig, ConfigError, InitConfig, MergeConfig, ToLoraConfig, VerifyConfig
 from qcorda.merge import merge
 from qcorda.prepare import prepare
@@ -73,7 +73,7 @@ def check_loaded(prepared: Path, family: str, kept: int = 0) -> dict:
     storage = json.loads((prepared / "qcorda.json").read_text())["storage"]
     full = [d for d in storage["full_precision"] if not d["reason"].startswith("router")]  # routers stay full precision
     assert (storage["nf4_fraction"] == 1.0) == (kept == 0 and len(full) == len(storage["full_precision"])) and len(full) == kept
-    if family in F.MOE:  # every expert's bytes are NF4
+    if family in F.MOE and not kept:  # every expert's bytes are NF4
         assert storage["experts"]["nf4_fraction"] == 1.0 and storage["experts"]["bytes"] > 0, storage
     return got
 
@@ -150,7 +150,9 @@ def _chain(workdir: Path, family: str, subset: bool) -> None:
             for e in range(fused[param].shape[0]):
                 want = torch.cat([expected(m) if m in experts else torch.zeros(unfused.get_submodule(m).weight.shape)
                                   for m in members[e * per:(e + 1) * per]])
-                torch.testing.assert_close(fused[param][e], want, rtol=1e-4, atol=1e-6)
+                got = fused[param][e]
+                got = got.T if got.shape != want.shape else got  # GPT-OSS stores x·W: PEFT's ΔW is (in, out)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
         _lora_equals_merged(prepared, adapter, src, merged.out)
 
 
@@ -165,9 +167,8 @@ def _fused_deltas(inner) -> dict:
 
 
 def fused_layout_of(model) -> dict:
-    layout = layout_of(model)
-    unfuse(model, layout)
-    return fused_layout(model, layout)
+    unfuse(model)
+    return fused_layout(model)
 
 
 def _lora_equals_merged(prepared: Path, adapter: Path, src: Path, merged: Path) -> None:
@@ -210,16 +211,21 @@ def test_refused_clearly(workdir, family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gpt_oss_experts_never_silently_16bit(workdir, tmp_path):
-    """Its fused 3-D experts cannot be NF4 yet: refused, unless the user names them; then recorded."""
+def test_fused_experts_never_silently_16bit(workdir, tmp_path):
+    """Experts qcorda cannot split (here GPT-OSS's fused 3-D experts, as its model holds them) would stay in 16 bits:
+    the NF4-fraction check refuses them unless the user names them; a prepared GPT-OSS keeps none (each expert NF4)."""
+    model = F.model("gpt-oss")  # not unfused: what storage_plan sees of experts it cannot split
     with pytest.raises(ConfigError, match=r"only \d+\.\d% .*experts\.gate_up_proj .*--keep-full-precision"):
-        prepare(str(_source(workdir, "gpt-oss")), _cfg("qlora"), tmp_path / "refused", progress=False)
+        storage_plan(model, find_targets(model, ("all-linear",)))
+    plan = storage_plan(model, find_targets(model, ("all-linear",)), keep=("experts",))
+    assert 0 < plan.nf4_fraction < 0.9 and dict(plan.full_precision)["model.layers.0.mlp.experts.gate_up_proj"] == "--keep-full-precision"
     out = tmp_path / "kept"
-    prepare(str(_source(workdir, "gpt-oss")), _cfg("qlora", keep_full_precision=("experts",)), out, progress=False)
+    prepare(str(_source(workdir, "gpt-oss")), _cfg("qlora", F.SUBSET["gpt-oss"], keep_full_precision=("*.experts.*",)), out,
+            progress=False)
+    check_loaded(out, "gpt-oss", kept=16)  # 4 experts × 2 layers × 2 blocks, loaded as nn.Linear
     storage = json.loads((out / "qcorda.json").read_text())["storage"]
-    assert 0 < storage["nf4_fraction"] < 0.9
     kept = {d["name"]: d["reason"] for d in storage["full_precision"]}
-    assert kept["model.layers.0.mlp.experts.gate_up_proj"] == "--keep-full-precision"
+    assert kept["model.layers.0.mlp.experts.3.down_proj.weight"] == "--keep-full-precision" and storage["experts"]["nf4_fraction"] == 0
     assert kept["model.layers.1.mlp.router.weight"].startswith("router")
 
 

@@ -60,11 +60,9 @@ SUBSET: dict[str, tuple[str, ...]] = {
 }
 
 #: Families prepare refuses, and a regex of the refusal: Falcon's FalconLinear is not converted to 4-bit by
-#: transformers' bitsandbytes loader; GPT-OSS's checkpoint holds 3-D expert tensors (with biases and its own
-#: activation) that qcorda does not split into experts yet, refused by the NF4-fraction check (never silently 16-bit).
+#: transformers' bitsandbytes loader.
 REFUSED: dict[str, str] = {
     "falcon": r"FalconLinear.*does not convert to 4-bit",
-    "gpt-oss": r"of the block weights' bytes would be stored in NF4 .*--keep-full-precision",
 }
 
 
