@@ -115,3 +115,17 @@ def test_plan_counts_every_expert_and_the_active_ones():
     assert dense.layer_working_set < plan.layer_working_set and dense.quantized_params < plan.quantized_params
     with pytest.raises(ConfigError, match=r"arch.experts = 8 but .* num_(local_)?experts = 4"):
         check_arch(ArchConfig(**{**arch.__dict__, "experts": 8}), config.to_dict())
+
+
+def test_compare_rolls_experts_up_per_layer_type():
+    """qcorda compare's rows: every expert of every block under one *.experts.<leaf> row, apart from dense layers of
+    the same leaf name (Qwen2-MoE's shared_expert.gate_proj)."""
+    from qcorda.compare import LayerErrors, aggregate
+
+    names = [f"model.layers.{b}.mlp.experts.{e}.gate_proj" for b in range(2) for e in range(4)] + \
+        ["model.layers.0.mlp.shared_expert.gate_proj"]
+    errs = {n: LayerErrors(1.0, 1.0, (1.0,)) for n in names}
+    ref = {n: LayerErrors(2.0 if "experts" in n else 4.0, 1.0, (1.0,)) for n in names}
+    rows = {r["layer"]: r for r in aggregate("m", 4, names, errs, ref, ["gsm8k"])}
+    assert rows["*.experts.gate_proj"]["weight_err_rel"] == 0.5 and rows["*.gate_proj"]["weight_err_rel"] == 0.25
+    assert rows["total"]["weight_err_rel"] == 9 / 20
