@@ -43,11 +43,12 @@ def run(args) -> int:
 
 
 def _summary(report, cfg, out) -> None:
+    from ..experts import is_expert
     from ..table import print_table
 
     kinds: dict[str, list] = {}
-    for layer in report.layers:
-        kinds.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer)
+    for layer in report.layers:  # per layer type; every expert of every block as experts.<leaf>
+        kinds.setdefault(("experts." if is_expert(layer.name) else "") + layer.name.rsplit(".", 1)[-1], []).append(layer)
     rows = []
     for kind, layers in kinds.items():
         damping = [l.damping for l in layers if l.damping is not None]
