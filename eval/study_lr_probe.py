@@ -318,7 +318,7 @@ def transfer_report(doc: dict, gdoc: dict, ft: dict) -> str:
         if not e or not e.get("probe"):
             continue
         best = _t_best(e)
-        done = len(e.get("grid", {})) == len(lrs)
+        done = all(f"{x:g}" in e.get("grid", {}) for x in lrs)
         cells = []
         for m in METHODS:
             rs = {k: r for k, r in e["probe"].get(m, {}).items() if "failed" not in r}
@@ -378,9 +378,10 @@ def transfer_report(doc: dict, gdoc: dict, ft: dict) -> str:
         ref = {r["seed"]: r["heldout_loss"] for r in [e["grid"][f"{best:g}"], *e.get("seeds", {}).get(f"{best:g}", {}).values()]}
         mine = [pr[s] for s in sorted(pr)]
         d = [r["heldout_loss"] - ref[r["seed"]] for r in mine if r["seed"] in ref]
+        per_seed = ", ".join(f"seed {r['seed']} {r['heldout_loss'] - ref[r['seed']]:+.3f}" for r in mine if r["seed"] in ref)
         lr = mine[0]["lr"]
         L.append(f"| {i} | {lr:.3g} | {best:g} | {lr / best:.2f} | {_pm([r['heldout_loss'] for r in mine])} ({', '.join(str(r['seed']) for r in mine)}) | "
-                 f"{_pm([ref[r['seed']] for r in mine if r['seed'] in ref])} | {_pm(d)} ({len(d)}) |")
+                 f"{_pm([ref[r['seed']] for r in mine if r['seed'] in ref])} | {_pm(d)} ({len(d)}; {per_seed}) |")
     todo = doc.get("todo", [])
     L += ["", "## Time and what is not run", ""]
     L += [f"- {part}: {sec / 60:.1f} min" for part, sec in doc.get("seconds", {}).items()]
