@@ -78,6 +78,13 @@ RANGE_LR = (1e-6, 1e-1)
 RANGE_DIVISOR = 3.607
 #: ``range``: EMA weight of the previous smoothed loss.
 RANGE_SMOOTHING = 0.5
+#: What each measurement's ``ProbeResult.measured`` is, in words (``qcorda probe-lr`` prints it).
+MEASURED: dict[str, str] = {
+    "update": "u, relative weight-space update of Adam's first step per unit lr",
+    "sharpness": "λ, top eigenvalue of the Adam-preconditioned Hessian",
+    "direction": "lr*, the minimum of the quadratic model of the loss along Adam's first step",
+    "range": "lr at the smoothed loss's minimum of the range test",
+}
 
 
 class ProbeFailed(ConfigError):

@@ -183,3 +183,13 @@ def test_direction_refuses_a_loss_that_is_not_convex_along_the_step(tok, example
     """On the tiny random model with B ≠ 0 and these sequences (seed 4) the curvature along sign(g) is negative: no minimum, no lr."""
     with pytest.raises(P.ProbeFailed, match=r"not convex.*set train\.learning_rate"):
         P.probe_lr(_lora(), tok, examples, 12, "direction", seed=4, max_length=256)
+
+
+def test_every_probe_method_says_what_it_measures():
+    """``qcorda probe-lr`` prints MEASURED[method]: every method the recipe accepts has its words
+    (``direction`` had none, a KeyError after the probe had run)."""
+    from typing import get_args
+
+    from qcorda.recipe import LrProbe
+
+    assert set(P.MEASURED) == set(get_args(LrProbe))

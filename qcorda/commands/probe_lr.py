@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..probe import probe_budget
+    from ..probe import MEASURED, probe_budget
     from ..recipe import load_recipe
     from ..table import fmt, print_table
     from ..train import apply_quant_storage, init_of, prepared_model, probe_learning_rate
@@ -23,9 +23,7 @@ def run(args) -> int:
     r = probe_learning_rate(recipe, model, tok)
     t = recipe.train
     method, cal_start = init_of(recipe)
-    what = {"update": "u, relative weight-space update of Adam's first step per unit lr",
-            "sharpness": "λ, top eigenvalue of the Adam-preconditioned Hessian",
-            "range": "lr at the smoothed loss's minimum of the range test"}[r.method]
+    what = MEASURED[r.method]
     run_passes = t.max_steps * t.batch_size * t.grad_accum
     print(f"learning rate: {r.learning_rate:.4g} ({r.rule}; measured {fmt(r.measured)}: {what})")
     print(f"took {r.seconds:.1f} s: {r.passes} sequence passes, {100 * r.passes / run_passes:.1f} % of the run's {run_passes}")
