@@ -103,10 +103,10 @@ def _grid_at(ft: dict, label: str, lr: float) -> float:
     return ft["inits"][label]["grid"][f"{lr:g}"]["gsm8k_loss"]
 
 
-def _interp(ft: dict, label: str, lr: float) -> float | None:
-    """The seed-0 grid's held-out loss at ``lr``, linear in log lr between the two grid lrs around it
-    (None outside the grid)."""
-    pts = sorted((float(k), r["gsm8k_loss"]) for k, r in ft["inits"][label]["grid"].items() if not r["diverged"])
+def _interp(grid: dict, key: str, lr: float) -> float | None:
+    """A seed-0 grid's (``{lr: run}``) figure ``key`` at ``lr``, linear in log lr between the two grid lrs
+    around it (None outside the grid; diverged runs left out)."""
+    pts = sorted((float(k), r[key]) for k, r in grid.items() if not r["diverged"])
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= lr <= x1:
             w = math.log(lr / x0) / math.log(x1 / x0)
@@ -115,9 +115,7 @@ def _interp(ft: dict, label: str, lr: float) -> float | None:
 
 
 def _rule_lr(method: str, measured: float, const: float) -> float:
-    if method == "direction":
-        return measured / const
-    return measured / const if method == "range" else const / measured
+    return measured / const if method in ("range", "direction") else const / measured  # as qcorda.probe's rules
 
 
 def report(doc: dict, ft: dict) -> str:
@@ -179,7 +177,7 @@ def report(doc: dict, ft: dict) -> str:
             math.exp(sum(math.log(x) - math.log(b) for _, x, b in pts) / len(pts))
         ra = [_rule_lr(m, x, anchors[m]) / b for _, x, b in pts]
         rf = [_rule_lr(m, x, fitted) / b for _, x, b in pts]
-        est = [_interp(ft, i, _rule_lr(m, x, anchors[m])) for i, x, _ in pts]
+        est = [_interp(ft["inits"][i]["grid"], "gsm8k_loss", _rule_lr(m, x, anchors[m])) for i, x, _ in pts]
         est_d = [f"{i} {v - _grid_at(ft, i, b):+.3f}" if v is not None else f"{i} n/m (outside the grid)" for (i, _, b), v in zip(pts, est)]
         L.append(f"| {m} | {len(pts)} | {sum(0.5 <= r <= 2 for r in ra)} | {', '.join(f'{r:.2f}' for r in ra)} | "
                  f"{sum(0.5 <= r <= 2 for r in rf)} (const {fitted:.4g}) | {', '.join(f'{r:.2f}' for r in rf)} | {'; '.join(est_d)} |")
@@ -270,15 +268,6 @@ def _t_best(e: dict) -> float | None:
     return best_lr(grid)[0]
 
 
-def _t_interp(e: dict, lr: float) -> float | None:
-    pts = sorted((float(k), r["heldout_loss"]) for k, r in e.get("grid", {}).items() if not r["diverged"])
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= lr <= x1:
-            w = math.log(lr / x0) / math.log(x1 / x0)
-            return y0 + w * (y1 - y0)
-    return None
-
-
 def transfer_report(doc: dict, gdoc: dict, ft: dict) -> str:
     """lr_probe_transfer.md: every candidate's lr (constants anchored on the *grid* preset's qlora, never
     refitted here) against this setup's own small grid, and training at the shipped candidate's lr."""
@@ -333,7 +322,7 @@ def transfer_report(doc: dict, gdoc: dict, ft: dict) -> str:
                 cells += [f"{lr:.3g}", spread, ""]
                 continue
             within[m].append((i, lr / best, done))
-            est = _t_interp(e, lr)
+            est = _interp(e.get("grid", {}), "heldout_loss", lr)
             ref = e["grid"][f"{best:g}"]["heldout_loss"]
             cells += [f"{lr:.3g} ({lr / best:.2f})", spread, "n/m" if est is None else f"{est - ref:+.3f}"]
         L.append(f"| {i} | {'' if best is None else f'{best:g}'}{'' if done else ' (partial)'} | " + " | ".join(cells) + " |")
