@@ -450,24 +450,9 @@ def transfer(args, deadline: float | None) -> None:
         prepared[label] = out
         T.setdefault(label, {"probe": {}, "grid": {}, "seeds": {}, "probe_runs": {}})
     for label in cfg["inits"]:
-        e = T[label]
-        todo = [(m, s) for s in TRANSFER_PROBE_SEEDS for m in METHODS if str(s) not in e["probe"].get(m, {})]
-        if not todo:
-            continue
-        t = time.perf_counter()
-        model, tok = load(prepared[label], "cpu", trainable=True)
-        for m, s in todo:
-            try:
-                r = asdict(P.probe_lr(model, tok, train, budget, method=m, seed=s, max_length=a.max_length, batch_size=a.batch_size))
-            except P.ProbeFailed as err:  # recorded, not fatal: a candidate that fails here is a finding
-                r = {"method": m, "failed": str(err), "seed": s}
-            e["probe"].setdefault(m, {})[str(s)] = r
-            print(f"== transfer {label} {m} seed {s}: " + (r["failed"] if "failed" in r else
-                  f"measured {r['measured']:.4g} ({r['passes']} passes, {r['seconds']:.0f} s)"), flush=True)
-            _add(doc, "1. probes (every candidate, seeds 0-2)", time.perf_counter() - t)
-            t = time.perf_counter()
-            save()
-        del model
+        todo = [(m, s) for s in TRANSFER_PROBE_SEEDS for m in METHODS]
+        probe_init(T[label], f"transfer {label}", prepared[label], todo, train, a, budget,
+                   lambda dt: (_add(doc, "1. probes (every candidate, seeds 0-2)", dt), save()))
     doc["shipped"]["rule"] = T[cfg["inits"][0]]["probe"][shipped]["0"].get("rule", "")
     units = [(lab, lr, 0, "grid") for lr in cfg["lrs"] for lab in cfg["inits"]]
     units += [(lab, None, 0, "edge") for lab in cfg["inits"]]
@@ -559,23 +544,30 @@ def probe_part(doc, store, ft, part, todo_spec, inits, prepared, train, a, budge
     """Every (method, seed) of ``todo_spec`` on every init not yet probed so; each result saved at once."""
     for label in inits:
         e = doc["grid"].setdefault(label, {"probe": {}, "runs": {}})
-        todo = [(m, sd) for m, sd in todo_spec if str(sd) not in e["probe"].get(m, {})]
-        if not todo:
-            continue
+        probe_init(e, label, prepared[label], todo_spec, train, a, budget,
+                   lambda dt: (_add(doc, f"1. probe: {part}", dt), store.save(doc, report(doc, ft))))
+
+
+def probe_init(entry: dict, label: str, prepared: Path, todo: list[tuple[str, int]], train, a, budget: int, done) -> None:
+    """Every (method, seed) of ``todo`` not yet in ``entry["probe"]``, on the init prepared in ``prepared``;
+    each result (or its failure, recorded: a candidate that fails is a finding) is stored at once and
+    ``done(seconds it took)`` called."""
+    todo = [(m, sd) for m, sd in todo if str(sd) not in entry["probe"].get(m, {})]
+    if not todo:
+        return
+    t = time.perf_counter()
+    model, tok = load(prepared, "cpu", trainable=True)
+    for m, sd in todo:
+        try:
+            r = asdict(P.probe_lr(model, tok, train, budget, method=m, seed=sd, max_length=a.max_length, batch_size=a.batch_size))
+        except P.ProbeFailed as err:
+            r = {"method": m, "failed": str(err), "seed": sd}
+        entry["probe"].setdefault(m, {})[str(sd)] = r
+        print(f"== {label} {m} seed {sd}: " + (r["failed"] if "failed" in r else
+              f"measured {r['measured']:.4g} -> lr {r['learning_rate']:.3g} ({r['passes']} passes, {r['seconds']:.0f} s)"), flush=True)
+        done(time.perf_counter() - t)
         t = time.perf_counter()
-        model, tok = load(prepared[label], "cpu", trainable=True)
-        for m, sd in todo:
-            try:
-                r = asdict(P.probe_lr(model, tok, train, budget, method=m, seed=sd, max_length=a.max_length, batch_size=a.batch_size))
-            except P.ProbeFailed as err:  # recorded, not fatal: a candidate that fails is a finding
-                r = {"method": m, "failed": str(err), "seed": sd}
-            e["probe"].setdefault(m, {})[str(sd)] = r
-            print(f"== {label} {m} seed {sd}: " + (r["failed"] if "failed" in r else
-                  f"measured {r['measured']:.4g} -> lr {r['learning_rate']:.3g} ({r['passes']} passes, {r['seconds']:.0f} s)"), flush=True)
-            _add(doc, f"1. probe: {part}", time.perf_counter() - t)
-            t = time.perf_counter()
-            store.save(doc, report(doc, ft))
-        del model
+    del model
 
 
 def train_part(doc, store, ft, seeds, inits, prepared, train, a, budget, deadline) -> None:
