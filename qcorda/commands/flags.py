@@ -21,6 +21,13 @@ from .. import config as cfgmod
 from ..config import ConfigError
 
 
+def add_recipe(parser: argparse.ArgumentParser, example: str) -> None:
+    """The positional ``recipe`` (a file or a shipped recipe's name) and its ``KEY=VALUE`` overrides, as
+    every verb that reads a recipe takes them; ``example``: overrides shown in the help."""
+    parser.add_argument("recipe", help="a YAML recipe file, or a shipped recipe's name (`qcorda recipes` lists them)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted overrides into the recipe, e.g. {example}")
+
+
 @functools.cache
 def docstrings() -> dict[str, dict[str, str]]:
     """class name → field → its docstring (one line), for every dataclass of :mod:`qcorda.config`."""

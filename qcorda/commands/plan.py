@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import add_recipe
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="a YAML recipe file, or a shipped recipe's name (`qcorda recipes` lists them)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides into the recipe, e.g. train.batch_size=8 init.rank=128")
+    add_recipe(p, "train.batch_size=8 init.rank=128")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="plan for a CUDA GPU (default: bf16 compute, CUDA context) or for the CPU (fp32, no context)")
     p.add_argument("--no-check", action="store_true", help="do not compare arch: with the model's config.json")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import add_recipe
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="YAML recipe (see recipes/); its init is prepared into output_dir/prepared first if needed")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides into the recipe, e.g. train.lr_probe=range train.seed=1")
+    add_recipe(p, "train.lr_probe=range train.seed=1")
 
 
 def run(args) -> int:

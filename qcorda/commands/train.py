@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import add_recipe
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="a YAML recipe file, or a shipped recipe's name (`qcorda recipes` lists them)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides into the recipe, e.g. train.max_steps=50 output_dir=runs/x")
+    add_recipe(p, "train.max_steps=50 output_dir=runs/x")
 
 
 def run(args) -> int:
