@@ -47,7 +47,7 @@ from .experts import unfuse
 from .io import atomic_dir, check_out_dir, replace_atomic, write_text_atomic
 from .layer import prepare_layer
 from .methods import spec
-from .models import Placement, resolve_compute_dtype, resolve_device, resolve_local, skeleton
+from .models import Placement, resolve_device, resolve_local, skeleton
 from .prepared import LayerResult, PrepareReport, config_json, versions, write_prepared
 from .quantize import bnb_config, linear4bit, quantize_nf4
 from .targets import StoragePlan, check_loadable, check_rank, find_targets, storage_plan
@@ -238,7 +238,7 @@ def stream_prepare(
     default: ``cfg``'s, resolved here, once for the whole run.
     """
     t_start = time.perf_counter()
-    where = where or Placement(resolve_device(cfg.device), resolve_compute_dtype(cfg.compute_dtype))
+    where = where or Placement.of(cfg)
     out = check_out_dir(out, overwrite)
     src = open_source(model, cfg, out, trust_remote_code)
     manifest = work_manifest(src, cfg, covariance, where.device)
