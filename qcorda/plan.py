@@ -30,6 +30,10 @@ micro-batch ``B``, sequence length ``T`` and activation width ``a`` bytes (2 for
   adapters, gradients and optimizer states count E times (``prepare`` stores every expert in NF4 and gives
   each targeted expert its own adapter); the router ``E·h`` per block stays in the compute dtype; a token's
   MLP activations are those of its k active experts (``4·k·m_e`` instead of ``4·m``) plus E router logits.
+  A shared expert of width ``m_s`` (Qwen2-MoE) is one more gated MLP per block that every token runs through
+  (``4·m_s`` activations), with its 1×h gate in the compute dtype.
+* **biases** (``arch.biases``: Qwen2's q/k/v, GPT-OSS's every projection): ``out`` values per Linear that has
+  one, in the compute dtype.
 * **CUDA context**: the driver/cuBLAS/kernels allowance (0 on the CPU).
 
 The result is an estimate of ``torch.cuda.max_memory_allocated`` plus the context; see
@@ -45,12 +49,10 @@ from pathlib import Path
 from typing import Literal
 
 from .config import ConfigError
+from .recipe import BLOCK_PROJECTIONS as _PARENT
 from .recipe import ArchConfig, Recipe
 
 GB = 1024**3
-#: The projections of one decoder block → the submodule that holds them.
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 PROJECTIONS = tuple(_PARENT)
 #: NF4 per-tensor constants: fp32 offset (4 B) + 16-entry fp32 NF4 code + 256-entry fp32 8-bit code.
 NF4_TENSOR_CONSTANTS = 4 + 16 * 4 + 256 * 4
@@ -70,13 +72,25 @@ GPU_SIZES_GB = (24, 48)
 Device = Literal["cuda", "cpu"]
 
 
-def projection_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
+def projection_shapes(arch: ArchConfig, width: int | None = None) -> dict[str, tuple[int, int]]:
     """``(out_features, in_features)`` of each projection of one block (of one expert, for gate/up/down of a
-    mixture of experts)."""
-    h, m, d = arch.hidden, arch.expert_width, arch.dim_head
+    mixture of experts; of an MLP ``width`` wide when given)."""
+    h, m, d = arch.hidden, width or arch.expert_width, arch.dim_head
     q, kv = arch.heads * d, arch.kv_heads * d
     return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
             "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}
+
+
+def block_linears(arch: ArchConfig) -> list[tuple[str, tuple[int, int], int]]:
+    """Every block Linear of the model as ``(projection, (out_features, in_features), count)``: the attention's
+    four once per block; gate/up/down once per block (dense), once per expert of every block (a mixture of
+    experts), plus once per block at the shared expert's width (Qwen2-MoE)."""
+    L, E = arch.layers, arch.experts
+    out = [(name, shape, L * (E if E and _PARENT[name] == "mlp" else 1)) for name, shape in projection_shapes(arch).items()]
+    if arch.shared_expert_intermediate:
+        shared = projection_shapes(arch, arch.shared_expert_intermediate)
+        out += [(name, shared[name], L) for name in PROJECTIONS if _PARENT[name] == "mlp"]
+    return out
 
 
 def target_projections(patterns: tuple[str, ...]) -> tuple[str, ...]:
@@ -170,11 +184,12 @@ def plan_memory(p: PlanInput) -> MemoryPlan:
     """The :class:`MemoryPlan` of one training micro-step at peak (pure arithmetic)."""
     a, L, h, V = p.compute_bytes, p.arch.layers, p.arch.hidden, p.arch.vocab
     shapes = projection_shapes(p.arch)
-    E, k = p.arch.experts, p.arch.experts_per_token
+    E, k, shared = p.arch.experts, p.arch.experts_per_token, p.arch.shared_expert_intermediate
     nf4 = consts = qparams = 0
     unq_linear = trainable = opt = 0
-    for name, (o, i) in shapes.items():
-        n = L * (E if E and _PARENT[name] == "mlp" else 1)  # one tensor per block, or per expert of every block
+    for name, (o, i), n in block_linears(p.arch):
+        if name in p.arch.biases:
+            unq_linear += n * o
         if name in p.targets:
             packed, c = nf4_bytes(o * i)
             nf4, consts, qparams = nf4 + n * packed, consts + n * c, qparams + n * o * i
@@ -185,7 +200,7 @@ def plan_memory(p: PlanInput) -> MemoryPlan:
         else:  # the rest of the 4-bit base: NF4(W), no adapter
             packed, c = nf4_bytes(o * i)
             nf4, consts, qparams = nf4 + n * packed, consts + n * c, qparams + n * o * i
-    unq_linear += L * E * h  # the routers: never quantized
+    unq_linear += L * E * h + (L * h if shared else 0)  # the routers and shared-expert gates: never quantized
     d = p.arch.dim_head
     norms = L * (4 * h + 2 * d) + h
     embeddings = V * h * (1 if p.arch.tied_embeddings else 2)
@@ -199,8 +214,10 @@ def plan_memory(p: PlanInput) -> MemoryPlan:
     # attention output, o_proj output, the MLP's gate, up, act(gate), act(gate)*up, down output (per
     # active expert, + the router logits), the residual adds, and the rank-r LoRA intermediates of each target
     per_token = 8 * h + 3 * q + 4 * kv + active * 4 * m + E + p.rank * (len(p.targets) + (active - 1) * mlp_targets)
+    if shared:  # every token also runs through the shared expert and its 1-wide gate
+        per_token += 4 * shared + 1 + p.rank * mlp_targets
     scores = p.batch_size * p.arch.heads * p.seq_len**2 * 2 if p.attention_scores else 0  # scores + probs
-    biggest = max(o * i for o, i in shapes.values())
+    biggest = max(o * i for _, (o, i), _ in block_linears(p.arch))
     # saved tensors + gradients of the same size flowing back through the block, + one dequantized weight
     working = (2 * BT * per_token + scores) * a + biggest * a
     checkpoints = L * BT * h * a if p.gradient_checkpointing else (L - 1) * BT * per_token * a + L * BT * h * a
@@ -321,7 +338,18 @@ MOE_KEYS = {
     "experts": ("num_local_experts", "num_experts"),
     "experts_per_token": ("num_experts_per_tok",),
     "expert_intermediate": ("moe_intermediate_size",),
+    "shared_expert_intermediate": ("shared_expert_intermediate_size",),
 }
+
+
+def config_biases(config: dict) -> tuple[str, ...]:
+    """The projections that carry a bias in the model ``config`` describes: ``attention_bias`` (q/k/v/o),
+    ``mlp_bias`` (gate/up/down), and what the architecture hard-codes (Qwen2 and Qwen2-MoE: q/k/v; GPT-OSS:
+    its experts' gate/up/down)."""
+    attn, mlp = PROJECTIONS[:4], PROJECTIONS[4:]
+    have = set(attn if config.get("attention_bias") else ()) | set(mlp if config.get("mlp_bias") else ())
+    have |= set({"qwen2": attn[:3], "qwen2_moe": attn[:3], "gpt_oss": mlp}.get(config.get("model_type"), ()))
+    return tuple(p for p in PROJECTIONS if p in have)
 
 
 def check_arch(arch: ArchConfig, config: dict, source: str = "config.json") -> None:
@@ -333,6 +361,13 @@ def check_arch(arch: ArchConfig, config: dict, source: str = "config.json") -> N
         if getattr(arch, key) != theirs and (key != "expert_intermediate" or arch.experts):
             raise ConfigError(f"recipe key arch.{key} = {getattr(arch, key)} but {source} has {ckey or ckeys[0]} = {theirs}; "
                               f"set arch.{key}: {json.dumps(theirs)} in the recipe")
+    if arch.experts and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1):
+        raise ConfigError(f"{source} mixes dense and mixture-of-experts blocks (mlp_only_layers = "
+                          f"{config.get('mlp_only_layers')}, decoder_sparse_step = {config.get('decoder_sparse_step')}); "
+                          "qcorda plan models every block as a mixture of experts, so it would overcount: not planned")
+    if set(arch.biases) != set(config_biases(config)):
+        raise ConfigError(f"recipe key arch.biases = {list(arch.biases)} but {source} gives biases to "
+                          f"{list(config_biases(config))}; set arch.biases: {json.dumps(list(config_biases(config)))} in the recipe")
     for key, ckey in ARCH_KEYS.items():
         ours = getattr(arch, key)
         if key == "head_dim":
@@ -377,5 +412,5 @@ def plan_rows(plan: MemoryPlan) -> list[list]:
     ]
 
 
-__all__ = ["MemoryPlan", "PlanInput", "PlanResult", "check_arch", "nf4_bytes", "plan_input", "plan_memory",
+__all__ = ["MemoryPlan", "PlanInput", "PlanResult", "block_linears", "check_arch", "config_biases", "nf4_bytes", "plan_input", "plan_memory",
            "plan_recipe", "read_model_config", "target_projections"]

@@ -156,6 +156,12 @@ class TrainConfig:
             raise ConfigError(f"must be in [0, 1), got {self.warmup_ratio}", "warmup_ratio")
 
 
+#: The projections of a Llama-style decoder block → the submodule that holds them (what ``arch:`` and ``qcorda
+#: plan`` model; ``arch.biases`` names them).
+BLOCK_PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
 @dataclass(frozen=True)
 class ArchConfig:
     """The architecture numbers ``qcorda plan`` needs (checked against config.json when readable)."""
@@ -183,11 +189,25 @@ class ArchConfig:
     """Mixture of experts: experts each token is routed to (``num_experts_per_tok``); their activations count."""
     expert_intermediate: int | None = None
     """Mixture of experts: one expert's MLP width (``moe_intermediate_size``); default ``intermediate``."""
+    shared_expert_intermediate: int = 0
+    """Mixture of experts: the MLP width of the shared expert that every token runs through beside its routed
+    ones (Qwen2-MoE's ``shared_expert_intermediate_size``), a gated MLP stored in NF4 and targeted like the
+    others, with a 1×hidden gate kept in the compute dtype; 0 (default): none."""
+    biases: tuple[str, ...] = ()
+    """The projections that carry a bias, kept in the compute dtype (one per expert for gate/up/down): Qwen2's
+    ``[q_proj, k_proj, v_proj]``, GPT-OSS's all seven; empty (default): none, as Llama. Checked against
+    config.json's ``model_type`` and ``attention_bias``."""
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
             if getattr(self, name) <= 0:
                 raise ConfigError("must be positive", name)
+        if self.shared_expert_intermediate < 0 or (self.shared_expert_intermediate and not self.experts):
+            raise ConfigError(f"must be 0, or positive with experts > 0, got {self.shared_expert_intermediate}",
+                              "shared_expert_intermediate")
+        unknown = [b for b in self.biases if b not in BLOCK_PROJECTIONS]
+        if unknown:
+            raise ConfigError(f"names no projection: {unknown}; choose from {list(BLOCK_PROJECTIONS)}", "biases")
         if self.experts < 0 or (self.experts > 0 and not 0 < self.experts_per_token <= self.experts):
             raise ConfigError(f"must be between 1 and experts ({self.experts}) for a mixture of experts, got "
                               f"{self.experts_per_token}", "experts_per_token")
@@ -385,4 +405,4 @@ def recipe_dict(recipe: Recipe) -> dict:
     return plain(dataclasses.asdict(recipe))
 
 
-__all__ = ["ArchConfig", "CalibConfig", "DataConfig", "InitConfig", "Recipe", "TrainConfig", "load_recipe", "recipe_dict", "resolve_recipe", "shipped", "shipped_recipe"]
+__all__ = ["ArchConfig", "BLOCK_PROJECTIONS", "CalibConfig", "DataConfig", "InitConfig", "Recipe", "TrainConfig", "load_recipe", "recipe_dict", "resolve_recipe", "shipped", "shipped_recipe"]

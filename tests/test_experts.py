@@ -92,29 +92,79 @@ def test_expert_without_tokens_takes_the_damping_limit():
     assert busy.tokens is None and not busy.few_tokens  # every token reached it: no routed count to report
 
 
-def test_plan_counts_every_expert_and_the_active_ones():
-    """qcorda plan on the tiny Qwen3-MoE's numbers: its NF4 weights are every block Linear of the prepared model (E
-    experts per block), its trainable parameters every target's r·(in + out); a dense twin plans fewer; and
-    arch.experts is checked against config.json."""
+def _arch_of(config) -> "ArchConfig":
+    """The recipe ``arch:`` of a tiny MoE config, read from its config.json keys the way a user copies them."""
+    from qcorda.plan import config_biases
+    from qcorda.recipe import ArchConfig
+
+    c = config.to_dict()
+    return ArchConfig(layers=c["num_hidden_layers"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
+                      heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"], head_dim=16, vocab=c["vocab_size"],
+                      tied_embeddings=c["tie_word_embeddings"], experts=4, experts_per_token=2,
+                      expert_intermediate=c.get("moe_intermediate_size"),
+                      shared_expert_intermediate=c.get("shared_expert_intermediate_size") or 0, biases=config_biases(c))
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "qwen2-moe"])
+def test_plan_counts_every_expert_and_the_active_ones(family):
+    """qcorda plan on a tiny MoE's numbers: its NF4 weights are every block Linear of the prepared model (E experts
+    per block, and Qwen2-MoE's shared expert), its trainable parameters every target's r·(in + out), its bias
+    values those of the model; a dense twin plans fewer; and arch.experts / shared_expert_intermediate are checked
+    against config.json."""
     from qcorda.config import ConfigError
     from qcorda.plan import PlanInput, check_arch, plan_memory
     from qcorda.recipe import ArchConfig
     from qcorda.targets import in_block, is_linear, is_router
 
-    config = F.config("qwen3-moe")
-    arch = ArchConfig(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=config.vocab_size,
-                      tied_embeddings=config.tie_word_embeddings, experts=4, experts_per_token=2, expert_intermediate=32)
+    config = F.config(family)
+    arch = _arch_of(config)
     check_arch(arch, config.to_dict())
-    model = unfuse_model("qwen3-moe")
+    model = unfuse_model(family)
     linears = {n: m for n, m in model.named_modules() if is_linear(m) and in_block(n) and not is_router(n)}
     inp = PlanInput(arch, 4, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 2, 64, "adamw_torch", 4)
     plan = plan_memory(inp)
     assert plan.quantized_params == sum(m.weight.numel() for m in linears.values())
     assert plan.trainable_params == sum(4 * sum(m.weight.shape) for m in linears.values())
-    dense = plan_memory(PlanInput(ArchConfig(**{**arch.__dict__, "experts": 0, "experts_per_token": 0}), *list(inp.__dict__.values())[1:]))
+    unbiased = plan_memory(PlanInput(ArchConfig(**{**arch.__dict__, "biases": ()}), *list(inp.__dict__.values())[1:]))
+    assert (plan.unquantized - unbiased.unquantized) // 4 == sum(m.bias.numel() for m in linears.values() if m.bias is not None)
+    dense = plan_memory(PlanInput(ArchConfig(**{**arch.__dict__, "experts": 0, "experts_per_token": 0,
+                                                "shared_expert_intermediate": 0}), *list(inp.__dict__.values())[1:]))
     assert dense.layer_working_set < plan.layer_working_set and dense.quantized_params < plan.quantized_params
     with pytest.raises(ConfigError, match=r"arch.experts = 8 but .* num_(local_)?experts = 4"):
         check_arch(ArchConfig(**{**arch.__dict__, "experts": 8}), config.to_dict())
+    with pytest.raises(ConfigError, match=r"mixes dense and mixture-of-experts blocks \(mlp_only_layers = \[1\]"):
+        check_arch(arch, {**config.to_dict(), "mlp_only_layers": [1]})
+    if arch.shared_expert_intermediate:
+        with pytest.raises(ConfigError, match=r"arch.shared_expert_intermediate = 0 but .*shared_expert_intermediate_size = 64"):
+            check_arch(ArchConfig(**{**arch.__dict__, "shared_expert_intermediate": 0}), config.to_dict())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2-moe", "gpt-oss", "llama"])
+def test_plan_biases_are_the_models(family):
+    """arch.biases as config.json implies them (Qwen2's q/k/v, GPT-OSS's every projection, none for Llama) are the
+    projections whose modules carry a bias in the unfused model; a recipe that leaves them out is refused by name."""
+    from qcorda.config import ConfigError
+    from qcorda.plan import PROJECTIONS, check_arch, config_biases
+    from qcorda.recipe import ArchConfig
+    from qcorda.targets import in_block, is_linear, is_router
+
+    config = F.config(family).to_dict()
+    model = F.model(family)
+    unfuse(model)
+    have = {n.split(".")[-1] for n, m in model.named_modules()
+            if is_linear(m) and in_block(n) and not is_router(n) and m.bias is not None}
+    have = {p for p in PROJECTIONS if p in have or (p in ("gate_proj", "up_proj") and "gate_up_proj" in have)}
+    assert set(config_biases(config)) == have
+    if have:
+        arch = ArchConfig(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=config["vocab_size"],
+                          tied_embeddings=config["tie_word_embeddings"], **({"experts": 4, "experts_per_token": 2,
+                          "expert_intermediate": config.get("moe_intermediate_size"),
+                          "shared_expert_intermediate": config.get("shared_expert_intermediate_size") or 0}
+                          if family != "qwen2" else {}))
+        with pytest.raises(ConfigError, match=r"arch.biases = \[\] but .* set arch.biases: \["):
+            check_arch(arch, config)
+    with pytest.raises(ConfigError, match="biases names no projection"):
+        ArchConfig(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=99, tied_embeddings=True, biases=("qkv",))
 
 
 def test_compare_rolls_experts_up_per_layer_type():
