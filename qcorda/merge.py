@@ -86,11 +86,11 @@ def plain_skeleton(config):
     return skeleton
 
 
-def plain_layout(config) -> tuple[set[str], set[str]]:
+def plain_layout(skeleton) -> tuple[set[str], set[str]]:
     """(names of GPT-2-style ``Conv1D`` modules, weight stored ``(in, out)``; state-dict keys the
-    plain model needs, tied ones left out, per-expert ones as the checkpoint stores them) from a weightless
-    skeleton of the plain model."""
-    skeleton = plain_skeleton(config)
+    plain model needs, tied ones left out, per-expert ones as the checkpoint stores them) from the weightless
+    :func:`plain_skeleton` of the plain model."""
+    config = skeleton.config
     conv1d = {n for n, m in skeleton.named_modules() if type(m).__name__ == "Conv1D"}
     out_emb = skeleton.get_output_embeddings()
     tied = getattr(config, "tie_word_embeddings", False) and out_emb is not None
@@ -109,9 +109,10 @@ class MergedLayer:
     """max |W_merged(fp32) − W_merged(dtype)|: the only rounding merge introduces."""
 
 
-def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtype, targets: list[str],
+def merged_tensors(prepared: str | Path, adapter: AdapterSpec, skeleton, targets: list[str],
                    on_layer: Callable[[], object] = lambda: None):
-    """The plain model's tensors, produced one at a time: ``(specs, produce, layers)``.
+    """The plain model's tensors in its ``skeleton``'s dtype (:func:`plain_skeleton`), produced one at a time:
+    ``(specs, produce, layers)``.
 
     ``specs`` maps each key to a ``meta`` tensor of its final shape and ``dtype``, in the
     prepared checkpoint's order; ``produce(key)`` reads (and for a target, dequantizes and
@@ -120,7 +121,8 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
     layer at a time, never the merged model.
     """
     reader = Checkpoint(prepared, "model", "PREPARED", PREPARED_HINT)
-    conv1d, needed = plain_layout(plain_config(prepared, dtype))
+    dtype = skeleton.config.dtype
+    conv1d, needed = plain_layout(skeleton)
     target_set = set(targets)
     # every Linear4bit of the prepared base: the targets' residuals and the other block Linears' NF4(W)
     nf4 = {k.removesuffix(NF4_STATE) for k in reader.keys() if k.endswith(NF4_STATE)}
@@ -163,12 +165,11 @@ def merged_tensors(prepared: str | Path, adapter: AdapterSpec, dtype: torch.dtyp
     return specs, produce, layers
 
 
-def on_disk(config, specs: dict, produce: Callable):
+def on_disk(skeleton, specs: dict, produce: Callable):
     """``(specs, produce)`` keyed as the architecture's checkpoints are on disk, for a mixture of experts
     (:func:`qcorda.checkpoint.disk_names`: Mixtral's experts as ``block_sparse_moe.experts.{e}.w1``, what
     ``save_pretrained`` writes; GPT-OSS's stacked back into 3-D tensors, :func:`qcorda.experts.stack_stored`);
-    a dense model's keys are left as they are."""
-    skeleton = plain_skeleton(config)
+    a dense model's keys are left as they are. ``skeleton``: the :func:`plain_skeleton` of the plain model."""
     if not any(isinstance(m, UnfusedExperts) for m in skeleton.modules()):
         return specs, produce
     specs, produce = stack_stored(skeleton, specs, produce)  # GPT-OSS stores its experts fused
@@ -233,9 +234,10 @@ def merge(prepared: str | Path, out: str | Path, cfg: MergeConfig = MergeConfig(
     verify = verification(cfg)
     with atomic_dir(out, overwrite) as tmp:
         with tqdm(total=len(targets), desc=f"merge -> {cfg.dtype}", unit="layer", disable=not progress) as bar:
-            specs, produce, layers = merged_tensors(prepared, spec, torch_dtype, targets, bar.update)
             config = plain_config(prepared, torch_dtype)
-            specs, produce = on_disk(config, specs, produce)
+            skeleton = plain_skeleton(config)  # built once: the layout the merge checks and the names it writes
+            specs, produce, layers = merged_tensors(prepared, spec, skeleton, targets, bar.update)
+            specs, produce = on_disk(skeleton, specs, produce)
             write_shards(tmp, specs, produce, config, _generation_config(prepared))
         _copy_tokenizer(prepared, tmp)
         info = {
