@@ -17,7 +17,7 @@ import torch
 from .baselines import baseline_layer
 from .config import ConfigError, InitConfig
 from .covariance import Covariances
-from .decompose import DampedCovariance, DecompositionError, Split, damp, decompose, low_rank_term, residual
+from .decompose import DampedCovariance, DecompositionError, Split, damp, decompose, full_fp32_matmul, low_rank_term, residual
 from .methods import spec
 from .prepared import LayerResult
 from .quantize import NF4, NF4Weight, dequantize_nf4, nf4_roundtrip, quantize_nf4
@@ -71,7 +71,17 @@ def prepare_layer(weight: torch.Tensor, cfg: InitConfig, name: str, covs: Covari
     """Split, quantize, and measure the error against plain NF4.
 
     The stored codes are the split's own (iterative methods: Q_T, which B_T·A_T was fitted to)
-    or NF4(W − s·B·A). ``eva_A``: EVA's components of the layer (``qeva``)."""
+    or NF4(W − s·B·A). ``eva_A``: EVA's components of the layer (``qeva``).
+
+    All of it runs at full fp32 (:func:`~qcorda.decompose.full_fp32_matmul`), not only the split: the residual
+    W − s·B·A whose codes are stored, the damping's Cholesky of C and the error figures would otherwise be
+    computed in TF32 on a GPU whose environment asks for it, and the stored codes would differ from the CPU's."""
+    with full_fp32_matmul():
+        return _prepare_layer(weight, cfg, name, covs, eva_A)
+
+
+def _prepare_layer(weight: torch.Tensor, cfg: InitConfig, name: str, covs: Covariances | None,
+                   eva_A: torch.Tensor | None) -> tuple[Split, NF4Weight | None, LayerResult]:
     if spec(cfg.method).baseline:
         return baseline_layer(weight, cfg, name, eva_A)
     t0 = time.perf_counter()

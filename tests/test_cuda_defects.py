@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from torch.overrides import TorchFunctionMode
 
 from export_helpers import inputs, prepared_and_trained
 from qcorda.config import InitConfig, MergeConfig, ToLoraConfig, VerifyConfig
@@ -271,3 +272,45 @@ def test_prepare_records_the_matmul_precision(tf32, tmp_path, tok):
 
     out = prepare(tiny.save(tmp_path, "llama"), InitConfig(method="qpissa", rank=4), tmp_path / "p", tokenizer=tok, progress=False).out
     assert json.loads((out / "qcorda.json").read_text())["versions"]["float32_matmul_precision"] == "high"
+
+
+class Precisions(TorchFunctionMode):
+    """The fp32 matmul precision in force at every matrix product and factorization of fp32 tensors run inside
+    it (``F.linear``, ``@``, ``addmm_``, Cholesky, triangular solves, SVD): on the CPU the precision changes no
+    number, on an Ampere or later GPU ``high`` is TF32."""
+
+    OPS = {torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.mm, torch.Tensor.mm, torch.addmm,
+           torch.Tensor.addmm, torch.Tensor.addmm_, torch.bmm, torch.nn.functional.linear, torch.linalg.cholesky_ex,
+           torch.linalg.cholesky, torch.cholesky_solve, torch.linalg.solve_triangular, torch.linalg.svd, torch.svd_lowrank}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS and any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args):
+            self.seen.append((getattr(func, "__name__", str(func)), torch.get_float32_matmul_precision()))
+        return func(*args, **(kwargs or {}))
+
+    def at(self, precision: str) -> set[str]:
+        """The ops that ran at ``precision``."""
+        return {name for name, p in self.seen if p == precision}
+
+
+@pytest.mark.parametrize("method", ["qpissa", "qcorda-ipm", "qcorda-kpm", "qera", "qcorda-cal", "loftq"])
+def test_prepare_layer_runs_at_full_fp32_whatever_the_environment_says(tf32, method):
+    """The split ran at full fp32 (decompose), but the rest of prepare_layer did not: the residual W − s·B·A
+    whose NF4 codes are stored (qpissa, CorDA), the damping's Cholesky of C (every data-driven method) and the
+    error figures multiplied at the environment's TF32. On a GPU the stored codes then differed from the CPU's."""
+    from qcorda.covariance import Covariances
+    from qcorda.layer import prepare_layer
+
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(64, 48, generator=g), torch.randn(200, 48, generator=g)
+    covs = Covariances({"l": X.T @ X / 200}, {"l": "l"}, 200)
+    cfg = InitConfig(method=method, rank=4)
+    with Precisions() as p:
+        prepare_layer(W, cfg, "l", covs if cfg.needs_covariance else None)
+    assert p.seen and p.at("high") == set()
+    assert torch.get_float32_matmul_precision() == "high"  # restored
+
