@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import Checkpoint, meta_tensor, write_safetensors
 from .config import ConfigError
-from .decompose import DecompositionError
+from .decompose import DecompositionError, full_fp32_matmul
 from .experts import routed_rows
 
 FORMAT = "qcorda.covariance/1"
@@ -293,7 +293,8 @@ def collect(
     The lm_head is skipped (the decoder alone runs): only the targets' inputs are needed,
     and full-vocabulary logits would cost far more memory than the whole accumulation.
     The whole model must be in memory; :func:`qcorda.blockwise.collect_blockwise` walks a
-    checkpoint one decoder block at a time instead.
+    checkpoint one decoder block at a time instead. The forward and the accumulation run at full fp32
+    (:func:`qcorda.decompose.full_fp32_matmul`) whatever the environment asks for: C is the splits' input.
     """
     from tqdm.auto import tqdm
 
@@ -306,7 +307,7 @@ def collect(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), full_fp32_matmul():
             for batch in tqdm(batches, total=total, desc="covariance", unit="batch", disable=not progress):
                 ids = batch["input_ids"].to(next(model.parameters()).device)
                 acc.mask, acc.held_mask = masks_of(batch, ids.device)

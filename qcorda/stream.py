@@ -42,7 +42,7 @@ from .calibration import checkpoint_covariances
 from .checkpoint import Checkpoint, file_fingerprint, meta_tensor, save_tensors
 from .config import ConfigError, InitConfig
 from .covariance import Covariances
-from .decompose import DecompositionError
+from .decompose import DecompositionError, full_fp32_matmul
 from .experts import unfuse
 from .io import atomic_dir, check_out_dir, replace_atomic, write_text_atomic
 from .layer import prepare_layer
@@ -298,8 +298,10 @@ def _covariances(src: Source, cfg: InitConfig, out: Path, manifest: dict, covari
     if covs is None:
         for d in (scratch / "tokenizer", scratch / "covariance"):
             d.mkdir(parents=True)
-        covs = checkpoint_covariances(src.model_id, src.path, src.skel, src.ckpt, list(src.order), list(src.targets), cfg, covariance,
-                                      trust_remote_code, progress, scratch / "covariance", scratch / "tokenizer", device=device)
+        with full_fp32_matmul():  # C is the splits' input: the blocks' forward and XᵀX in fp32, not the environment's TF32
+            covs = checkpoint_covariances(src.model_id, src.path, src.skel, src.ckpt, list(src.order), list(src.targets), cfg,
+                                          covariance, trust_remote_code, progress, scratch / "covariance", scratch / "tokenizer",
+                                          device=device)
     unknown = [t for t in src.targets if t not in covs.members]
     if unknown:
         raise ConfigError(f"--covariance has no entry for layers {', '.join(unknown[:3])}; recompute it for these targets")

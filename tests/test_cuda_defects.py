@@ -281,7 +281,8 @@ class Precisions(TorchFunctionMode):
 
     OPS = {torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.mm, torch.Tensor.mm, torch.addmm,
            torch.Tensor.addmm, torch.Tensor.addmm_, torch.bmm, torch.nn.functional.linear, torch.linalg.cholesky_ex,
-           torch.linalg.cholesky, torch.cholesky_solve, torch.linalg.solve_triangular, torch.linalg.svd, torch.svd_lowrank}
+           torch.linalg.cholesky, torch.cholesky_solve, torch.linalg.solve_triangular, torch.linalg.svd, torch.linalg.svdvals,
+           torch.svd_lowrank}
 
     def __init__(self):
         super().__init__()
@@ -312,5 +313,29 @@ def test_prepare_layer_runs_at_full_fp32_whatever_the_environment_says(tf32, met
     with Precisions() as p:
         prepare_layer(W, cfg, "l", covs if cfg.needs_covariance else None)
     assert p.seen and p.at("high") == set()
+    assert torch.get_float32_matmul_precision() == "high"  # restored
+
+
+CALIB = dict(data="gsm8k-train", fields=("question", "answer"), samples=8, max_length=48, batch_size=4)
+
+
+def test_calibration_runs_at_full_fp32_whatever_the_environment_says(tf32, tmp_path, tok):
+    """The covariances C = XᵀX/n that CorDA, QERA and qcorda-cal split with were accumulated (``addmm_``) from
+    activations the calibration forward computed, both at the environment's TF32 on a GPU: C then differed
+    from the CPU's in the 4th digit before any split saw it. Both engines' calibration now runs at full fp32:
+    the in-memory one (``collect``) and the streamed one (block by block from the checkpoint)."""
+    from qcorda.calibration import collect_covariances
+    from qcorda.config import CalibConfig
+    from qcorda.prepare import prepare
+    from qcorda.targets import find_targets
+
+    cfg = InitConfig(method="qcorda-ipm", rank=4, calib=CalibConfig(**CALIB))
+    model = tiny.model("llama")
+    with Precisions() as p:
+        collect_covariances(model, tok, find_targets(model, cfg.target_modules), cfg, progress=False)
+    assert {"linear", "addmm_"} <= p.at("highest") and p.at("high") == set()
+    with Precisions() as p:
+        prepare(tiny.save(tmp_path, "llama"), cfg, tmp_path / "p", progress=False)  # the streamed engine
+    assert {"linear", "addmm_"} <= p.at("highest") and p.at("high") == set()
     assert torch.get_float32_matmul_precision() == "high"  # restored
 
