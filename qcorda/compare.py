@@ -43,7 +43,7 @@ from .config import CompareConfig, ConfigError, InitConfig
 from .covariance import Covariances, collect
 from .experts import is_expert, unfuse
 from .data import calibration_batches, load_examples, load_records
-from .decompose import activation_error, low_rank_term
+from .decompose import activation_error, full_fp32_matmul, low_rank_term
 from .layer import prepare_layer
 from .methods import spec
 from .models import resolve_compute_dtype, resolve_device
@@ -81,10 +81,12 @@ class LayerErrors:
 
 
 def layer_errors(W: torch.Tensor, W_eff: torch.Tensor, covs: Sequence[torch.Tensor]) -> LayerErrors:
-    """The three error figures of E = W − W_eff; ``covs`` are ``(in_features, in_features)``."""
+    """The three error figures of E = W − W_eff; ``covs`` are ``(in_features, in_features)``. At full fp32
+    whatever the environment asks for (TF32 on a GPU would move tr(E·C·Eᵀ) in the 4th digit)."""
     E = W.float() - W_eff.float()
-    act = tuple(activation_error(E, C) for C in covs)
-    return LayerErrors(float(E.pow(2).sum()), float(torch.linalg.svdvals(E).sum()), act)
+    with full_fp32_matmul():
+        act = tuple(activation_error(E, C) for C in covs)
+        return LayerErrors(float(E.pow(2).sum()), float(torch.linalg.svdvals(E).sum()), act)
 
 
 def effective_weight(W: torch.Tensor, cfg: InitConfig, name: str, covs, eva_A: torch.Tensor | None = None):
@@ -95,7 +97,8 @@ def effective_weight(W: torch.Tensor, cfg: InitConfig, name: str, covs, eva_A: t
     """
     split, q, result = prepare_layer(W, cfg, name, covs, eva_A)
     base = dequantize_nf4(q) if q is not None else W.to(resolve_compute_dtype(cfg.compute_dtype)).float()  # lora: 16-bit
-    return base + low_rank_term(split, cfg.scaling), result
+    with full_fp32_matmul():  # s·B·A as prepare_layer computes it, not in the environment's TF32
+        return base + low_rank_term(split, cfg.scaling), result
 
 
 def relative(num: float, den: float) -> float:

@@ -339,3 +339,16 @@ def test_calibration_runs_at_full_fp32_whatever_the_environment_says(tf32, tmp_p
     assert {"linear", "addmm_"} <= p.at("highest") and p.at("high") == set()
     assert torch.get_float32_matmul_precision() == "high"  # restored
 
+
+def test_compare_error_figures_run_at_full_fp32_whatever_the_environment_says(tf32, tok):
+    """compare's error figures (tr(E·C_eval·Eᵀ), ‖E‖_*, W_eff = deq(Q) + s·B·A) were multiplied at the
+    environment's TF32 on a GPU, so its act_err_rel differed from the CPU's golden figures in the 4th digit."""
+    from qcorda.compare import compare
+    from qcorda.config import CalibConfig, CompareConfig
+
+    init = InitConfig(svd="full", calib=CalibConfig(**CALIB))
+    cfg = CompareConfig(methods=("qlora", "qpissa", "qcorda-ipm"), ranks=(4,), init=init, eval_data=("gsm8k-test",),
+                        eval_samples=4, eval_max_length=32, eval_tokens=0)
+    with Precisions() as p:
+        compare(tiny.model("llama"), tok, cfg, progress=False)
+    assert {"linalg_svdvals", "matmul"} <= p.at("highest") and p.at("high") == set()
