@@ -294,7 +294,7 @@ def best_runs(entry: dict) -> tuple[float | None, list[dict]]:
     return (None, []) if lr is None else (lr, runs_at(entry, lr))
 
 
-def _paired(runs: list[dict], ref: list[dict]) -> list[float]:
+def paired(runs: list[dict], ref: list[dict]) -> list[float]:
     """Held-out loss of ``runs`` minus that of ``ref`` for every seed both have: the seed sets the data
     order, the same for every init, so the difference of two inits at one seed is paired."""
     by_seed = {r["seed"]: r["gsm8k_loss"] for r in ref}
@@ -383,7 +383,7 @@ def write_report(out: Path, res: dict, args) -> None:
         b = e["init"]
         get = lambda k: [r[k] for r in runs]  # noqa: E731
         d = lambda k: [r[k] - b[k] for r in runs]  # noqa: E731
-        vs_q = _paired(runs, q_runs)
+        vs_q = paired(runs, q_runs)
         ratio = f"{lr / q_lr:.2g}" if q_lr else "n/m"
         lines.append(f"| {i} | {lr:g}{' (all diverged)' if best_lr(e['grid'])[1] else ''} | {ratio} | {len(runs)} | "
                      f"{_pm(get('gsm8k_loss'))} | {_pm(vs_q)} ({len(vs_q)}) | {_pm(d('gsm8k_loss'))} | {_pm(get('nq_logprob'))} | {_pm(d('nq_logprob'))} | "

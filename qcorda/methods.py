@@ -30,6 +30,18 @@ class LrFactor:
 
 
 @dataclass(frozen=True)
+class Trained:
+    """What fine-tuning an init showed against plain QLoRA in :data:`STUDY`: the init's held-out GSM8K loss minus
+    qlora's, in nats, paired by seed, as (mean, half the range) over 3 seeds; negative: the init did better.
+    Recomputed from ``eval/results/finetune.json`` by ``tests/test_methods.py``."""
+
+    auto: tuple[float, float]
+    """Both at ``learning_rate: auto`` with base 2e-4 (QLoRA's usual rate; qlora at 2e-4)."""
+    tuned: tuple[float, float]
+    """Each at its best learning rate of the study's grid (qlora's: 1.2e-3)."""
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """What one initialization method needs and how qcorda runs it."""
 
@@ -61,6 +73,10 @@ class MethodSpec:
     """Key of :data:`qcorda.decompose.DECOMPOSITIONS` (the function that splits W); None for the baselines."""
     lr_by_start: tuple[tuple[str, LrFactor], ...] = ()
     """Learning-rate advice per ``cal_start`` where the start changes it (qcorda-cal)."""
+    trained: Trained | None = None
+    """How the init trained against plain QLoRA in :data:`STUDY`; None: not in the study."""
+    trained_by_start: tuple[tuple[str, Trained], ...] = ()
+    """:attr:`trained` per ``cal_start`` (qcorda-cal)."""
 
     def __post_init__(self) -> None:
         if self.covariance and self.calibration == "none":
@@ -78,12 +94,20 @@ class MethodSpec:
             return dict(self.lr_by_start)[cal_start or self.lr_by_start[0][0]]
         return self.lr
 
+    def trained_for(self, cal_start: str | None = None) -> Trained | None:
+        """:attr:`trained`, for ``cal_start`` (default: the method's default start) where it matters."""
+        if self.trained_by_start:
+            return dict(self.trained_by_start)[cal_start or self.trained_by_start[0][0]]
+        return self.trained
+
     @property
     def needs_calibration(self) -> bool:
         """The init reads calibration text (every covariance method, and EVA)."""
         return self.calibration != "none"
 
 
+#: Where :class:`Trained` comes from.
+STUDY = "eval/results/finetune.md: Gemma-3-270M, r 16, 60 steps, 3 seeds, held-out GSM8K loss"
 _STUDY = ("eval/results/finetune.md (Gemma-3-270M, r 16, 60 steps x 4, held-out GSM8K loss; seed-0 grid, "
           "mean ± half-range of 3 seeds at the best lr; qlora 0.941 ± 0.006 at 1.2e-3)")
 _LEE = "'Learning Rate Matters' (Lee et al. 2026): PiSSA's best lr ~10x below LoRA's"
@@ -99,17 +123,20 @@ TABLE: tuple[MethodSpec, ...] = (
     MethodSpec(
         "qlora", "PEFT default: A random, B = 0; residual = W", rank_free=True, decomposition="random-a",
         lr=LrFactor(1.0, "QLoRA (Dettmers et al. 2023): the reference, 2e-4 for 7B-13B"),
+        trained=Trained(auto=(0.0, 0.0), tuned=(0.0, 0.0)),
     ),
     MethodSpec(
         "loftq", "alternate Q = NF4(W − s·BA) and BA = best rank-r fit of W − deq(Q)", iterative=True, default_iters=5,
         decomposition="svd-alternation",
         lr=LrFactor(1.0, f"{_STUDY}: {_SMALL} (0.946 ± 0.008 at 6e-4, 0.960 at 1.2e-3); LoftQ (Li et al. 2023) trains at QLoRA-like rates"),
+        trained=Trained(auto=(-0.033, 0.003), tuned=(0.004, 0.002)),
     ),
     MethodSpec(
         "qpissa", "top-r SVD of W: B = U_r√Σ_r, A = √Σ_r V_rᵀ (iters > 1 refines like LoftQ)", iterative=True,
         decomposition="svd-top",
         lr=LrFactor(0.1, f"{_STUDY}: best at 2e-4 of 2e-5 to 6e-4 (0.964 ± 0.014; 1.004 at 6e-5, 1.088 at "
                          f"6e-4) while qlora's is 1.2e-3, a ratio of 1/6; {_LEE}"),
+        trained=Trained(auto=(0.125, 0.005), tuned=(0.023, 0.013)),
     ),
     MethodSpec(
         "qmilora", "bottom-r SVD of W", decomposition="svd-bottom",
@@ -120,6 +147,7 @@ TABLE: tuple[MethodSpec, ...] = (
         covariance=True, decomposition="corda-top",
         lr=LrFactor(0.1, f"{_STUDY}: 0.976 at 6e-5, 0.964 ± 0.014 at 2e-4, 1.143 at 6e-4 while qlora's "
                          f"best is 1.2e-3, a ratio of 1/6; {_LEE}"),
+        trained=Trained(auto=(0.074, 0.005), tuned=(0.023, 0.013)),
     ),
     MethodSpec(
         "qcorda-kpm", "bottom-r of SVD(W·C): keeps world knowledge frozen", calibration="knowledge", covariance=True,
@@ -127,16 +155,20 @@ TABLE: tuple[MethodSpec, ...] = (
         lr=LrFactor(1.0, f"{_STUDY}: {_SMALL} (0.953 ± 0.010 at 6e-4, 0.992 at 1.2e-3, 1.003 at 2e-4, 1.474 at "
                          "2e-5, as qlora's 1.542): the smallest components of W·C make small factors. CorDA's 2e-5 was every "
                          "method's rate, LoRA's too, so it sets no ratio"),
+        trained=Trained(auto=(-0.031, 0.005), tuned=(0.012, 0.004)),
     ),
     MethodSpec(
         "qcorda-cal", "IPM or zero start, then LoftQ-style alternation fitted in the activation norm ‖(·)L‖, C = LLᵀ",
         calibration="task", covariance=True, iterative=True, default_iters=5, decomposition="activation-alternation",
         lr=_CAL_IPM, lr_by_start=(("ipm", _CAL_IPM), ("zero", _CAL_ZERO)),
+        trained_by_start=(("ipm", Trained(auto=(0.028, 0.006), tuned=(0.008, 0.008))),
+                          ("zero", Trained(auto=(-0.087, 0.001), tuned=(0.003, 0.003)))),
     ),
     MethodSpec(
         "qera", "Q = NF4(W), s·BA = best rank-r fit of W − deq(Q) in ‖(·)L‖ (QERA-exact, CLoQ, EoRA)", calibration="task",
         covariance=True, decomposition="activation-fit",
         lr=LrFactor(1.0, f"{_STUDY}: {_SMALL} (0.936 ± 0.013 at 6e-4; 0.973 at 1.2e-3)"),
+        trained=Trained(auto=(-0.077, 0.008), tuned=(-0.005, 0.007)),
     ),
     MethodSpec(
         "lora", "16-bit base, PEFT's default init (A Kaiming-uniform, B = 0)", baseline=True, quantized=False,
@@ -173,6 +205,41 @@ def spec(method: str) -> MethodSpec:
         return _BY_NAME[method]
     except KeyError:
         raise KeyError(f"unknown method {method!r}; choose from {', '.join(NAMES)}") from None
+
+
+def _versus(d: tuple[float, float]) -> str:
+    mean, half = d
+    if mean - half > 0:
+        return f"{mean:.3f} ± {half:.3f} nats behind plain QLoRA"
+    if mean + half < 0:
+        return f"{-mean:.3f} ± {half:.3f} nats ahead of plain QLoRA"
+    return f"level with plain QLoRA ({mean:+.3f} ± {half:.3f} nats)"
+
+
+def _label(s: MethodSpec, start: str | None) -> str:
+    return s.name + (f" --cal-start {start or s.trained_by_start[0][0]}" if s.trained_by_start else "")
+
+
+def training_evidence(method: str, cal_start: str | None = None) -> str:
+    """What fine-tuning showed for ``method`` against plain QLoRA (:class:`Trained`), in words: ahead, level or
+    behind (the seed spread decides level), at ``learning_rate: auto`` and with each lr tuned; says so when the
+    init was not in the study. ``prepare`` and ``train`` print it, so a user who picks an init is told."""
+    s = spec(method)
+    t = s.trained_for(cal_start)
+    if t is None:
+        return (f"{_label(s, cal_start)}: not in the fine-tuning study ({STUDY}); nothing measured here shows that it "
+                "trains better than plain QLoRA.")
+    ahead = [_label(o, st) for o in TABLE for st in ([x for x, _ in o.trained_by_start] or [None])
+             if o.trained_for(st) is not None and sum(o.trained_for(st).auto) < 0 and _label(o, st) != _label(s, cal_start)]
+    if s.name == "qlora":
+        return (f"qlora is the reference of the fine-tuning study ({STUDY}): at base 2e-4 {', '.join(ahead)} ended ahead "
+                "of it; with each init's lr tuned, none was ahead by more than the seed spread.")
+    text = (f"{_label(s, cal_start)} in the fine-tuning study ({STUDY}): at learning_rate auto (base 2e-4) "
+            f"{_versus(t.auto)}; each at its tuned lr, {_versus(t.tuned)}.")
+    behind = [what for what, d in (("at auto", t.auto), ("tuned", t.tuned)) if d[0] - d[1] > 0]
+    if behind:
+        text += f" Plain QLoRA did better there ({' and '.join(behind)}); ahead at auto: {', '.join(ahead)}."
+    return text + " A small model and a short run: a direction, not a guarantee."
 
 
 def names(**where) -> tuple[str, ...]:

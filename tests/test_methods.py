@@ -6,6 +6,7 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import get_args
 
 import pytest
@@ -52,6 +53,46 @@ def test_lr_advice_is_the_tables():
         for start in starts:
             assert lr_factor(s.name, start) is s.lr_for(start) and init_key(s.name, start) in LR_FACTORS
     assert len(LR_FACTORS) == sum(len(s.lr_by_start) or 1 for s in TABLE)
+
+
+def test_trained_is_the_study():
+    """Every :class:`Trained` figure of the table is the fine-tuning study's own (eval/results/finetune.json), recomputed
+    with the study's functions: at each init's recommended lr and at its best, paired by seed with qlora."""
+    from eval.study_finetune import best_runs, paired, runs_at, study_recommended_lr
+
+    inits = json.loads((REPO / "eval/results/finetune.json").read_text())["inits"]
+
+    def spread(d):
+        return (round(sum(d) / len(d), 3), round((max(d) - min(d)) / 2, 3))
+
+    qlora_best = best_runs(inits["qlora"])[1]
+    qlora_auto = runs_at(inits["qlora"], study_recommended_lr("qlora"))
+    seen = set()
+    for s in TABLE:
+        for start in [x for x, _ in s.trained_by_start] or [None]:
+            label = s.name + (f":{start}" if start else "")
+            t = s.trained_for(start)
+            if label not in inits:
+                assert t is None, f"{label} is not in the study"
+                continue
+            seen.add(label)
+            auto = paired(runs_at(inits[label], study_recommended_lr(label)), qlora_auto)
+            assert len(auto) == 3 and t.auto == spread(auto), label
+            assert t.tuned == spread(paired(best_runs(inits[label])[1], qlora_best)), label
+    assert seen >= {"qlora", "qera", "qcorda-ipm", "qcorda-cal:zero", "qcorda-cal:ipm"}  # subset: the study must hold these
+
+
+def test_training_evidence_says_behind_level_or_ahead():
+    from qcorda.methods import training_evidence
+
+    assert "0.074 ± 0.005 nats behind plain QLoRA" in training_evidence("qcorda-ipm")
+    assert "Plain QLoRA did better there (at auto and tuned)" in training_evidence("qcorda-ipm")
+    zero = training_evidence("qcorda-cal", "zero")
+    assert "0.087 ± 0.001 nats ahead of plain QLoRA" in zero and "level with plain QLoRA (+0.003" in zero
+    assert "did better" not in zero
+    assert "qcorda-cal --cal-start ipm" in training_evidence("qcorda-cal") and "qera" in training_evidence("qcorda-ipm")
+    assert "not in the fine-tuning study" in training_evidence("qmilora")
+    assert "qcorda-cal --cal-start zero" in training_evidence("qlora")
 
 
 # --------------------------------------------------------------------------- every method, every verb
@@ -113,12 +154,23 @@ def test_prepare_train_merge_to_lora(method, base, tok, tmp_path, capsys):
     from qcorda.recipe import load_recipe
     from qcorda.train import train
 
+    from qcorda.methods import training_evidence
+
+    capsys.readouterr()
     prep = _prepare(base, method, tmp_path / "prep")
+    said = " ".join(capsys.readouterr().out.split())
+    assert "what training showed: " + " ".join(training_evidence(method).split()) in said  # the user is told
     meta = json.loads((prep / "qcorda.json").read_text())
     assert meta["config"]["method"] == method
     assert ("quantization_config" in json.loads((prep / "config.json").read_text())) == spec(method).quantized
 
-    result = train(load_recipe(_recipe(tmp_path, prep)), progress=False)
+    if method == "qcorda-ipm":  # once through the CLI: its summary tells what training showed for the init
+        assert main(["train", str(_recipe(tmp_path, prep))]) == 0
+        said = " ".join(capsys.readouterr().out.split())
+        assert "what training showed: " + " ".join(training_evidence(method).split()) in said
+        result = SimpleNamespace(global_step=2, adapter=tmp_path / "run" / "adapter")
+    else:
+        result = train(load_recipe(_recipe(tmp_path, prep)), progress=False)
     assert result.global_step == 2
 
     x = inputs(tok)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
+from ..methods import training_evidence
 from .common import add_init_arguments
 from .flags import build
 
@@ -75,3 +77,4 @@ def _summary(report, cfg, out) -> None:
               f"(min {min(l.tokens for l in few)}); the damping rule makes their covariance definite"
               + (f", and {len(none)} got none: the damping limit C = I, a data-free split (e.g. {none[0].name})" if none else "")
               + "; qcorda.json records each layer's tokens")
+    print(textwrap.fill("what training showed: " + training_evidence(cfg.method, cfg.cal_start), 110))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
+from ..methods import training_evidence
 from .flags import add_recipe
 
 
@@ -14,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..recipe import load_recipe
     from ..table import fmt, print_table
-    from ..train import train
+    from ..train import init_of, train
 
     recipe = load_recipe(args.recipe, args.overrides)
     r = train(recipe)
@@ -33,4 +35,5 @@ def run(args) -> int:
     print_table(["", "value"], rows, title=f"trained {args.recipe}")
     print(f"loss: {fmt(r.first_loss)} -> {fmt(r.last_loss)}")
     print(f"adapter sha256: {r.adapter_sha256}")
+    print(textwrap.fill("what training showed: " + training_evidence(*init_of(recipe)), 110))
     return 0
