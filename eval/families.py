@@ -242,6 +242,68 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+#: The families the GPU check runs (:func:`on_device`): a Llama, GPT-2's Conv1D layers, and every mixture of experts.
+ON_DEVICE = ("llama", "gpt2", *F.MOE)
+#: An error figure (error / qlora's) on the device against the CPU's, same weights and covariance file.
+DEVICE_TOLERANCE = 5e-3
+
+
+def on_device(family: str, device: str, root: Path) -> dict:
+    """One tiny family on ``device`` against the CPU (the GPU check's ``families`` part): qlora prepared on both, its
+    NF4 codes compared byte for byte (experts included); qcorda-cal prepared on both from one covariance file collected
+    on ``device`` (the experts' routed tokens with it), its error figure and the experts' token counts compared; the
+    device's directory through the load invariant (:func:`qcorda.testing.families.load_invariant`); then its 2 training
+    steps, merge (verified) and to-lora on ``device`` (:func:`_chain`). Returns the figures and ``checks``: ``(what,
+    value, target, passed)``."""
+    src = F.save(root / "src", family, 0)
+    original = F.model(family, 0)
+    cov = root / "covariance.safetensors"
+    out: dict = {"family": family, "checks": []}
+
+    def run(method: str, dev: str, tag: str):
+        d = root / f"{method}-{tag}"
+        cfg = InitConfig(method=method, rank=RANK, calib=CALIB, device=dev)
+        data = cfg.needs_covariance
+        return d, prepare(str(src), cfg, d, progress=False, calib=cov if data and cov.exists() else None,
+                          save_covariance=cov if data and not cov.exists() else None).report
+
+    def codes(d: Path) -> dict:
+        ck = Checkpoint(d, "model")
+        return {k: ck.get(k) for k in ck.keys() if not ck.get(k).is_floating_point() or "absmax" in k}
+
+    (q_dev, _), (q_cpu, _) = run("qlora", device, "device"), run("qlora", "cpu", "cpu")
+    a, b = codes(q_dev), codes(q_cpu)
+    equal = sum(torch.equal(a[k], b[k]) for k in a) / max(1, len(a))
+    out["checks"].append(("qlora: NF4 codes and absmax, device vs CPU", equal, "byte-equal (1.0)", equal == 1.0 and a.keys() == b.keys()))
+    (c_dev, r_dev), (_, r_cpu) = run("qcorda-cal", device, "device"), run("qcorda-cal", "cpu", "cpu")
+    rel = {"device": r_dev.err / r_dev.qlora_err, "cpu": r_cpu.err / r_cpu.qlora_err}
+    out["weight_err_rel"] = rel
+    out["checks"].append(("qcorda-cal: error figure, device vs CPU", rel["device"] - rel["cpu"], f"within ±{DEVICE_TOLERANCE}",
+                          abs(rel["device"] - rel["cpu"]) <= DEVICE_TOLERANCE))
+    tokens = [[l.tokens for l in r.layers] for r in (r_dev, r_cpu)]
+    if any(t is not None for t in tokens[0]):
+        out["checks"].append(("qcorda-cal: experts' routed calibration tokens, device vs CPU", tokens[0] == tokens[1], "equal",
+                              tokens[0] == tokens[1]))
+    inv = F.load_invariant(c_dev, original)
+    out["load_invariant"] = inv
+    out["checks"].append(("device's directory: loaded layer = deq(codes) + s·B·A", inv["max_abs_diff"], "< 1e-4",
+                          inv["max_abs_diff"] < 1e-4))
+    work = root / "chain"
+    work.mkdir()
+    chain = _chain(c_dev, src, work)
+    out["chain"] = chain
+    for step in ("train", "merge", "to_lora"):
+        ok = chain.get(step, {}).get("ok", False)
+        out["checks"].append((f"{step} on {device}", chain.get(step, {}).get("error", "ok"), "no error", ok))
+    if chain.get("train", {}).get("ok") and chain["train"]["expert_tensors"]:
+        t = chain["train"]
+        out["checks"].append(("every expert adapter changes in training", f"{t['expert_tensors_changed']}/{t['expert_tensors']}",
+                              "all", t["expert_tensors_changed"] == t["expert_tensors"]))
+    if chain.get("merge", {}).get("ok"):
+        out["checks"].append(("merged vs trained 4-bit, top-1", chain["merge"]["top1"], ">= 0.99", chain["merge"]["top1"] >= 0.99))
+    return out
+
+
 def expert_cost(hidden: int = 512, inter: int = 256, experts: int = 8, top_k: int = 2, tokens: int = 4096, rank: int = 16,
                 repeats: int = 3) -> dict:
     """Seconds of the per-expert covariances and splits of one MoE projection (E experts ``(I, H)``, each seeing its
