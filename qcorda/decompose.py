@@ -121,17 +121,33 @@ def _from_factors(U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor, scaling: f
 def svd_top(M: torch.Tensor, r: int, solver: str = "full", oversample: int = 16, power_iters: int = 4, seed: int = 0):
     """Top-r singular triplets (U_r, S_r, V_rᵀ) of M ``(m, n)``.
 
-    ``randomized`` uses ``torch.svd_lowrank`` with q = r + oversample columns and
-    ``power_iters`` power iterations, seeded so that the result is reproducible.
+    ``randomized`` is ``torch.svd_lowrank``'s algorithm with q = r + oversample columns and
+    ``power_iters`` power iterations, its sketch drawn from ``seed`` (:func:`svd_lowrank`).
     """
     if solver == "randomized" and r + oversample < min(M.shape):
-        devices = [M.device] if M.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            U, S, V = torch.svd_lowrank(M, q=r + oversample, niter=power_iters)
+        U, S, V = svd_lowrank(M, r + oversample, power_iters, seed)
         return U[:, :r], S[:r], V[:, :r].T
     U, S, Vt = torch.linalg.svd(M, full_matrices=False)
     return U[:, :r], S[:r], Vt[:r]
+
+
+def svd_lowrank(M: torch.Tensor, q: int, niter: int, seed: int):
+    """``(U, S, V)`` of ``torch.svd_lowrank(M, q, niter)`` (Halko et al. 2009, algorithms 4.4 and 5.1, the
+    same operations in the same order), its Gaussian sketch drawn on the CPU by a generator seeded with
+    ``seed`` and moved to ``M``'s device. torch draws it with the device's own generator, which for one seed
+    gives other numbers on a GPU (Philox) than on the CPU (Mersenne twister): the GPU's split would differ from
+    the CPU's beyond rounding. On the CPU the result is bit for bit ``torch.manual_seed(seed)`` then
+    ``torch.svd_lowrank``, and no global generator is touched."""
+    m, n = M.shape
+    A = M.mH if m < n else M  # tall
+    R = torch.randn(A.shape[-1], q, dtype=A.dtype, generator=torch.Generator().manual_seed(seed)).to(A.device)
+    Q = torch.linalg.qr(torch.matmul(A, R)).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(torch.matmul(A.mH, Q)).Q
+        Q = torch.linalg.qr(torch.matmul(A, Q)).Q
+    U, S, Vh = torch.linalg.svd(torch.matmul(Q.mH, A), full_matrices=False)
+    U, V = Q.matmul(U), Vh.mH
+    return (V, S, U) if m < n else (U, S, V)
 
 
 def svd_bottom(M: torch.Tensor, r: int):

@@ -1,6 +1,8 @@
 """The CUDA defects of issue 24, shown on the CPU: the arguments that reach ``from_pretrained`` (device
 map, dtype), how many models are alive at once, the QuantState's dtype, what bf16 support is asked,
-and the fp32 matmul precision the splits run at. Each test failed on the code that had the defect."""
+the fp32 matmul precision the splits, calibration and compare's error figures run at (recorded at every product
+by a TorchFunctionMode), and the generator the randomized SVD draws its sketch with. Each test failed on the code
+that had the defect."""
 
 import gc
 import json
@@ -352,3 +354,35 @@ def test_compare_error_figures_run_at_full_fp32_whatever_the_environment_says(tf
     with Precisions() as p:
         compare(tiny.model("llama"), tok, cfg, progress=False)
     assert {"linalg_svdvals", "matmul"} <= p.at("highest") and p.at("high") == set()
+
+
+# --------------------------------------------------------------------------- the randomized SVD's sketch
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (80, 96)])
+def test_randomized_split_draws_its_sketch_on_the_cpu(shape, monkeypatch):
+    """The default solver (svd: randomized) seeded the global RNG and let torch.svd_lowrank draw its Gaussian
+    sketch with the generator of the weight's device: on a GPU that is CUDA's Philox, not the CPU's Mersenne
+    twister, so one seed gave every GPU split another sketch than the CPU's, hence other factors and other
+    stored codes (beyond rounding), and torch.manual_seed reseeded every GPU. The sketch is now drawn on the CPU
+    by a generator of its own and moved to the weight's device; on the CPU the split is bit for bit what
+    torch.svd_lowrank gave."""
+    from qcorda.decompose import svd_top
+
+    M = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        U0, S0, V0 = torch.svd_lowrank(M, q=4 + 16, niter=3)
+    drawn = []
+    real = torch.randn
+
+    def spy(*a, **k):
+        drawn.append(k.get("generator"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    state = torch.random.get_rng_state()
+    U, S, Vt = svd_top(M, 4, "randomized", oversample=16, power_iters=3, seed=7)
+    assert drawn and all(isinstance(g, torch.Generator) and g.device.type == "cpu" for g in drawn)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is not touched
+    assert torch.equal(U, U0[:, :4]) and torch.equal(S, S0[:4]) and torch.equal(Vt, V0[:, :4].T)
