@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .config import ConfigError
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qcorda {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qcorda recipes | head`: the reader left; say nothing more (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the broken pipe
 
 
 if __name__ == "__main__":  # pragma: no cover

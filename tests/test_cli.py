@@ -103,3 +103,20 @@ def test_first_use_of_the_bundled_model_shows_progress(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "gemma-3-270m: first use, converting the bundled GGUF (once)" in err and "assemble the GGUF parts" in err
     assert not (tmp_path / "gemma3-270m-fp32").exists()
+
+
+def test_a_reader_that_leaves_gets_no_traceback():
+    """``qcorda recipes | head``: the pipe's reader is gone before qcorda writes; qcorda exits as a shell command killed
+    by SIGPIPE would (141), with no traceback on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # the reader left before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "qcorda", "recipes"], stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141
