@@ -187,6 +187,15 @@ def storage_plan(model: torch.nn.Module, targets: list[str], keep: tuple[str, ..
             else:
                 reason = "not a weight of a Linear layer"
             full.append((full_name, reason))
+    # what keep is matched against: every Linear's name, and every block weight's module and full name
+    weights = [(n, f"{n}.{pname}") for n, m in model.named_modules() if in_block(n)
+               for pname, p in m.named_parameters(recurse=False) if p.dim() >= 2]
+    names = sorted(named) + [n for pair in weights for n in pair]
+    idle = [pat for pat in keep if not any(matches_any(n, (pat,)) for n in names)]
+    if idle:  # a typo would otherwise be recorded as kept while everything is NF4
+        raise ConfigError(f"{flag}: {idle[0]!r} selects no Linear layer or block weight of the model; patterns match "
+                          f"as --target-modules does (a layer name's suffix, or a glob such as '*.mlp.*'), e.g. "
+                          f"{weights[0][0] if weights else ''!r}")
     plan = StoragePlan(tuple(targets), tuple(base), tuple(full), tuple(skip), nf4, total, expert_nf4, expert_total)
     unnamed = [(n, r) for n, r in full if r != flag and not r.startswith("router")]
     if quantized and plan.nf4_fraction < MIN_NF4_FRACTION and unnamed:

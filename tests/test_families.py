@@ -255,6 +255,14 @@ def test_keep_pattern_may_not_select_a_target():
         storage_plan(F.model("llama"), ["model.layers.0.self_attn.q_proj"], keep=("q_proj",))
 
 
+def test_keep_pattern_that_selects_nothing_is_refused():
+    """A keep pattern that matches no module (a typo, ``mlp`` for ``*.mlp.*``) was recorded as kept while every layer
+    went to NF4: now refused by name, with an example of a module name."""
+    with pytest.raises(ConfigError, match=r"--keep-full-precision: 'mlp' selects no Linear layer .* e\.g\. 'model\.layers\.0"):
+        storage_plan(F.model("llama"), ["model.layers.0.self_attn.q_proj"], keep=("mlp",))
+    storage_plan(F.model("llama"), ["model.layers.0.self_attn.q_proj"], keep=("*.mlp.*",))  # a glob that matches: fine
+
+
 def _hashes(d: Path) -> dict[str, str]:
     import hashlib
 
