@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
@@ -67,8 +68,8 @@ def model(arch: str = "llama", seed: int = 0, **kw):
 
 
 def save(tmp_path, arch: str = "llama", seed: int = 0):
-    """A tiny model + tokenizer saved as an HF directory."""
-    path = tmp_path / f"tiny-{arch}"
+    """A tiny model + tokenizer saved as an HF directory ``tmp_path/tiny-ARCH`` (``tmp_path``: a str or Path)."""
+    path = Path(tmp_path) / f"tiny-{arch}"
     model(arch, seed).save_pretrained(path)
     tokenizer().save_pretrained(path)
     return path
