@@ -315,9 +315,9 @@ def render(doc: dict, old_md: str) -> str:
                       "with `BitsAndBytesConfig` (NF4, double quant); its covariance phase is the time of the forwards its "
                       "hooks run in, its decomposition the rest of `preprocess_corda` (the eigen step and cropping). Both "
                       "sides are timed from nothing loaded (tokenizer and model loads included) to a 4-bit model in memory. "
-                      "Each run is its own subprocess; peak RSS is that process's `VmHWM`. `--svd randomized` is qcorda's "
-                      "randomized SVD for the top-r split (oversample 16, 4 power iterations); `--svd full` is the exact SVD, "
-                      "qcorda's default.", "", markdown_table(head, rows), ""]
+                      "Each run is its own subprocess; peak RSS is that process's `VmHWM`. `--svd randomized` (qcorda's default) is "
+                      "its randomized SVD for the top-r split (oversample 16, 4 power iterations); `--svd full` is the exact "
+                      "SVD.", "", markdown_table(head, rows), ""]
         elif name == "decompose":
             head, rows = decompose_table(p["result"]["rows"])
             lines += [f"## Per-layer decomposition, Llama-7B shapes, r={args.decompose_rank}, CPU fp32 (one repeat)", "", when, "",
