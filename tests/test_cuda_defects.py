@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from export_helpers import inputs, prepared_and_trained
 from qcorda.config import InitConfig, MergeConfig, ToLoraConfig, VerifyConfig
+from qcorda.methods import names
 from qcorda.testing import tiny
 
 QUICK = VerifyConfig(samples=2, max_length=24)
@@ -300,7 +301,7 @@ class Precisions(TorchFunctionMode):
         return {name for name, p in self.seen if p == precision}
 
 
-@pytest.mark.parametrize("method", ["qpissa", "qcorda-ipm", "qcorda-kpm", "qera", "qcorda-cal", "loftq"])
+@pytest.mark.parametrize("method", names(baseline=False))
 def test_prepare_layer_runs_at_full_fp32_whatever_the_environment_says(tf32, method):
     """The split ran at full fp32 (decompose), but the rest of prepare_layer did not: the residual W − s·B·A
     whose NF4 codes are stored (qpissa, CorDA), the damping's Cholesky of C (every data-driven method) and the
@@ -349,7 +350,7 @@ def test_compare_error_figures_run_at_full_fp32_whatever_the_environment_says(tf
     from qcorda.config import CalibConfig, CompareConfig
 
     init = InitConfig(svd="full", calib=CalibConfig(**CALIB))
-    cfg = CompareConfig(methods=("qlora", "qpissa", "qcorda-ipm"), ranks=(4,), init=init, eval_data=("gsm8k-test",),
+    cfg = CompareConfig(methods=("qlora", "qpissa", "qcorda-ipm"), ranks=(4,), init=init, eval_data=("gsm8k-test",),  # subset: NF4, SVD, calibrated
                         eval_samples=4, eval_max_length=32, eval_tokens=0)
     with Precisions() as p:
         compare(tiny.model("llama"), tok, cfg, progress=False)
