@@ -262,7 +262,9 @@ def on_device(family: str, device: str, root: Path) -> dict:
 
     def run(method: str, dev: str, tag: str):
         d = root / f"{method}-{tag}"
-        cfg = InitConfig(method=method, rank=RANK, calib=CALIB, device=dev)
+        # fp32 compute: a random tiny model's logits are nearly flat, so bf16 would make the merged model's top-1
+        # agreement a coin toss; the bf16 paths are the Gemma parts' to check
+        cfg = InitConfig(method=method, rank=RANK, calib=CALIB, device=dev, compute_dtype="float32")
         data = cfg.needs_covariance
         return d, prepare(str(src), cfg, d, progress=False, calib=cov if data and cov.exists() else None,
                           save_covariance=cov if data and not cov.exists() else None).report

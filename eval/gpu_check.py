@@ -31,6 +31,10 @@ Parts (:data:`PARTS`), in order:
 6. ``decompose``  qcorda's CorDA-IPM and PiSSA splits against PEFT's at Llama-3-8B layer shapes, fp32, on the device.
 7. ``synthetic``  streamed prepare of a Llama-3-8B-shaped checkpoint with a few of its 32 layers: wall time, peak
                   GPU memory (one layer at a time: the 8B figure), peak host RSS, extrapolated to 32 layers.
+8. ``families``   tiny random models of a Llama, GPT-2 (Conv1D) and every mixture of experts (Mixtral, Qwen3-MoE,
+                  Qwen2-MoE, GPT-OSS) prepared on the device and on the CPU (qlora's NF4 codes byte-equal, qcorda-cal's
+                  error figure and experts' routed tokens from one covariance file), then trained, merged and exported
+                  on the device (:func:`eval.families.on_device`).
 
 Time: one deadline (``--budget``, 275 s on a GPU: with the last part's grace period at most 295 s, 110 s in the dry run) for the whole run, setup included. Each part
 gets a share of the time left (:data:`WEIGHTS`: time a part leaves unused goes to the next) and checks it between
@@ -90,13 +94,13 @@ AUTOCAST_TOLERANCE = 0.01
 GRACE = {"gpu": 20.0, "toy": 8.0}
 #: Each part's share of the time left when it starts, relative to the parts still to run (first estimates of their
 #: GPU time: no GPU run yet).
-WEIGHTS = dict(prepare=70, compare=40, train=45, merge_eval=30, precision=30, decompose=25, synthetic=40)
+WEIGHTS = dict(prepare=70, compare=40, train=45, merge_eval=30, precision=30, decompose=25, synthetic=40, families=30)
 
 SIZES = {
     "gpu": dict(
         budget=275.0, gemma={}, methods=None, compare={}, rank=64, compute_dtype="bfloat16", reload_records=4, calib_samples=32, calib_max_length=256,
         train_steps=30, resume_at=15, precision_steps=10, gsm8k_limit=16, gsm8k_new_tokens=64, ppl_tokens=4096,
-        ppl_window=512, ppl_stride=256, llama={}, llama_layers=2,
+        ppl_window=512, ppl_stride=256, llama={}, llama_layers=2, families=None,
     ),
     # the same code at toy size: two of Gemma's layers at their real width, the tokenizer's vocabulary; a narrow Llama
     "toy": dict(
@@ -106,7 +110,7 @@ SIZES = {
         rank=16, compute_dtype="bfloat16", reload_records=2, calib_samples=8, calib_max_length=64,
         train_steps=2, resume_at=1, precision_steps=2, gsm8k_limit=2, gsm8k_new_tokens=8, ppl_tokens=256, ppl_window=128,
         ppl_stride=64, llama=dict(hidden_size=256, intermediate_size=896, num_attention_heads=2, num_key_value_heads=1,
-                                  head_dim=128, vocab_size=4096), llama_layers=2,
+                                  head_dim=128, vocab_size=4096), llama_layers=2, families=("gpt2", "qwen2-moe"),
     ),
 }
 
@@ -798,8 +802,47 @@ def part_synthetic(ctx: Context, r: dict) -> None:
                       "streamed engine holds one layer at a time, so the peaks are the full model's.")
 
 
+# --------------------------------------------------------------------------- 8. families
+
+
+def part_families(ctx: Context, r: dict) -> None:
+    """Tiny random models of every family the GPU has not otherwise seen, each on the device against the CPU
+    (:func:`eval.families.on_device`; the dry run takes two of them)."""
+    from eval.families import ON_DEVICE, on_device
+
+    ctx.need("libs")
+    dev = ctx.device
+    families = ctx.sizes["families"] or ON_DEVICE
+    rows = table(r, "Tiny families on the device against the CPU", ["family", "seconds", "checks passed", "failed"])
+    r["figures"] = {"not_run": list(families)}
+    for family in families:
+        ctx.check(f"family {family}")
+        r["figures"]["not_run"].remove(family)
+        t0 = time.perf_counter()
+        try:  # one family's failure is recorded, the others still run
+            res = on_device(family, dev, ctx.work / f"family-{family}")
+        except Exception as e:  # noqa: BLE001
+            r["figures"][family] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+            rows.append([family, time.perf_counter() - t0, None, f"error: {type(e).__name__}: {str(e)[:160]}"])
+            r["checks"].append(check(f"{family}: on {dev}", type(e).__name__, "no exception", False))
+            free(dev)
+            continue
+        r["figures"][family] = {k: v for k, v in res.items() if k != "checks"}
+        for what, value, target, passed in res["checks"]:
+            r["checks"].append(check(f"{family}: {what}", value, target, passed))
+        rows.append([family, time.perf_counter() - t0, sum(c[3] for c in res["checks"]),
+                     ", ".join(c[0] for c in res["checks"] if not c[3]) or "-"])
+        free(dev)
+    r["notes"].append("Seeded tiny models (hidden 64, 2 blocks; qcorda.testing.families), r = 4, fp32 compute (a random "
+                      "model's logits are nearly flat: under bf16 the merged model's top-1 agreement would be a coin toss). "
+                      "The covariance is collected once on the device and read by the CPU prepare, so both split the same "
+                      "weights with the same covariance; qlora's codes must be byte-equal (the residual is W itself).")
+    done = [f for f in families if f in r["figures"] and "error" not in r["figures"][f]]
+    r["summary"] = f"{len(done)} of {len(families)} families prepared, trained, merged and exported on {dev}"
+
+
 PARTS = {"prepare": part_prepare, "compare": part_compare, "train": part_train, "merge_eval": part_merge_eval,
-         "precision": part_precision, "decompose": part_decompose, "synthetic": part_synthetic}
+         "precision": part_precision, "decompose": part_decompose, "synthetic": part_synthetic, "families": part_families}
 
 
 # --------------------------------------------------------------------------- running and writing

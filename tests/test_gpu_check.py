@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ["prepare", "compare", "train", "merge_eval", "precision", "decompose", "synthetic"]
+PARTS = ["prepare", "compare", "train", "merge_eval", "precision", "decompose", "synthetic", "families"]
 
 
 def _run(tmp_path, name, *args):
