@@ -76,9 +76,9 @@ def find_blocks(model: torch.nn.Module, targets: list[str]) -> tuple[str, str, t
 
 def _materialize(owner: torch.nn.Module, module: torch.nn.Module, prefix: str, get: Callable[[str], torch.Tensor],
                  device: torch.device, given: dict[str, torch.Tensor] | None = None) -> None:
-    """Give a ``meta`` ``module`` real fp32 storage: persistent tensors from ``get(prefix + key)``
-    (or ``given[key]``), non-persistent buffers (rotary frequencies, embedding scales) from the
-    model's own init."""
+    """Give a ``meta`` ``module`` real storage on ``device``, in the module's own dtypes: persistent tensors from
+    ``get(prefix + key)`` (or ``given[key]``), copied into it one at a time, so that a block never exists twice on the
+    device; non-persistent buffers (rotary frequencies, embedding scales) from the model's own init."""
     given = given or {}
     module.to_empty(device=device)
     init = getattr(owner, "_init_weights", None)
@@ -87,11 +87,13 @@ def _materialize(owner: torch.nn.Module, module: torch.nn.Module, prefix: str, g
             if init is None:
                 raise NotBlockwise(f"{type(sub).__name__} has computed buffers and the model has no _init_weights")
             init(sub)
-    state = {}
-    for k, v in module.state_dict().items():
-        t = given[k] if k in given else get(prefix + k)
-        state[k] = t.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
-    module.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for k, v in module.state_dict(keep_vars=True).items():
+            t = given[k] if k in given else get(prefix + k)
+            if t.shape != v.shape:
+                raise RuntimeError(f"{prefix}{k}: the checkpoint holds {tuple(t.shape)}, the model {tuple(v.shape)}")
+            v.copy_(t)  # converts device and dtype on the way in
+            del t  # the source tensor is gone before the next one is read
 
 
 def _compact_embedding(decoder: torch.nn.Module, batches: list[dict], key_prefix: str, get, get_rows):
