@@ -22,7 +22,7 @@ import torch
 from .calibration import calibration_texts
 from .config import ConfigError, InitConfig
 from .data import token_batches
-from .decompose import Split, low_rank_term, residual
+from .decompose import Split, full_fp32_matmul, low_rank_term, residual
 from .methods import spec
 from .models import resolve_compute_dtype
 from .prepared import LayerResult
@@ -134,7 +134,8 @@ def eva_components(model, tokenizer, targets: list[str], cfg: InitConfig, progre
     )
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    sd = get_eva_state_dict(model, batches, peft_config=pcfg, forward_fn=forward, show_progress_bar=progress)
+    with full_fp32_matmul():  # EVA's incremental SVDs of the activations: not in the environment's TF32
+        sd = get_eva_state_dict(model, batches, peft_config=pcfg, forward_fn=forward, show_progress_bar=progress)
     missing = [t for t in targets if t not in sd]
     if missing:
         raise ConfigError(f"EVA found no inputs for layers {', '.join(missing[:3])}; leave them out of --target-modules")

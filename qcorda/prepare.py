@@ -156,6 +156,26 @@ def prepare_model(model, config: InitConfig, model_id: str = "", calib: Covarian
     return peft_model, report
 
 
+#: EVA runs the fp32 original on the GPU only when it takes at most this share of the GPU's free memory (the rest:
+#: activations and PEFT's incremental SVD state).
+EVA_GPU_SHARE = 0.6
+
+
+def eva_device(model, device: torch.device) -> torch.device:
+    """Where EVA runs the fp32 original: ``device`` when it is the CPU or the model fits :data:`EVA_GPU_SHARE` of its
+    free memory, else the CPU (slower, but an 8B model's 32 GB of fp32 would not fit a 24 GB GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    if size <= EVA_GPU_SHARE * free:
+        return device
+    print(f"qcorda prepare: EVA runs the fp32 model ({size / 2**30:.1f} GiB) on the CPU: it would not fit "
+          f"{EVA_GPU_SHARE:.0%} of the GPU's {free / 2**30:.1f} GiB free", file=sys.stderr)
+    return torch.device("cpu")
+
+
 def _calibration(model, config: InitConfig, model_id: str, targets: list[str], calib, tokenizer, save_covariance, progress, device):
     """``(covariances or None, EVA components by layer, the calibration summary for qcorda.json)``."""
     if not config.needs_calibration:
@@ -165,8 +185,10 @@ def _calibration(model, config: InitConfig, model_id: str, targets: list[str], c
     if config.method == "qeva":  # PEFT's EVA reads the activations itself: no covariance
         if calib is not None:
             warnings.warn(f"method {config.method} uses no covariance file; the given one is ignored", stacklevel=3)
-        model.to(device)
+        home = next(model.parameters()).device
+        model.to(eva_device(model, device))
         eva = eva_components(model, tokenizer, targets, config, progress)
+        model.to(home)  # the splits read one weight at a time: the fp32 original need not stay on the GPU
         return None, eva, {"data": config.calib.data, "n_samples": config.calib.samples, "max_length": config.calib.max_length, "eva_rho": EVA_RHO}
     if isinstance(calib, Covariances):
         covs = calib

@@ -411,3 +411,32 @@ def test_a_block_is_materialized_one_tensor_at_a_time():
     _materialize(model, meta, "b.", get, torch.device("cpu"))
     for k, v in meta.state_dict().items():
         assert torch.equal(v, source[k]), k
+
+
+def test_eva_runs_the_fp32_model_on_the_gpu_only_where_it_fits(monkeypatch):
+    """qeva moved the whole fp32 original to the GPU for EVA's forwards and kept it there through every split (an 8B
+    model: 32 GB on a 24 GB card). Now it goes to the GPU only when it fits, and back afterwards."""
+    from qcorda import prepare as P
+
+    model = tiny.model("llama")
+    size = sum(p.numel() * 4 for p in model.parameters())
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(size / P.EVA_GPU_SHARE) + 1, 80 * 2**30))
+    assert P.eva_device(model, cuda) == cuda
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (size, 80 * 2**30))
+    assert P.eva_device(model, cuda) == torch.device("cpu")
+    assert P.eva_device(model, torch.device("cpu")) == torch.device("cpu")
+
+
+def test_eva_runs_at_full_fp32_whatever_the_environment_says(tf32, tok):
+    """EVA's SVDs of the activations (PEFT's get_eva_state_dict) ran at the environment's TF32 on a GPU."""
+    from qcorda.baselines import eva_components
+    from qcorda.config import CalibConfig
+    from qcorda.targets import find_targets
+
+    model = tiny.model("llama")
+    cfg = InitConfig(method="qeva", rank=4, calib=CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=8,
+                                                             max_length=32))
+    with Precisions() as seen:
+        eva_components(model, tok, find_targets(model, ("all-linear",)), cfg, progress=False)
+    assert seen.seen and not seen.at("high"), sorted(seen.at("high"))
