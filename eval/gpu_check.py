@@ -848,6 +848,14 @@ PARTS = {"prepare": part_prepare, "compare": part_compare, "train": part_train, 
 # --------------------------------------------------------------------------- running and writing
 
 
+def _legacy(read):
+    """A legacy TF32 flag, or what torch says instead once the environment used its newer per-backend API."""
+    try:
+        return read()
+    except RuntimeError as e:
+        return f"unreadable ({str(e)[:60]})"
+
+
 def environment(ctx: Context) -> dict:
     """Versions, the device and torch's fp32 matmul precision (TF32 or not): the device's figures depend on it."""
     import accelerate
@@ -855,13 +863,16 @@ def environment(ctx: Context) -> dict:
     import torch
     import transformers
 
+    from qcorda.decompose import matmul_precision
+
     cuda = torch.cuda.is_available()
     env = {"device": ctx.device, "gpu": torch.cuda.get_device_name(0) if cuda else None,
            "gpu_memory_gb": torch.cuda.get_device_properties(0).total_memory / GB if cuda else None,
            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
                         "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__},
-           "float32_matmul_precision": torch.get_float32_matmul_precision(),
-           "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+           "float32_matmul_precision": matmul_precision(),
+           "cuda_matmul_allow_tf32": _legacy(lambda: torch.backends.cuda.matmul.allow_tf32),
+           "cudnn_allow_tf32": _legacy(lambda: torch.backends.cudnn.allow_tf32),
            "machine": machine(machine_environment())}
     return env
 

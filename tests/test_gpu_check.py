@@ -113,3 +113,21 @@ def test_the_bundle_names_each_requirement_neither_bundled_nor_in_the_device_ima
     cmd = device_command()
     assert "--no-index --no-deps" in cmd and "--target /tmp/site" in cmd and "PYTHONPATH=/tmp/site:$PWD" in cmd
     assert "python3 -m eval.gpu_check --out $OUT/gpu_check.md" in cmd and "pip install -e" not in cmd
+
+
+def test_the_environment_is_read_whatever_tf32_api_was_used():
+    """transformers sets TF32 through torch's newer per-backend API (``tf32=True`` on torch >= 2.9), after which
+    torch's legacy getter raises: the results' machine line and the GPU check's environment must still be written."""
+    import torch
+
+    from eval.gpu_check import Context, environment
+    from eval.lib.measure import environment as machine_environment
+
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        assert machine_environment()["matmul_precision"] == "cuda:tf32"
+        ctx = Context(sizes={}, device="cpu", work=Path("/tmp"), toy=True, deadline=0.0)
+        assert environment(ctx)["float32_matmul_precision"] == "cuda:tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before

@@ -64,6 +64,8 @@ def environment() -> dict:
     and its threads, the fp32 matmul precision, ``OMP_NUM_THREADS``, the load average and the UTC time."""
     import torch
 
+    from qcorda.decompose import matmul_precision
+
     try:
         load = list(os.getloadavg())
     except OSError:
@@ -77,7 +79,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "matmul_precision": torch.get_float32_matmul_precision(),
+        "matmul_precision": matmul_precision(),  # torch's getter raises once the newer per-backend API was used
         "load": load,
         "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
