@@ -52,18 +52,40 @@ CASES = {
                                                                    vocab=32000, tied_embeddings=False), overrides=[]),
     "small-llama V64k tied r32": dict(model="small-llama", arch=dict(layers=6, hidden=384, intermediate=1024, heads=6, kv_heads=2,
                                                                      vocab=65536, tied_embeddings=True), overrides=["init.rank=32"]),
+    # mixtures of experts (issue 25): every expert's NF4 weight and adapter, the routed tokens' activations, the
+    # routers kept in full precision; Qwen2-MoE adds its shared expert and the q/k/v biases
+    "small-qwen3-moe E16 k4": dict(model="small-qwen3-moe", family="qwen3-moe", arch=dict(
+        layers=4, hidden=256, intermediate=688, heads=4, kv_heads=2, head_dim=64, vocab=32000, tied_embeddings=False,
+        experts=16, experts_per_token=4, expert_intermediate=128), overrides=[]),
+    "small-qwen2-moe E8 k2 shared": dict(model="small-qwen2-moe", family="qwen2-moe", arch=dict(
+        layers=4, hidden=256, intermediate=688, heads=4, kv_heads=2, vocab=32000, tied_embeddings=False, experts=8,
+        experts_per_token=2, expert_intermediate=256, shared_expert_intermediate=512, biases=["q_proj", "k_proj", "v_proj"]),
+        overrides=[]),
 }
+#: family → transformers config class of the small mixtures of experts
+_MOE_CONFIG = {"qwen3-moe": "Qwen3MoeConfig", "qwen2-moe": "Qwen2MoeConfig"}
 
 
-def small_recipe(tmp: Path, arch: dict) -> Path:
-    """A recipe over a small random Llama (:mod:`qcorda.testing.tiny`'s tokenizer) saved under ``tmp``."""
+def small_recipe(tmp: Path, arch: dict, family: str = "llama") -> Path:
+    """A recipe over a small random Llama, or a mixture of experts of ``family`` (:data:`_MOE_CONFIG`), with
+    :mod:`qcorda.testing.tiny`'s tokenizer, saved under ``tmp``."""
+    import torch
+    import transformers
     import yaml
 
+    from qcorda.plan import ARCH_KEYS, MOE_KEYS
+
     model_dir = tmp / "model"
-    cfg = dict(hidden_size=arch["hidden"], intermediate_size=arch["intermediate"], num_hidden_layers=arch["layers"],
-               num_attention_heads=arch["heads"], num_key_value_heads=arch["kv_heads"], vocab_size=arch["vocab"],
-               tie_word_embeddings=arch["tied_embeddings"])
-    tiny.model("llama", **cfg).save_pretrained(model_dir)  # seed 0, fp32
+    # the recipe's arch: keys as config.json names them (the planner's own map); experts as num_experts, below
+    keys = {**ARCH_KEYS, **{k: v[0] for k, v in MOE_KEYS.items() if k != "experts"}}
+    cfg = {keys[k]: v for k, v in arch.items() if k in keys}
+    if family == "llama":
+        tiny.model("llama", **cfg).save_pretrained(model_dir)  # seed 0, fp32
+    else:
+        torch.manual_seed(0)
+        config = getattr(transformers, _MOE_CONFIG[family])(**cfg, num_experts=arch["experts"], pad_token_id=0,
+                                                            bos_token_id=1, eos_token_id=2)
+        transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
     tiny.tokenizer().save_pretrained(model_dir)
     recipe = {
         "output_dir": str(tmp / "run"), "model": str(model_dir),
@@ -90,10 +112,14 @@ def warm_up(recipe_path: str, overrides: list[str], prepared: Path) -> None:
     from qcorda.recipe import load_recipe
     from qcorda.train import build_trainer, datasets_of, prepared_model
 
-    kind = "gemma" if "gemma" in json.loads((prepared / "config.json").read_text()).get("model_type", "") else "llama"
+    from qcorda.testing import families
+
+    model_type = json.loads((prepared / "config.json").read_text()).get("model_type", "")
+    moe = {families.config(f).model_type: f for f in families.MOE}
+    warm = families.model(moe[model_type]) if model_type in moe else tiny.model("gemma" if "gemma" in model_type else "llama")
     tok = tiny.tokenizer()
     with tempfile.TemporaryDirectory() as d:
-        prepare(tiny.model(kind), InitConfig(method="qpissa", rank=4), Path(d) / "p", tokenizer=tok, progress=False).out
+        prepare(warm, InitConfig(method="qpissa", rank=4), Path(d) / "p", tokenizer=tok, progress=False).out
         recipe = load_recipe(recipe_path, overrides + [f"prepared={d}/p", "init=null", "model=null", f"output_dir={d}/run",
                                                        "train.max_steps=2", "train.save_steps=100000", "train.resume=false"])
         model, tok, _ = prepared_model(recipe, progress=False)
@@ -171,7 +197,7 @@ def run_case(name: str, case: dict, steps: int, device: str, tmp: Path) -> dict:
     work = tmp / name.replace(" ", "_").replace("(", "").replace(")", "")
     work.mkdir(parents=True, exist_ok=True)
     if "arch" in case:
-        recipe_path = small_recipe(work, case["arch"])
+        recipe_path = small_recipe(work, case["arch"], case.get("family", "llama"))
         overrides = list(case["overrides"])
     else:
         recipe_path = case["recipe"]
