@@ -87,6 +87,11 @@ MEASURED: dict[str, str] = {
 }
 
 
+#: The fewest sequence passes each probe can spend: one gradient (update); a gradient and one Hessian-vector product
+#: (sharpness); a gradient and one at the stepped point (direction); two ramp steps (range).
+MIN_PASSES: dict[str, int] = {"update": 1, "sharpness": 2, "direction": 2, "range": 2}
+
+
 class ProbeFailed(ConfigError):
     """The probe measured nothing usable (a NaN loss, a zero gradient); the message names the recipe key."""
 
@@ -335,6 +340,10 @@ def probe_lr(model, tok, examples: Sequence, budget: int, method: ProbeMethod = 
     """Measure ``method`` on ``model``'s adapter at its current values over training ``examples``
     within ``budget`` sequence passes, and set the learning rate from it (module docstring).
     ``key`` names the recipe setting in error messages."""
+    if method in MIN_PASSES and budget < MIN_PASSES[method]:  # it would spend more than it may, not less
+        raise ConfigError(f"the {method} learning-rate probe needs at least {MIN_PASSES[method]} sequence passes, and "
+                          f"{BUDGET_FRACTION:.0%} of this run's passes is {budget}: raise train.max_steps (or batch_size, "
+                          f"grad_accum), or set {key} to a number or auto")
     t0 = time.perf_counter()
     params = _adapter(model)
     was_training = model.training

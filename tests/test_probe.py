@@ -9,7 +9,7 @@ import yaml
 
 from qcorda import probe as P
 from qcorda.cli import main as cli_main
-from qcorda.config import CalibConfig, InitConfig
+from qcorda.config import CalibConfig, ConfigError, InitConfig
 from qcorda.data import load_examples
 from qcorda.prepare import prepare
 from qcorda.prepared import load_prepared
@@ -193,3 +193,17 @@ def test_every_probe_method_says_what_it_measures():
     from qcorda.recipe import LrProbe
 
     assert set(P.MEASURED) == set(get_args(LrProbe))
+
+
+def test_a_run_too_short_for_the_probe_is_refused_not_overspent(tok, examples):
+    """A 4-step run of batch 2 allows 5 % of 8 passes, i.e. 1 (at least): sharpness needs 2, and spent 2 of a budget of
+    1 (``qcorda probe-lr`` printed ``passes / budget | 2 / 1``). Now refused, naming train.max_steps; a probe that needs
+    no more than the budget still runs."""
+    budget = P.probe_budget(4, 2)
+    assert budget == 1
+    for method, need in P.MIN_PASSES.items():
+        if need > budget:
+            with pytest.raises(ConfigError, match=rf"the {method} learning-rate probe needs at least {need} .* is 1: raise "
+                                                  r"train\.max_steps"):
+                P.probe_lr(_lora(), tok, examples, budget, method, max_length=256)
+    assert P.probe_lr(_lora(), tok, examples, budget, "update", max_length=256).passes == 1
