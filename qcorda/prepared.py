@@ -9,8 +9,9 @@
         qcorda.json                       the :class:`PrepareReport`: format, settings, per-layer errors, calibration
         timings.json                      streamed runs only: wall clock, the one file that differs between runs
 
-Both engines write it through :func:`write_prepared` (the in-memory one by :func:`save_prepared`), so
-a streamed directory equals an in-memory one byte for byte. An adapter trained on it names its owner
+Both engines write it through :func:`write_prepared` (the in-memory one by :func:`save_prepared`), which
+keeps the wall clock out of ``qcorda.json`` (its ``seconds`` are 0), so a streamed directory equals an
+in-memory one byte for byte, ``timings.json`` aside. An adapter trained on it names its owner
 in ``TRAIN_MARKER`` under ``OWNER_KEY``: the sha256 of the ``qcorda.json`` bytes
 (:func:`manifest_sha256`); the trainer writes it and merge / to-lora check it with these constants.
 """
@@ -21,7 +22,7 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -203,7 +204,10 @@ def write_prepared(
             shutil.copy2(f, directory / f.name)
     elif tokenizer is not None:
         save_tokenizer(tokenizer, directory)
-    (directory / MANIFEST).write_text(json.dumps(report.to_json(), indent=2, default=str))
+    # no wall clock in qcorda.json: its sha256 is the adapters' owner key, the same for every run of the same inputs
+    # and either engine (the streamed engine writes its timings to timings.json)
+    still = replace(report, seconds=0.0, layers=tuple(replace(layer, seconds=0.0) for layer in report.layers))
+    (directory / MANIFEST).write_text(json.dumps(still.to_json(), indent=2, default=str))
 
 
 def adapter_tensors(peft_model, targets: Iterable[str]) -> dict[str, torch.Tensor]:

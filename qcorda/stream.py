@@ -256,9 +256,8 @@ def stream_prepare(
             calibration = None if covs is None else dict(covs.manifest, n_tokens=covs.n_tokens, groups=len(covs.matrices), data=cfg.calib.data)
             covs = None  # the covariances are done with: free them before the output shards are assembled
             _return_freed_memory()
-            report = PrepareReport(cfg, model, src.targets, tuple(replace(r, seconds=0.0) for r in results), calibration,
-                                   where.dtype_name, 0.0, versions(),
-                                   src.plan.to_json())
+            report = PrepareReport(cfg, model, src.targets, tuple(results), calibration, where.dtype_name, t_layers - t_start,
+                                   versions(), src.plan.to_json())
             with atomic_dir(out, overwrite) as tmp:
                 _write_output(tmp, src, work, report, trust_remote_code)
                 now = time.perf_counter()
@@ -276,7 +275,7 @@ def stream_prepare(
                 ) from e
             raise
         shutil.rmtree(work, ignore_errors=True)
-        return replace(report, layers=tuple(results), seconds=time.perf_counter() - t_start)
+        return replace(report, seconds=time.perf_counter() - t_start)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
