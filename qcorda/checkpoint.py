@@ -5,7 +5,9 @@ and its shards, else ``STEM.safetensors``, else, for source models, every ``*.sa
 single file (a covariance file, a finished layer of a streamed prepare). Every header is checked
 when it opens, so a corrupted or truncated file is reported before any work starts, in one style
 that names the flag. Tensors are read one at a time through a fresh handle each (a long-lived
-memory map keeps every page it touched resident), whole, by rows, or in row blocks.
+memory map keeps every page it touched resident), whole, by rows, or in row blocks. A tensor stored in
+MXFP4 (GPT-OSS's released checkpoints: ``X_blocks`` and ``X_scales``) is read as ``X``, dequantized
+exactly as transformers does (:data:`MXFP4`).
 
 :func:`write_safetensors` writes a file tensor by tensor and piece by piece from shapes and dtypes
 alone; :func:`write_shards` splits a checkpoint into HF shards with that writer,
@@ -39,6 +41,9 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 ADAPTER_PREFIX = "base_model.model."
 #: Row blocks of :meth:`Checkpoint.blocks`: a 262k-row embedding is never whole in memory.
 BLOCK_BYTES = 64 << 20
+#: MXFP4 on disk (GPT-OSS): ``X_blocks`` (uint8, ``(*lead, rows, G, 16)``: two 4-bit codes a byte) and ``X_scales``
+#: (uint8 powers of two, ``(*lead, rows, G)``) hold ``X`` of shape ``(*lead, G·32, rows)``: the suffixes.
+MXFP4 = ("_blocks", "_scales")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -82,8 +87,24 @@ class Checkpoint:
         self._disk: dict[str, str] = {}  # a model view's key → the key in the file (identity when absent)
         self._slices: dict[str, tuple[str, int, bool]] = {}  # a model view's key → (fused key, expert, transposed)
         self.fused: dict[str, tuple[str, ...]] = {}
+        self._mxfp4: dict[str, tuple[tuple[str, Path], tuple[str, Path]]] = {}  # X → ((X_blocks, file), (X_scales, file))
         for f in self.files:
             self._read_header(f)
+        self._find_mxfp4()
+
+    def _find_mxfp4(self) -> None:
+        """Read every MXFP4 pair as the one tensor it stores (:data:`MXFP4`), bf16 as transformers dequantizes it."""
+        b, sc = MXFP4
+        for key in [k for k in self._specs if k.endswith(b)]:
+            whole, scales = key[: -len(b)], key[: -len(b)] + sc
+            (shape, dtype), (s_shape, s_dtype) = self._specs[key], self._specs.get(scales, ((), ""))
+            if dtype != "U8" or s_dtype != "U8" or len(shape) < 3 or shape[-1] != 16 or tuple(shape[:-1]) != tuple(s_shape):
+                continue
+            *lead, rows, groups, _ = shape
+            self._mxfp4[whole] = ((key, self._where.pop(key)), (scales, self._where.pop(scales)))
+            del self._specs[key], self._specs[scales]
+            out = (groups * 32, rows) if lead else (rows, groups * 32)  # transformers transposes the last two of a stack
+            self._specs[whole], self._where[whole] = ((*lead, *out), "BF16"), self._mxfp4[whole][0][1]
 
     def _files(self, stem: str) -> list[Path]:
         p = self.path
@@ -179,7 +200,7 @@ class Checkpoint:
         f = self._where[key]
         try:  # a fresh handle per read: closing it unmaps the pages it touched
             with safe_open(str(f), framework="pt") as h:
-                return fn(_Renamed(h, self._disk, self._slices))
+                return fn(_Renamed(_Mxfp4(h, self._mxfp4) if self._mxfp4 else h, self._disk, self._slices))
         except Exception as e:
             raise ConfigError(f"{self.flag} {self.path}: tensor {key} cannot be read from {f.name} ({e}); {self.hint}") from e
 
@@ -216,6 +237,41 @@ class Checkpoint:
             parts = (self._read(key, lambda h, a=a: h.get_slice(key)[a : a + step]) for a in range(0, shape[0], step))
         for t in parts:
             yield t.float().to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+class _Mxfp4:
+    """A safetensors handle that reads an MXFP4 pair (``X_blocks``, ``X_scales``) as ``X``, whole or by leading rows
+    (a stack of experts read expert by expert), dequantized by transformers' own function."""
+
+    def __init__(self, handle, pairs: dict[str, tuple[tuple[str, Path], tuple[str, Path]]]):
+        self.handle, self.pairs = handle, pairs
+
+    def _part(self, key: str, rows: slice | None) -> torch.Tensor:
+        from safetensors import safe_open
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        parts = []
+        for name, f in self.pairs[key]:  # blocks, then scales: each from its own shard
+            with safe_open(str(f), framework="pt") as h:
+                parts.append(h.get_tensor(name) if rows is None else h.get_slice(name)[rows])
+        blocks, scales = parts
+        if blocks.dim() == 3:  # a single matrix: no stack to transpose within
+            return convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.bfloat16)[0].T.contiguous()
+        return convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+
+    def get_tensor(self, key: str):
+        return self._part(key, None) if key in self.pairs else self.handle.get_tensor(key)
+
+    def get_slice(self, key: str):
+        if key not in self.pairs:
+            return self.handle.get_slice(key)
+        part = self._part
+
+        class Rows:
+            def __getitem__(self, rows: slice):
+                return part(key, rows)
+
+        return Rows()
 
 
 class _Renamed:

@@ -133,7 +133,7 @@ def load_for_eval(model_or_prepared: str | Path, adapter: str | Path | None = No
         tok = AutoTokenizer.from_pretrained(str(model_or_prepared))
         kind = "prepared"
     else:
-        model, tok = load_model(str(model_or_prepared), trust_remote_code, "MODEL", dtype, device_map(device))
+        model, tok = load_model(str(model_or_prepared), trust_remote_code, "MODEL", dtype, device_map(device), original=False)
         kind = "hf"
         if adapter is not None:
             from peft import PeftModel

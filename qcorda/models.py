@@ -136,20 +136,54 @@ class Placement:
         return str(self.compute_dtype).removeprefix("torch.")
 
 
+def stored_quantization(config) -> str | None:
+    """The ``quant_method`` a checkpoint's config says its weights are stored in (``mxfp4``, ``fp8``, ...), or None."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return str(getattr(method, "value", method)).lower()
+
+
+def original_weights(config, path, flag: str = "MODEL") -> dict:
+    """``from_pretrained`` keywords that load the 16-bit weights of the checkpoint ``config`` describes: none for a
+    plain one; MXFP4 (GPT-OSS's release format) dequantized as transformers does (on a GPU with Triton it would keep
+    MXFP4 kernels, no Linear to split); any other stored quantization is refused, naming the fix. The streamed engine
+    reads MXFP4 through :class:`qcorda.checkpoint.Checkpoint`, which dequantizes with the same function."""
+    method = stored_quantization(config)
+    if method is None:
+        return {}
+    if method == "mxfp4":
+        from transformers import Mxfp4Config
+
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    raise ConfigError(f"{flag} {path}: the checkpoint is stored quantized (quant_method {method}); qcorda splits the original "
+                      "16/32-bit weights and quantizes the residual itself: pass the unquantized model (of the stored "
+                      "formats, only MXFP4, GPT-OSS's release, is dequantized here)")
+
+
 def load_model(name_or_path: str, trust_remote_code: bool = False, flag: str = "MODEL", dtype: torch.dtype | str = torch.float32,
-               device_map: dict | None = None):
+               device_map: dict | None = None, original: bool = True):
     """The original model in fp32 (an exact upcast of bf16/fp16 checkpoints; ``dtype="auto"``: as stored),
-    placed by ``device_map`` (default the CPU), and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    placed by ``device_map`` (default the CPU), and its tokenizer. ``original``: the weights will be split, so a
+    checkpoint stored quantized is dequantized or refused (:func:`original_weights`); False (``eval``): loaded as
+    transformers loads it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     local = Path(path)
     if (local.is_absolute() or path.startswith(".") or local.exists()) and not (local / "config.json").exists():
         raise ConfigError(f"{flag} {name_or_path}: no such model directory (no config.json there); give an HF model directory or a hub id")
+    extra = {}
+    if original:
+        try:
+            extra = original_weights(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), name_or_path, flag)
+        except (OSError, ValueError):
+            pass  # from_pretrained below reports an unreadable config in its own words
     try:
         # use_safetensors: never unpickle a *.bin checkpoint (arbitrary code on load)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, **extra)
     except ValueError as e:
         raise ConfigError(f"{flag} {name_or_path}: not a causal language model ({e})") from e
     except OSError as e:
@@ -190,6 +224,7 @@ def skeleton(path: Path, trust_remote_code: bool, flag: str = "MODEL"):
         raise ConfigError(f"{flag} {path}: unreadable config.json ({msg.splitlines()[0]})") from e
     except OSError as e:
         raise ConfigError(f"{flag} {path}: unreadable config.json ({e})") from e
+    original_weights(config, path, flag)  # a quantized checkpoint other than MXFP4 is refused here, before any work
     remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
         raise ConfigError(

@@ -10,6 +10,7 @@ from qcorda.experts import UnfusedExperts, is_expert, layout_of, unfuse
 from qcorda.layer import prepare_layer
 from qcorda.targets import find_targets
 from qcorda.testing import families as F
+from qcorda.testing import tiny
 
 MOE = ("mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss")
 
@@ -179,3 +180,81 @@ def test_compare_rolls_experts_up_per_layer_type():
     rows = {r["layer"]: r for r in aggregate("m", 4, names, errs, ref, ["gsm8k"])}
     assert rows["*.experts.gate_proj"]["weight_err_rel"] == 0.5 and rows["*.gate_proj"]["weight_err_rel"] == 0.25
     assert rows["total"]["weight_err_rel"] == 9 / 20
+
+
+@pytest.fixture(scope="module")
+def mxfp4_and_dequantized(tmp_path_factory):
+    """GPT-OSS as released (experts in MXFP4, the rest fp32), and the same weights as transformers dequantizes them
+    (bf16 values, held in fp32 with the rest) and saves them."""
+    import json
+
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    root = tmp_path_factory.mktemp("mxfp4")
+    mx = F.save_mxfp4(root)
+    ref = AutoModelForCausalLM.from_pretrained(mx, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32)
+    deq = root / "dequantized"
+    ref.save_pretrained(deq)
+    cfg = json.loads((deq / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (deq / "config.json").write_text(json.dumps(cfg))
+    tiny.tokenizer().save_pretrained(deq)
+    return mx, deq, ref
+
+
+def test_an_mxfp4_checkpoint_reads_as_transformers_dequantizes_it(mxfp4_and_dequantized):
+    """GPT-OSS's releases store the experts as MXFP4 pairs (X_blocks, X_scales); the streamed engine stopped with
+    'the checkpoint has no tensor ...experts.0.gate_up_proj.weight'. The reader now reads X itself, and each expert's
+    slice under its unfused name, equal to what transformers' own dequantization loads."""
+    from qcorda.checkpoint import Checkpoint
+    from qcorda.models import skeleton
+
+    mx, _, ref = mxfp4_and_dequantized
+    params = dict(ref.named_parameters())
+    ck = Checkpoint(mx)
+    assert not any(k.endswith(("_blocks", "_scales")) for k in ck.keys())
+    for leaf in ("gate_up_proj", "down_proj"):
+        key = f"model.layers.1.mlp.experts.{leaf}"
+        assert ck.spec(key) == (tuple(params[key].shape), torch.bfloat16)
+        assert torch.equal(ck.get(key).float(), params[key])
+    _, skel = skeleton(mx, False)
+    unfuse(skel)
+    view = ck.model_view(skel)
+    for e in range(4):
+        assert torch.equal(view.get(f"model.layers.0.mlp.experts.{e}.down_proj.weight").float(),
+                           params["model.layers.0.mlp.experts.down_proj"][e].T)
+
+
+@pytest.mark.parametrize("method", ["qcorda-cal", "qolora"])  # subset: the streamed engine, and the in-memory one
+def test_mxfp4_gpt_oss_prepares_as_its_dequantized_copy(mxfp4_and_dequantized, method, tmp_path):
+    """Prepared from the MXFP4 release, GPT-OSS gives the very files its dequantized bf16 copy gives: the streamed
+    engine reads the pairs, the in-memory one loads them dequantized (on a GPU with Triton, transformers would keep
+    MXFP4 kernels and no Linear to split)."""
+    import hashlib
+
+    from qcorda.prepare import prepare
+
+    mx, deq, _ = mxfp4_and_dequantized
+    cfg = InitConfig(method=method, rank=4, calib=CalibConfig(data="gsm8k-train", fields=("question", "answer"), samples=8,
+                                                             max_length=64))
+    prepare(str(mx), cfg, tmp_path / "mx", progress=False)
+    prepare(str(deq), cfg, tmp_path / "deq", progress=False)
+    for f in ("model.safetensors", "adapter_init/adapter_model.safetensors"):
+        assert hashlib.sha256((tmp_path / "mx" / f).read_bytes()).digest() == hashlib.sha256((tmp_path / "deq" / f).read_bytes()).digest(), f
+
+
+def test_another_stored_quantization_is_refused_by_name(tmp_path):
+    """A checkpoint stored in another quantized format (FP8 here) would be split as if its codes were weights, or
+    fail deep inside loading: refused before any work, naming the fix."""
+    import json
+
+    from qcorda.config import ConfigError
+    from qcorda.prepare import prepare
+
+    src = F.save(tmp_path, "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    for method in ("qlora", "qolora"):  # subset: the streamed engine, and the in-memory one
+        with pytest.raises(ConfigError, match=r"stored quantized \(quant_method fp8\).*pass the unquantized model"):
+            prepare(str(src), InitConfig(method=method, rank=4), tmp_path / method, progress=False)

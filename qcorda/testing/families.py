@@ -90,6 +90,46 @@ def save(directory: str | Path, family: str, seed: int = 0) -> Path:
     return path
 
 
+def to_mxfp4(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(blocks, scales)``: MXFP4 of a stack of expert matrices ``(E, in, out)`` as GPT-OSS's release stores them
+    (:data:`qcorda.checkpoint.MXFP4`): per output row, each run of 32 inputs shares a power-of-two scale (uint8,
+    exponent + 127) chosen so that the run's largest magnitude fits FP4's 6, and each value is the nearest of FP4's
+    16 codes, two codes a byte (the even position in the low nibble)."""
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    W = stacked.float().transpose(1, 2)  # (E, out, in)
+    E, out, inp = W.shape
+    runs = W.reshape(E, out, inp // 32, 32)
+    exp = torch.ceil(torch.log2(runs.abs().amax(-1).clamp_min(2.0**-100) / 6.0)).clamp(-127, 127)
+    codes = (runs / torch.exp2(exp)[..., None])[..., None].sub(torch.tensor(FP4_VALUES)).abs().argmin(-1)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (exp + 127).to(torch.uint8)
+
+
+def save_mxfp4(directory: str | Path, seed: int = 0) -> Path:
+    """``directory/tiny-gpt-oss-mxfp4``: the tiny GPT-OSS as its released checkpoints are stored: the experts in
+    MXFP4 (:func:`to_mxfp4`) and ``quantization_config`` ``{"quant_method": "mxfp4"}``, the rest as saved."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(directory) / "tiny-gpt-oss-mxfp4"
+    model("gpt-oss", seed).save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    tensors = {}
+    for k, v in load_file(str(path / "model.safetensors")).items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[k + "_blocks"], tensors[k + "_scales"] = to_mxfp4(v)
+        else:
+            tensors[k] = v
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
 def load_invariant(prepared: str | Path, original: torch.nn.Module, seed: int = 0) -> dict:
     """How exactly plain transformers + PEFT load a prepared directory, against the ``original`` fp32 model
     (a mixture of experts is unfused in place, :func:`qcorda.experts.unfuse`).
