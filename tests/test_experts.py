@@ -10,7 +10,6 @@ from qcorda.experts import UnfusedExperts, is_expert, layout_of, unfuse
 from qcorda.layer import prepare_layer
 from qcorda.targets import find_targets
 from qcorda.testing import families as F
-from qcorda.testing import tiny
 
 MOE = ("mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss")
 
@@ -190,15 +189,23 @@ def mxfp4_and_dequantized(tmp_path_factory):
 
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     root = tmp_path_factory.mktemp("mxfp4")
     mx = F.save_mxfp4(root)
     ref = AutoModelForCausalLM.from_pretrained(mx, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32)
-    deq = root / "dequantized"
-    ref.save_pretrained(deq)
+    params = dict(ref.named_parameters())
+    deq = shutil.copytree(mx, root / "dequantized")
+    # written by hand: transformers 5.17's save_pretrained of a dequantized MXFP4 model drops the experts' weights
+    tensors = {(k[: -len("_blocks")] if k.endswith("_blocks") else k): v for k, v in load_file(str(mx / "model.safetensors")).items()
+               if not k.endswith("_scales")}
+    tensors.update({k: params[k].detach().contiguous() for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))})
+    save_file(tensors, str(deq / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((deq / "config.json").read_text())
-    cfg.pop("quantization_config", None)
+    del cfg["quantization_config"]
     (deq / "config.json").write_text(json.dumps(cfg))
-    tiny.tokenizer().save_pretrained(deq)
     return mx, deq, ref
 
 
