@@ -52,7 +52,8 @@ def peft_init(weight: torch.Tensor, cfg: InitConfig, name: str, init) -> tuple[S
     with torch.no_grad():
         base.weight.copy_(W)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, init_lora_weights=init)
-    with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):
+    # manual_seed reseeds every GPU: fork (and so restore) all of them, not only W's
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
         torch.manual_seed(layer_seed(cfg.seed, name))
         layer = LoraLinear(base, "default", config=lcfg, r=cfg.rank, lora_alpha=cfg.lora_alpha)
     A = layer.lora_A["default"].weight.detach().float().clone()
