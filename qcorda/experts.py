@@ -281,7 +281,10 @@ def _register_outputs(model) -> None:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
     except ImportError:
         return
-    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+    # keyed by the class's name in every release that has it: a plain dict in transformers 5.17 (its item
+    # assignment would key by the module object, and no router logits were recorded: TRL then failed on an int
+    # aux loss), a dict whose __setitem__ takes the model in 5.25
+    dict.__setitem__(_CAN_RECORD_REGISTRY, str(model.__class__), model._can_record_outputs)
 
 
 def unfused_model_class(cls: type, layout: ExpertLayout) -> type:

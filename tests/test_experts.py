@@ -265,3 +265,20 @@ def test_another_stored_quantization_is_refused_by_name(tmp_path):
     for method in ("qlora", "qolora"):  # subset: the streamed engine, and the in-memory one
         with pytest.raises(ConfigError, match=r"stored quantized \(quant_method fp8\).*pass the unquantized model"):
             prepare(str(src), InitConfig(method=method, rank=4), tmp_path / method, progress=False)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_a_loaded_unfused_model_records_its_router_logits(family, tmp_path):
+    """The load-balancing loss needs the router logits that transformers records by the model's class name; the
+    unfused loader class registered its outputs under the module object in transformers 5.17 (a plain dict there), so
+    no logits were recorded, the aux loss was the int 0 and TRL's SFTTrainer failed on it for every MoE family
+    (seen in the simulated device venv, transformers 5.17.0)."""
+    from qcorda.experts import loader_class
+
+    src = F.save(tmp_path, family)
+    config = F.config(family)
+    model = loader_class(config).from_pretrained(src, dtype=torch.float32)
+    assert any(isinstance(m, UnfusedExperts) for m in model.modules())
+    out = model(input_ids=torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0)), output_router_logits=True)
+    assert out.router_logits and len(out.router_logits) == config.num_hidden_layers
+    assert torch.is_tensor(out.aux_loss) and out.aux_loss > 0
