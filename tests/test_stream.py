@@ -206,7 +206,8 @@ def _cli(model, out, *extra, env=None):
     args = [sys.executable, "-m", "qcorda", "prepare", str(model), "--out", str(out), "--method", "qcorda-ipm",
             "--rank", "4", "--calib-data", "gsm8k-train", "--calib-fields", "question,answer",
             "--calib-samples", "8", "--calib-max-length", "32", *extra]
-    e = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **(env or {}))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # keep a venv's site dirs
+    e = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **(env or {}))
     return args, e
 
 
