@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from .config import CalibConfig, ConfigError, InitConfig, one_of, positive
+from .config import CalibConfig, ConfigError, InitConfig, Template, one_of, positive
 from .lr import QLORA_LR
 
-Template = Literal["alpaca", "plain", "chat"]
 Optim = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
 QuantStorage = Literal["auto", "uint8", "bfloat16", "float16", "float32"]
 #: The measurements ``learning_rate: probe`` can take (:mod:`qcorda.probe`).
