@@ -361,7 +361,7 @@ def check_arch(arch: ArchConfig, config: dict, source: str = "config.json") -> N
         if getattr(arch, key) != theirs and (key != "expert_intermediate" or arch.experts):
             raise ConfigError(f"recipe key arch.{key} = {getattr(arch, key)} but {source} has {ckey or ckeys[0]} = {theirs}; "
                               f"set arch.{key}: {json.dumps(theirs)} in the recipe")
-    if arch.experts and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1):
+    if arch.experts and (config.get("mlp_only_layers") or (config.get("decoder_sparse_step") or 1) != 1):
         raise ConfigError(f"{source} mixes dense and mixture-of-experts blocks (mlp_only_layers = "
                           f"{config.get('mlp_only_layers')}, decoder_sparse_step = {config.get('decoder_sparse_step')}); "
                           "qcorda plan models every block as a mixture of experts, so it would overcount: not planned")
