@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     from qcorda.table import markdown_table
 
     md = ["# The GPU machine's software, simulated (eval/simulate_device.py)", "",
-          f"`python -m eval.simulate_device`, {result['utc']}: **{'passed' if passed else 'FAILED'}** "
+          f"`python -m eval.simulate_device{' --tests' if args.tests else ''}`, {result['utc']}: **{'passed' if passed else 'FAILED'}** "
           f"(dry run exit {run.returncode}, {dry_s:.0f} s with the load average at {os.getloadavg()[0]:.1f}; venv {'built' if built else 'reused'} in {build_s:.0f} s).", "",
           f"Venv ({result['python']}): " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ". Only the device image's packages "
           f"of qcorda's dependencies; without the bundle it cannot import {', '.join(ABSENT)} (checked).", "",
