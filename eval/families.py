@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from eval.lib import Results, machine
+from eval.lib import Results, equal_fraction, machine, prepared_tensors
 from qcorda.checkpoint import Checkpoint
 from qcorda.config import CalibConfig, ConfigError, InitConfig, MergeConfig, ToLoraConfig, VerifyConfig
 from qcorda.covariance import Covariances
@@ -269,13 +269,9 @@ def on_device(family: str, device: str, root: Path) -> dict:
         return d, prepare(str(src), cfg, d, progress=False, calib=cov if data and cov.exists() else None,
                           save_covariance=cov if data and not cov.exists() else None).report
 
-    def codes(d: Path) -> dict:
-        ck = Checkpoint(d, "model")
-        return {k: ck.get(k) for k in ck.keys() if not ck.get(k).is_floating_point() or "absmax" in k}
-
     (q_dev, _), (q_cpu, _) = run("qlora", device, "device"), run("qlora", "cpu", "cpu")
-    a, b = codes(q_dev), codes(q_cpu)
-    equal = sum(torch.equal(a[k], b[k]) for k in a) / max(1, len(a))
+    a, b = prepared_tensors(q_dev), prepared_tensors(q_cpu)
+    equal, _ = equal_fraction(a, b, [k for k in a if k in b and (not a[k].is_floating_point() or "absmax" in k)])
     out["checks"].append(("qlora: NF4 codes and absmax, device vs CPU", equal, "byte-equal (1.0)", equal == 1.0 and a.keys() == b.keys()))
     (c_dev, r_dev), (_, r_cpu) = run("qcorda-cal", device, "device"), run("qcorda-cal", "cpu", "cpu")
     rel = {"device": r_dev.err / r_dev.qlora_err, "cpu": r_cpu.err / r_cpu.qlora_err}

@@ -63,6 +63,7 @@ from pathlib import Path
 
 from eval.lib.measure import environment as machine_environment
 from eval.lib.measure import machine, peak_rss_mb, reset_peak_rss, rss_mb
+from eval.lib.tensors import equal_fraction, prepared_tensors
 from qcorda.io import write_text_atomic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -304,28 +305,6 @@ def table(r: dict, title: str, head: list[str]) -> list:
     rows: list = []
     r["tables"].append({"title": title, "head": head, "rows": rows})
     return rows
-
-
-def prepared_tensors(directory: Path) -> dict:
-    """``{name: tensor}`` of a prepared directory's model shards (not the adapter)."""
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def equal_fraction(a: dict, b: dict, keys) -> tuple[float, int]:
-    """``(fraction of equal bytes, values compared)`` of ``a[k]`` against ``b[k]`` over ``keys``."""
-    import torch
-
-    same = total = 0
-    for k in keys:
-        x, y = a[k].contiguous().view(-1).view(torch.uint8), b[k].contiguous().view(-1).view(torch.uint8)
-        same += int((x == y).sum())
-        total += x.numel()
-    return (same / total if total else float("nan")), total
 
 
 def held_out(tok, records: int):

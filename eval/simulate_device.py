@@ -137,7 +137,8 @@ def main(argv=None) -> int:
     built = build_venv(venv, args.python or device_python())
     build_s = time.perf_counter() - t0
     python = venv_python(venv)
-    same_python = minor_version(python) == DEVICE_PYTHON
+    version = minor_version(python)
+    same_python = version == DEVICE_PYTHON
     leaked = absent_ok(python)
     if leaked:
         raise SystemExit(f"simulate_device: the venv imports {', '.join(leaked)} without the bundle: not the device image; "
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     if not wheels:
         raise SystemExit("simulate_device: .whl/ is empty; run `python -m eval.gpu_bundle` first")
     # the device's Python takes the bundle's own files; another needs wheels for itself (this interpreter's Python)
-    if not same_python and minor_version(python) != sys.version_info[:2]:
+    if not same_python and version != sys.version_info[:2]:
         raise SystemExit(f"simulate_device: the venv's Python is neither the device's {DEVICE_PYTHON} nor this one's; "
                          f"delete {venv} or pass --python")
     local = gpu_bundle.WHEELS if same_python else gpu_bundle.local_wheels(pins, wheels)

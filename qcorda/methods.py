@@ -90,20 +90,22 @@ class MethodSpec:
 
     def lr_for(self, cal_start: str | None = None) -> LrFactor:
         """The learning-rate advice, for ``cal_start`` (default: the method's default start) where it matters."""
-        if self.lr_by_start:
-            return dict(self.lr_by_start)[cal_start or self.lr_by_start[0][0]]
-        return self.lr
+        return _for_start(self.lr_by_start, cal_start, self.lr)
 
     def trained_for(self, cal_start: str | None = None) -> Trained | None:
         """:attr:`trained`, for ``cal_start`` (default: the method's default start) where it matters."""
-        if self.trained_by_start:
-            return dict(self.trained_by_start)[cal_start or self.trained_by_start[0][0]]
-        return self.trained
+        return _for_start(self.trained_by_start, cal_start, self.trained)
 
     @property
     def needs_calibration(self) -> bool:
         """The init reads calibration text (every covariance method, and EVA)."""
         return self.calibration != "none"
+
+
+def _for_start(by_start: tuple, cal_start: str | None, default):
+    """The entry of ``by_start`` (``((start, value), ...)``, the default start first) for ``cal_start``, or ``default``
+    for a method whose start does not matter."""
+    return dict(by_start)[cal_start or by_start[0][0]] if by_start else default
 
 
 #: Where :class:`Trained` comes from.

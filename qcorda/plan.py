@@ -183,11 +183,11 @@ class MemoryPlan:
 def plan_memory(p: PlanInput) -> MemoryPlan:
     """The :class:`MemoryPlan` of one training micro-step at peak (pure arithmetic)."""
     a, L, h, V = p.compute_bytes, p.arch.layers, p.arch.hidden, p.arch.vocab
-    shapes = projection_shapes(p.arch)
     E, k, shared = p.arch.experts, p.arch.experts_per_token, p.arch.shared_expert_intermediate
     nf4 = consts = qparams = 0
     unq_linear = trainable = opt = 0
-    for name, (o, i), n in block_linears(p.arch):
+    linears = block_linears(p.arch)
+    for name, (o, i), n in linears:
         if name in p.arch.biases:
             unq_linear += n * o
         if name in p.targets:
@@ -217,7 +217,7 @@ def plan_memory(p: PlanInput) -> MemoryPlan:
     if shared:  # every token also runs through the shared expert and its 1-wide gate
         per_token += 4 * shared + 1 + p.rank * mlp_targets
     scores = p.batch_size * p.arch.heads * p.seq_len**2 * 2 if p.attention_scores else 0  # scores + probs
-    biggest = max(o * i for _, (o, i), _ in block_linears(p.arch))
+    biggest = max(o * i for _, (o, i), _ in linears)
     # saved tensors + gradients of the same size flowing back through the block, + one dequantized weight
     working = (2 * BT * per_token + scores) * a + biggest * a
     checkpoints = L * BT * h * a if p.gradient_checkpointing else (L - 1) * BT * per_token * a + L * BT * h * a

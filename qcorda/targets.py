@@ -151,11 +151,13 @@ def storage_plan(model: torch.nn.Module, targets: list[str], keep: tuple[str, ..
         raise ConfigError(f"{flag}: selects target {hit[0]}, whose residual is always NF4; narrow the pattern or leave "
                           "that layer out of --target-modules")
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    base, full, skip, named = [], [], [], set()
+    base, full, skip = [], [], []
+    matchable: list[str] = []  # what keep is matched against: every Linear's name, every block weight's module and full name
+    weights: list[str] = []  # the block weights' module names, the first one an example in the error below
     nf4 = total = expert_nf4 = expert_total = 0
     for name, m in model.named_modules():
         if is_linear(m):
-            named.add(name)
+            matchable.append(name)
             stored = quantized and name not in target_set and in_block(name) and not is_router(name) \
                 and not matches_any(name, keep) and m is not out_emb
             if stored:
@@ -168,6 +170,8 @@ def storage_plan(model: torch.nn.Module, targets: list[str], keep: tuple[str, ..
             if p.dim() < 2:
                 continue
             full_name, size = f"{name}.{pname}", p.numel() * p.element_size()
+            matchable += [name, full_name]
+            weights.append(name)
             total += size
             expert = is_expert(name) or (p.dim() == 3 and name.rsplit(".", 1)[-1] == "experts")
             expert_total += size if expert else 0
@@ -187,15 +191,11 @@ def storage_plan(model: torch.nn.Module, targets: list[str], keep: tuple[str, ..
             else:
                 reason = "not a weight of a Linear layer"
             full.append((full_name, reason))
-    # what keep is matched against: every Linear's name, and every block weight's module and full name
-    weights = [(n, f"{n}.{pname}") for n, m in model.named_modules() if in_block(n)
-               for pname, p in m.named_parameters(recurse=False) if p.dim() >= 2]
-    names = sorted(named) + [n for pair in weights for n in pair]
-    idle = [pat for pat in keep if not any(matches_any(n, (pat,)) for n in names)]
+    idle = [pat for pat in keep if not any(matches_any(n, (pat,)) for n in matchable)]
     if idle:  # a typo would otherwise be recorded as kept while everything is NF4
         raise ConfigError(f"{flag}: {idle[0]!r} selects no Linear layer or block weight of the model; patterns match "
                           f"as --target-modules does (a layer name's suffix, or a glob such as '*.mlp.*'), e.g. "
-                          f"{weights[0][0] if weights else ''!r}")
+                          f"{weights[0] if weights else ''!r}")
     plan = StoragePlan(tuple(targets), tuple(base), tuple(full), tuple(skip), nf4, total, expert_nf4, expert_total)
     unnamed = [(n, r) for n, r in full if r != flag and not r.startswith("router")]
     if quantized and plan.nf4_fraction < MIN_NF4_FRACTION and unnamed:

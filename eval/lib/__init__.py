@@ -28,6 +28,10 @@ Child processes (:mod:`eval.lib.children`)
 Decomposition against PEFT (:mod:`eval.lib.peft_decompose`)
     ``bench_decompose(rank, shapes, device="cpu")``, ``decompose_table(rows)``, ``corda_low_rank(eig, rank, device)``
 
+Directories compared tensor by tensor (:mod:`eval.lib.tensors`)
+    ``prepared_tensors(directory)``    ``{name: tensor}`` of a model directory's shards
+    ``equal_fraction(a, b, keys)``     ``(fraction of equal bytes, values compared)`` over ``keys``
+
 Test models live in the package, :mod:`qcorda.testing` (``qcorda.testing.tiny``), which tests and eval both import.
 """
 
@@ -36,7 +40,9 @@ from .measure import environment, machine, peak_rss_mb, reset_peak_rss, rss_mb, 
 from .peft_decompose import bench_decompose, corda_low_rank, decompose_table
 from .results import RESULTS, Results
 from .synthetic import llama_shape, synthetic_cov, synthetic_weight, write_synthetic_llama
+from .tensors import equal_fraction, prepared_tensors
 
 __all__ = ["RESULTS", "Results", "bench_decompose", "child_env", "corda_low_rank", "decompose_table", "emit", "environment",
+           "equal_fraction", "prepared_tensors",
            "llama_shape", "machine", "peak_rss_mb", "reset_peak_rss", "rss_mb", "run_child", "synthetic_cov", "synthetic_weight",
            "timed", "write_synthetic_llama"]
