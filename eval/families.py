@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from eval.lib import Results, equal_fraction, machine, prepared_tensors
-from qcorda.checkpoint import Checkpoint
+from qcorda.checkpoint import ADAPTER_PREFIX, Checkpoint
 from qcorda.config import CalibConfig, ConfigError, InitConfig, MergeConfig, ToLoraConfig, VerifyConfig
 from qcorda.covariance import Covariances
 from qcorda.experts import is_expert
@@ -88,7 +88,7 @@ def _chain(prepared: Path, src: Path, work: Path) -> dict:
         r = train(load_recipe(work / "r.yaml"), progress=False)
         init, trained = Checkpoint(prepared / "adapter_init", "adapter_model"), Checkpoint(r.adapter, "adapter_model")
         changed = {k: not torch.equal(init.get(k), trained.get(k)) for k in init.keys()}
-        experts = [k for k in changed if is_expert(k.split(".lora_")[0].removeprefix("base_model.model."))]
+        experts = [k for k in changed if is_expert(k.split(".lora_")[0].removeprefix(ADAPTER_PREFIX))]
         out["train"] = {"ok": True, "loss": [r.first_loss, r.last_loss], "seconds": time.perf_counter() - t0,
                         "adapter_changed": any(changed.values()),
                         "expert_tensors": len(experts), "expert_tensors_changed": sum(changed[k] for k in experts)}
@@ -123,7 +123,7 @@ def run_family(family: str, seeds: list[int], root: Path) -> dict:
             out = root / f"s{seed}" / f"{family}-{method}"
             t0 = time.perf_counter()
             try:
-                prepare(str(src), _cfg(method, ("all-linear",), seed), out, progress=False)
+                layers = prepare(str(src), _cfg(method, ("all-linear",), seed), out, progress=False).report.layers
             except ConfigError as e:
                 row["prepare"][method] = {"ok": False, "error": _short(e)}
                 continue
@@ -132,8 +132,7 @@ def run_family(family: str, seeds: list[int], root: Path) -> dict:
             experts = manifest["storage"].get("experts")
             moe = {"experts_nf4": experts["nf4_fraction"], "expert_share": experts["bytes"] / manifest["storage"]["block_bytes"],
                    "expert_layers": sum(is_expert(t) for t in manifest["targets"]),
-                   "few_tokens": sum(1 for l in manifest["layers"] if l.get("tokens") is not None and l["tokens"] < l["shape"][1]),
-                   "no_tokens": sum(1 for l in manifest["layers"] if l.get("tokens") == 0)} if experts else {}
+                   "few_tokens": sum(l.few_tokens for l in layers), "no_tokens": sum(l.tokens == 0 for l in layers)} if experts else {}
             row["prepare"][method] = {"ok": True, "seconds": time.perf_counter() - t0, **inv, **moe,
                                       "kl": _kl(original, out, batches) if method in ("qlora", "qcorda-cal", "qera") else None}
         if seed == seeds[0] and row["prepare"].get("qcorda-cal", {}).get("ok"):
@@ -147,6 +146,11 @@ def run_family(family: str, seeds: list[int], root: Path) -> dict:
             row["subset"] = {"targets": list(F.SUBSET[family]), **F.load_invariant(sub, original), **_chain(sub, src, work)}
         res["seeds"][str(seed)] = row
     return res
+
+
+def _first(family_row: dict) -> dict:
+    """The first seed's row of a family's results (the one that ran the chain)."""
+    return next(iter(family_row["seeds"].values()))
 
 
 def _mark(ok) -> str:
@@ -175,7 +179,7 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {family} | not run |" + " |" * 13)
             continue
         seeds = list(r["seeds"].values())
-        first = seeds[0]
+        first = _first(r)
         prep = first["prepare"]
         cells = [_mark(prep[m]["ok"]) if prep[m]["ok"] else "refused" for m in METHODS]
         oks = [p for p in prep.values() if p["ok"]]
@@ -202,7 +206,7 @@ def markdown(doc: dict) -> str:
             kls.append(f"{sum(ratios) / len(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}]" if ratios else "–")
         lines.append(f"| {family} | " + " | ".join(cells + [load, nf4, train_c, merge_c, lora_c, sub_c] + kls) + " |")
     moe = [f for f in doc["key"]["families"] if f in F.MOE and f in doc["families"]
-           and doc["families"][f]["seeds"][next(iter(doc["families"][f]["seeds"]))]["prepare"].get("qcorda-cal", {}).get("ok")]
+           and _first(doc["families"][f])["prepare"].get("qcorda-cal", {}).get("ok")]
     if moe:
         lines += ["", "## Mixture of experts", "",
                   "Every expert is its own layer (`qcorda.experts`: the fused 3-D expert parameters split into per-expert "
@@ -217,7 +221,7 @@ def markdown(doc: dict) -> str:
                   "| family | expert layers | experts' share of block bytes | experts in NF4 | few tokens / none | expert adapters changed | merge top-1 | to-lora |",
                   "|---|---|---|---|---|---|---|---|"]
         for f in moe:
-            first = doc["families"][f]["seeds"][next(iter(doc["families"][f]["seeds"]))]
+            first = _first(doc["families"][f])
             p, ch = first["prepare"]["qcorda-cal"], first.get("chain", {})
             tr, mg, tl = ch.get("train", {}), ch.get("merge", {}), ch.get("to_lora", {})
             lines.append(f"| {f} | {p['expert_layers']} | {p['expert_share']:.0%} | {p['experts_nf4']:.0%} | "
@@ -234,7 +238,7 @@ def markdown(doc: dict) -> str:
                   "| part | experts (s) | dense (s) | experts / dense |", "|---|---|---|---|"]
         for part, (e, d) in cost["seconds"].items():
             lines.append(f"| {part} | {e:.3f} | {d:.3f} | {e / d:.2f} |")
-    refusals = {f: next((p["error"] for p in r["seeds"][next(iter(r["seeds"]))]["prepare"].values() if not p["ok"]), None)
+    refusals = {f: next((p["error"] for p in _first(r)["prepare"].values() if not p["ok"]), None)
                 for f, r in doc["families"].items()}
     lines += ["", "Refusals (the message prepare prints):", ""]
     lines += [f"- **{f}**: {e}" for f, e in refusals.items() if e]
@@ -322,7 +326,7 @@ def expert_cost(hidden: int = 512, inter: int = 256, experts: int = 8, top_k: in
         return min(times)
 
     def cov_experts():
-        return [X[(route == e).any(1)].T @ X[(route == e).any(1)] / tokens for e in range(experts)]
+        return [Xe.T @ Xe / tokens for Xe in (X[(route == e).any(1)] for e in range(experts))]  # each routed set once
 
     seconds = {"covariance": (best(cov_experts), best(lambda: X.T @ X / tokens))}
     Cs = cov_experts()

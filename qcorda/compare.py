@@ -41,7 +41,7 @@ from .baselines import eva_components
 from .calibration import collect_covariances
 from .config import CompareConfig, ConfigError, InitConfig
 from .covariance import Covariances, collect
-from .experts import is_expert, unfuse
+from .experts import layer_type, unfuse
 from .data import calibration_batches, load_examples, load_records
 from .decompose import activation_error, full_fp32_matmul, low_rank_term
 from .layer import prepare_layer
@@ -111,7 +111,7 @@ def aggregate(method: str, rank: int, names: Sequence[str], errs: dict[str, Laye
     and ``total``: each figure summed over the group and divided by qlora's sum over the same group."""
     groups: dict[str, list[str]] = {}
     for n in names:
-        groups.setdefault("*." + ("experts." if is_expert(n) else "") + n.rsplit(".", 1)[-1], []).append(n)
+        groups.setdefault("*." + layer_type(n), []).append(n)
     rows = []
     for label, members in [(n, [n]) for n in names] + list(groups.items()) + [("total", list(names))]:
         row = {"method": method, "rank": rank, "layer": label}

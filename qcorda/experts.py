@@ -247,6 +247,11 @@ def is_expert(name: str) -> bool:
     return re.search(r"(^|\.)experts\.\d+\.\w+$", name) is not None
 
 
+def layer_type(name: str) -> str:
+    """What reports roll a layer up under: its leaf (``q_proj``), every expert of every block as ``experts.<leaf>``."""
+    return ("experts." if is_expert(name) else "") + name.rsplit(".", 1)[-1]
+
+
 def fused_layout(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     """``{fused parameter name: per-expert module names}`` of an unfused ``model``, in the fused order:
     ``…experts.gate_up_proj`` ← (``experts.0.w1``, ``experts.0.w3``, ``experts.1.w1``, …) (gate then up per

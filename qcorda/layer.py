@@ -91,9 +91,8 @@ def _prepare_layer(weight: torch.Tensor, cfg: InitConfig, name: str, covs: Covar
     split = replace(split, codes=None)  # the codes travel as q; the split keeps only B and A
     err = _squared_distance(W, dequantize_nf4(q).add_(low_rank_term(split, cfg.scaling)))
     qlora_err = _squared_distance(W, nf4_roundtrip(W))
-    routed = covs is not None and cfg.needs_covariance and covs.members.get(name) in covs.routed
-    result = LayerResult(name, tuple(W.shape), err, qlora_err, split.damping, time.perf_counter() - t0, split.iters,
-                         covs.tokens_of(name) if routed else None)
+    tokens = covs.routed.get(covs.members.get(name)) if covs is not None and cfg.needs_covariance else None  # experts only
+    result = LayerResult(name, tuple(W.shape), err, qlora_err, split.damping, time.perf_counter() - t0, split.iters, tokens)
     return split, q, result
 
 

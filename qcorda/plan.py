@@ -355,12 +355,16 @@ def config_biases(config: dict) -> tuple[str, ...]:
 def check_arch(arch: ArchConfig, config: dict, source: str = "config.json") -> None:
     """Raise :class:`ConfigError` naming the recipe key whose value differs from ``config``."""
     tied_default = config.get("tie_word_embeddings", True)
+
+    def mismatch(key: str, ours, ckey: str, theirs) -> ConfigError:
+        return ConfigError(f"recipe key arch.{key} = {ours} but {source} has {ckey} = {theirs}; "
+                           f"set arch.{key}: {json.dumps(theirs)} in the recipe")
+
     for key, ckeys in MOE_KEYS.items():
         ckey = next((c for c in ckeys if config.get(c)), None)
         theirs = config[ckey] if ckey else (None if key == "expert_intermediate" else 0)
         if getattr(arch, key) != theirs and (key != "expert_intermediate" or arch.experts):
-            raise ConfigError(f"recipe key arch.{key} = {getattr(arch, key)} but {source} has {ckey or ckeys[0]} = {theirs}; "
-                              f"set arch.{key}: {json.dumps(theirs)} in the recipe")
+            raise mismatch(key, getattr(arch, key), ckey or ckeys[0], theirs)
     if arch.experts and (config.get("mlp_only_layers") or (config.get("decoder_sparse_step") or 1) != 1):
         raise ConfigError(f"{source} mixes dense and mixture-of-experts blocks (mlp_only_layers = "
                           f"{config.get('mlp_only_layers')}, decoder_sparse_step = {config.get('decoder_sparse_step')}); "
@@ -382,8 +386,7 @@ def check_arch(arch: ArchConfig, config: dict, source: str = "config.json") -> N
                 continue
             theirs = config[ckey]
         if ours != theirs:
-            raise ConfigError(f"recipe key arch.{key} = {ours} but {source} has {ckey} = {theirs}; "
-                              f"set arch.{key}: {json.dumps(theirs)} in the recipe")
+            raise mismatch(key, ours, ckey, theirs)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from .checkpoint import ADAPTER_PREFIX, Checkpoint, write_adapter
 from .io import atomic_dir, check_out_dir
 from .config import ConfigError, MergeConfig, ToLoraConfig, ToLoraMode, VerifyConfig
 from .decompose import matmul_precision
-from .experts import fused_layout, layout_of, lora_keys, pack_lora, unfuse
+from .experts import fused_layout, lora_keys, pack_lora, unfuse
 from .merge import PREPARED_HINT, ExportResult, dequantized, load_plain, merge, verification
 from .models import resolve_local, skeleton
 from .prepared import ADAPTER_INIT, device_map, load_prepared, manifest_sha256, read_manifest
@@ -224,8 +224,7 @@ def to_lora(prepared: str | Path, base: str, out: str | Path, cfg: ToLoraConfig 
 
     base_dir = resolve_local(base, flag="--base")
     _, skel = skeleton(base_dir, trust_remote_code, flag="--base")
-    layout = layout_of(skel)
-    unfuse(skel, layout)  # experts as prepared: one layer each, read from the checkpoint's per-expert tensors
+    unfuse(skel)  # experts as prepared: one layer each, read from the checkpoint's per-expert tensors
     original = Checkpoint(base_dir, "model", "--base").model_view(skel)  # by the model's names, as transformers maps them
     reader = Checkpoint(prepared, "model", "PREPARED", PREPARED_HINT)
     tensors: dict[str, torch.Tensor] = {}

@@ -45,12 +45,12 @@ def run(args) -> int:
 
 
 def _summary(report, cfg, out) -> None:
-    from ..experts import is_expert
+    from ..experts import layer_type
     from ..table import print_table
 
     kinds: dict[str, list] = {}
     for layer in report.layers:  # per layer type; every expert of every block as experts.<leaf>
-        kinds.setdefault(("experts." if is_expert(layer.name) else "") + layer.name.rsplit(".", 1)[-1], []).append(layer)
+        kinds.setdefault(layer_type(layer.name), []).append(layer)
     rows = []
     for kind, layers in kinds.items():
         damping = [l.damping for l in layers if l.damping is not None]
