@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .config import ConfigError
-from .experts import slices
+from .experts import conversion_transforms, slices
 from .io import replace_atomic
 
 #: safetensors dtype names ↔ torch dtypes.
@@ -303,12 +303,11 @@ def conversion_map(model: torch.nn.Module, disk_keys: Iterable[str]) -> tuple[di
     ``mlp.experts.0.w1``): the name of its layer in a model unfused by :func:`qcorda.experts.unfuse`.
     Without these APIs every key maps to itself."""
     disk_keys = list(disk_keys)
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # a transformers without conversion mappings reads checkpoints by name
+    transforms = conversion_transforms(model)
+    if transforms is None:  # a transformers without conversion mappings reads checkpoints by name
         return {k: k for k in disk_keys}, {}
-    transforms = get_model_conversion_mapping(model) if hasattr(model, "config") else []
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     meta = model.state_dict()
@@ -330,12 +329,11 @@ def disk_names(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, str]:
     for the architecture reversed, as its ``save_pretrained`` writes them (Mixtral's ``mlp`` as
     ``block_sparse_moe``; per-expert keys of an unfused model stay per-expert). Identity without these APIs."""
     keys = list(keys)
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-    except ImportError:
+    transforms = conversion_transforms(model, add_legacy=False)
+    if transforms is None:
         return {k: k for k in keys}
-    transforms = get_model_conversion_mapping(model, add_legacy=False) if hasattr(model, "config") else []
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
     reverse = [t.reverse_transform() for t in transforms if isinstance(t, WeightRenaming)]
     meta, prefix = model.state_dict(), getattr(model, "base_model_prefix", None)
     return {k: rename_source_key(k, reverse, [], prefix, meta)[0] for k in keys}

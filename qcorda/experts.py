@@ -69,18 +69,30 @@ _LEAF = re.compile(r"experts\.\*\.(\w+)\.weight$")
 STORED = ExpertLayout(("gate_up_proj",), "down_proj", stored=True)
 
 
+def conversion_transforms(model: torch.nn.Module, add_legacy: bool = True) -> list | None:
+    """transformers' conversion mapping of ``model``'s architecture (its ``WeightRenaming`` and ``WeightConverter``
+    entries; none for a model without a config), or None where this transformers has no such mapping (it then
+    reads checkpoints by name). The one import of it: :func:`layout_of`, :func:`qcorda.checkpoint.conversion_map`
+    and :func:`qcorda.checkpoint.disk_names` read it."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:
+        return None
+    return get_model_conversion_mapping(model, add_legacy=add_legacy) if hasattr(model, "config") else []
+
+
 def layout_of(model: torch.nn.Module) -> ExpertLayout | None:
     """The :class:`ExpertLayout` of ``model``'s fused experts: the per-expert tensors its conversion mapping
     fuses on load (Mixtral, Qwen-MoE), :data:`STORED` for experts stored fused (GPT-OSS), or None (dense)."""
     if any(_stored(m) for m in model.modules()):
         return STORED
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter
-    except ImportError:
+    transforms = conversion_transforms(model)
+    if transforms is None:
         return None
+    from transformers.core_model_loading import WeightConverter
+
     fused: dict[str, list[str]] = {}
-    for t in get_model_conversion_mapping(model) if hasattr(model, "config") else []:
+    for t in transforms:
         if isinstance(t, WeightConverter) and len(t.target_patterns) == 1:
             leaves = [m.group(1) for p in t.source_patterns if (m := _LEAF.search(p))]
             if len(leaves) == len(t.source_patterns):
